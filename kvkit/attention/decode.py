@@ -1,0 +1,56 @@
+"""`decode(q, store, seqs, layer, selection)`: one decode step over whatever the policy selected.
+
+It reads only the selected pages through the layer's storage (so quantized or low-rank pages
+are decoded for those pages only), masks empty slots, and runs the reference. The Triton kernels
+of `kvkit.kernels` plug in here on CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from kvkit.attention.ref import AttentionStats, attend_pages
+from kvkit.store import PagedKVStore, Selection
+
+
+def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int,
+           selection: Selection, scale: float | None = None, return_stats: bool = False
+           ) -> tuple[torch.Tensor, AttentionStats | None]:
+    """Attention of one new query per sequence over the selected pages of `layer`.
+
+    q: `[B, Hq, D]`; selection.pages: `[B, Hkv, P]`. Returns out `[B, Hq, D]` and, when
+    `return_stats`, the attention each read slot received (for evictors).
+
+    Raises:
+        ValueError: when q or the selection do not match the store.
+    """
+    B, Hq, D = _check(q, store, seqs, selection)
+    scale = scale if scale is not None else D ** -0.5
+    pages = selection.pages
+    P = pages.shape[-1]
+    flat = pages.clamp(min=0).reshape(-1)
+    k, v = store.storage(layer).read(flat)  # [B*Hkv*P, S, D]
+    shape = (B, store.num_kv_heads, P, store.page_size, D)
+    valid = (store.slot_positions(layer)[flat] >= 0).view(shape[:-1]) & (pages >= 0)[..., None]
+    if selection.slot_mask is not None:
+        valid = valid & selection.slot_mask
+    if return_stats:
+        out, _, probs = attend_pages(q, k.view(shape), v.view(shape), valid, scale, return_probs=True)
+        return out, AttentionStats(pages, probs)
+    out, _ = attend_pages(q, k.view(shape), v.view(shape), valid, scale)
+    return out, None
+
+
+def _check(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], selection: Selection):
+    if q.dim() != 3 or q.shape[0] != len(seqs) or q.shape[-1] != store.head_dim:
+        raise ValueError(f"q must be [num_seqs, num_qo_heads, head_dim] = [{len(seqs)}, Hq, {store.head_dim}], "
+                         f"got {list(q.shape)}")
+    if q.shape[1] % store.num_kv_heads:
+        raise ValueError(f"num_qo_heads={q.shape[1]} must be a multiple of num_kv_heads={store.num_kv_heads}")
+    want = (len(seqs), store.num_kv_heads)
+    if selection.pages.dim() != 3 or tuple(selection.pages.shape[:2]) != want:
+        raise ValueError(f"selection.pages must be [num_seqs, num_kv_heads, P] = [{want[0]}, {want[1]}, P], "
+                         f"got {list(selection.pages.shape)}")
+    return q.shape
