@@ -5,7 +5,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.kvkit-installed
 PYTEST  := .venv/bin/pytest
 
-.PHONY: demo test test-all bench model clean
+.PHONY: demo test test-all test-system bench model clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv .venv
@@ -25,10 +25,15 @@ demo: model
 	.venv/bin/kvkit demo
 
 test: model
-	$(PYTEST) -m "not slow and not gpu" -q
+	$(PYTEST) -m "not slow and not gpu and not system" -q
 
-test-all: model
-	$(PYTEST) -m "not gpu" -q
+# the real Prometheus server and headless Chromium (Debian packages) behind the metrics tests
+test-system: model
+	bash tests/metrics/install_system_packages.sh
+	$(PYTEST) tests/metrics -m system -q
+
+test-all: model test-system
+	$(PYTEST) -m "not gpu and not system" -q
 
 bench: model
 	$(PY) bench/quality.py

@@ -244,6 +244,7 @@ class PagedKVStore:
             for fmt in formats
         ]
         self._seqs: dict[int, list[_SeqLayer]] = {}
+        self._policy_state: dict[int, dict] = {}
         self._next_seq = 0
 
     # ---- sequences -------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class PagedKVStore:
         self._next_seq += 1
         self._seqs[seq] = [_SeqLayer(0, [_HeadTable() for _ in range(self.num_kv_heads)])
                            for _ in range(self.num_layers)]
+        self._policy_state[seq] = {}
         return seq
 
     def fork(self, seq: int) -> int:
@@ -268,6 +270,7 @@ class PagedKVStore:
             for head in sl.heads:
                 for page in head.pages:
                     pool.refcount[page] += 1
+        self._policy_state[child] = dict(self._policy_state[seq])
         return child
 
     def free(self, seq: int) -> None:
@@ -278,6 +281,13 @@ class PagedKVStore:
                 for page in head.pages:
                     pool.release(page)
         del self._seqs[seq]
+        del self._policy_state[seq]
+
+    def policy_state(self, seq: int) -> dict:
+        """A per-sequence dict where policies keep what outlives one step (a selection reused
+        across steps or layers, decayed scores). Dropped with the sequence; `fork` copies it."""
+        self._seq(seq)
+        return self._policy_state[seq]
 
     def sequences(self) -> list[int]:
         return list(self._seqs)

@@ -21,18 +21,26 @@ DensePrefill = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 
 def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int, q: torch.Tensor,
                    k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                   dense_prefill: DensePrefill | None = None) -> tuple[torch.Tensor, int]:
+                   dense_prefill: DensePrefill | None = None,
+                   prefill_chunk: int = 512) -> tuple[torch.Tensor, int]:
     """Run one layer for new tokens of `seqs`; returns (out `[B, Hq, T, D]`, tokens evicted).
 
     q: `[B, Hq, T, D]`; k, v: `[B, Hkv, T, D]`, RoPE applied. A first prefill (empty store)
     attends densely over k, v themselves (`dense_prefill`, default causal SDPA); a later
     multi-token step attends over what the store holds; a single token decodes through the
-    policy's selection.
+    policy's selection. A first prefill is written in chunks of `prefill_chunk` tokens with
+    eviction after each, so an evicting policy never holds the whole prompt in the store.
     """
     B, Hq, T, D = q.shape
     past = [store.length(s, layer) for s in seqs]
-    for b, seq in enumerate(seqs):
-        store.append(seq, layer, k[b].transpose(0, 1), v[b].transpose(0, 1))  # [T, Hkv, D]
+    evicted = 0
+    chunk = prefill_chunk if T > 1 and not any(past) else T
+    for start in range(0, T, chunk):
+        for b, seq in enumerate(seqs):
+            kb, vb = k[b, :, start:start + chunk], v[b, :, start:start + chunk]
+            store.append(seq, layer, kb.transpose(0, 1), vb.transpose(0, 1))  # [t, Hkv, D]
+        if start + chunk < T:
+            evicted += policy.evict(store, seqs, layer, None)
     stats = None
     if T == 1:
         selection = policy.select(store, seqs, layer, q[:, :, 0])
@@ -44,7 +52,7 @@ def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int,
                F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True))
     else:
         out = _prefill_over_store(store, seqs, layer, q, past, scale)
-    return out, policy.evict(store, seqs, layer, stats)
+    return out, evicted + policy.evict(store, seqs, layer, stats)
 
 
 def _prefill_over_store(store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,

@@ -1,0 +1,62 @@
+"""Helpers shared by tests and benchmarks: random paged cases, tolerances, a tiny Llama."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per dtype for attention outputs against the float32 reference.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def random_paged_case(seq_len: int, num_qo_heads: int, num_kv_heads: int, head_dim: int = 64,
+                      page_size: int = 16, budget_pages: int | None = None, batch: int = 2,
+                      shuffle_pages: bool = True, dtype: torch.dtype = torch.float32,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """A decode case in the layout of `sparse_decode_ref`: a page pool with `batch` sequences.
+
+    Each (sequence, KV head) holds `seq_len` tokens in its own pages, placed at random physical
+    slots when `shuffle_pages`; it selects `budget_pages` of them at random (all when None).
+    Returns q `[B, Hq, D]`, k_cache/v_cache `[N, S, D]`, page_table `[B, Hkv, P]` (-1 padded),
+    slot_valid `[N, S]`, plus dense k/v `[B, Hkv, L, D]` and the selected token mask `[B, Hkv, L]`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pages_per_head = -(-seq_len // page_size)
+    num_pages = max(1, batch * num_kv_heads * pages_per_head)
+    order = torch.randperm(num_pages, generator=g) if shuffle_pages else torch.arange(num_pages)
+    k_cache = torch.randn(num_pages, page_size, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_pages, page_size, head_dim, generator=g).to(dtype)
+    slot_valid = torch.zeros(num_pages, page_size, dtype=torch.bool)
+    budget = pages_per_head if budget_pages is None else min(budget_pages, pages_per_head)
+    page_table = torch.full((batch, num_kv_heads, max(budget, 0)), -1, dtype=torch.int64)
+    dense_k = torch.zeros(batch, num_kv_heads, pages_per_head * page_size, head_dim, dtype=dtype)
+    dense_v = torch.zeros_like(dense_k)
+    selected = torch.zeros(batch, num_kv_heads, pages_per_head * page_size, dtype=torch.bool)
+    i = 0
+    for b in range(batch):
+        for h in range(num_kv_heads):
+            own = order[i:i + pages_per_head]
+            i += pages_per_head
+            for j, page in enumerate(own.tolist()):
+                filled = min(page_size, seq_len - j * page_size)
+                slot_valid[page, :filled] = True
+                dense_k[b, h, j * page_size:(j + 1) * page_size] = k_cache[page]
+                dense_v[b, h, j * page_size:(j + 1) * page_size] = v_cache[page]
+            pick = torch.randperm(pages_per_head, generator=g)[:budget]
+            page_table[b, h, :budget] = own[pick]
+            for j in pick.tolist():
+                filled = min(page_size, seq_len - j * page_size)
+                selected[b, h, j * page_size:j * page_size + filled] = True
+    q = torch.randn(batch, num_qo_heads, head_dim, generator=g).to(dtype)
+    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "page_table": page_table,
+            "slot_valid": slot_valid, "dense_k": dense_k, "dense_v": dense_v, "selected": selected}
+
+
+def tiny_llama_config(**overrides):
+    """A small random Llama (GQA 3:1 like SmolLM2) for fast integration tests."""
+    from transformers import LlamaConfig
+    params = dict(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=1024, rope_theta=10000.0, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    params.update(overrides)
+    return LlamaConfig(**params)

@@ -1,0 +1,209 @@
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvkit import OutOfPages, PagedKVStore, UnknownSequence
+
+H, D, S = 2, 8, 4
+
+
+def kv(t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, H, D, generator=g), torch.randn(t, H, D, generator=g)
+
+
+def make(**kw):
+    return PagedKVStore(num_layers=2, num_kv_heads=H, head_dim=D, page_size=S, dtype=torch.float32, **kw)
+
+
+def test_append_reads_back_in_position_order():
+    store = make()
+    seq = store.add_sequence()
+    k, v = kv(10)
+    assert store.append(seq, 0, k, v).tolist() == list(range(10))
+    for h in range(H):
+        pos, rk, rv = store.read(seq, 0, h)
+        assert pos.tolist() == list(range(10))
+        assert torch.equal(rk, k[:, h]) and torch.equal(rv, v[:, h])
+    assert len(store.page_table(seq, 0, 0)) == 3  # 10 tokens in pages of 4
+    assert store.num_resident(seq, 1, 0) == 0 and store.length(seq, 1) == 0
+
+
+def test_evicted_slots_are_reused_before_new_pages():
+    store = make()
+    seq = store.add_sequence()
+    store.append(seq, 0, *kv(8))
+    pages = store.page_table(seq, 0, 0)
+    assert store.evict(seq, 0, 0, [1, 2]) == 2
+    store.append(seq, 0, *kv(2, seed=1))
+    assert store.page_table(seq, 0, 0) == pages  # holes filled, no new page
+    assert store.positions(seq, 0, 0).tolist() == [0, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_emptied_page_returns_to_pool():
+    store = make()
+    seq = store.add_sequence()
+    store.append(seq, 0, *kv(8))
+    used = store.stats().pages_used
+    store.evict(seq, 0, 1, [0, 1, 2, 3])
+    assert store.stats().pages_used == used - 1
+    assert len(store.page_table(seq, 0, 1)) == 1
+
+
+def test_fork_shares_pages_and_copies_on_write():
+    store = make()
+    a = store.add_sequence()
+    k, v = kv(6)
+    store.append(a, 0, k, v)
+    used = store.stats().pages_used
+    b = store.fork(a)
+    assert store.stats().pages_used == used  # shared, not copied
+    k2, v2 = kv(1, seed=5)
+    store.append(b, 0, k2, v2)  # writes into the shared partial page -> copy
+    assert store.positions(a, 0, 0).tolist() == list(range(6))
+    pos, rk, _ = store.read(b, 0, 0)
+    assert pos.tolist() == list(range(7)) and torch.equal(rk[6], k2[0, 0])
+    _, ak, _ = store.read(a, 0, 0)
+    assert torch.equal(ak, k[:, 0])
+    store.evict(b, 0, 0, [0])  # eviction from a shared page copies too
+    assert store.positions(a, 0, 0).tolist() == list(range(6))
+    store.free(a)
+    store.free(b)
+    assert store.stats().pages_used == 0
+
+
+def test_out_of_pages_leaves_store_unchanged():
+    store = make(max_pages=4)
+    seq = store.add_sequence()
+    store.append(seq, 0, *kv(4))  # 1 page per head -> 2 pages
+    before = store.stats()
+    with pytest.raises(OutOfPages, match=r"needs 4 pages; 2 free in layer 0.*unchanged"):
+        store.append(seq, 0, *kv(8))
+    assert store.stats() == before and store.length(seq, 0) == 4
+    store.append(seq, 0, *kv(4))  # still usable: fills the 2 remaining pages
+    assert store.num_resident(seq, 0, 1) == 8
+
+
+@pytest.mark.parametrize("shape,match", [((3, H + 1, D), r"\[T, num_kv_heads, head_dim\] = \[T, 2, 8\]"),
+                                         ((3, H, D, 1), "got \\[3, 2, 8, 1\\]")])
+def test_bad_shapes_are_rejected(shape, match):
+    store = make()
+    seq = store.add_sequence()
+    with pytest.raises(ValueError, match=match):
+        store.append(seq, 0, torch.zeros(shape), torch.zeros(shape))
+    assert store.stats().tokens_resident == 0
+
+
+def test_bad_dtype_layer_and_sequence_are_rejected():
+    store = make()
+    seq = store.add_sequence()
+    with pytest.raises(TypeError, match="floating"):
+        store.append(seq, 0, torch.zeros(1, H, D, dtype=torch.int32), torch.zeros(1, H, D, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+        store.append(seq, 2, *kv(1))
+    with pytest.raises(UnknownSequence, match="sequence 99 is not in the store"):
+        store.append(99, 0, *kv(1))
+    with pytest.raises(ValueError, match="not resident"):
+        store.evict(seq, 0, 0, [0])
+    with pytest.raises(ValueError, match="page_size must be an int >= 1"):
+        PagedKVStore(1, 1, 8, page_size=0)
+
+
+def test_nbytes_counts_allocated_tensors():
+    store = make()
+    assert store.nbytes() == 0
+    seq = store.add_sequence()
+    store.append(seq, 0, *kv(1))
+    st_ = store.stats()
+    # K and V float32 + int32 slot positions for every allocated slot of layer 0's pool
+    assert store.nbytes() == st_.pages_capacity * S * (2 * D * 4 + 4)
+    assert st_.nbytes_dense_equivalent == 1 * H * D * 2 * 2
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Any sequence of append/evict/fork/free: no page leaks or has two owners, and every
+    resident token reads back exactly as written."""
+
+    def __init__(self):
+        super().__init__()
+        self.store = make(max_pages=40)
+        self.model: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # seq -> head -> pos -> k|v
+        self.counter = 0
+
+    @rule()
+    def add(self):
+        self.model[self.store.add_sequence()] = {h: {} for h in range(H)}
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), t=st.integers(0, 9))
+    def append(self, data, t):
+        seq = data.draw(st.sampled_from(sorted(self.model)))
+        self.counter += 1
+        k, v = kv(t, seed=self.counter)
+        try:
+            pos = self.store.append(seq, 0, k, v)
+        except OutOfPages:
+            return
+        for h in range(H):
+            for i, p in enumerate(pos.tolist()):
+                self.model[seq][h][p] = torch.cat([k[i, h], v[i, h]])
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def evict(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.model)))
+        head = data.draw(st.integers(0, H - 1))
+        resident = sorted(self.model[seq][head])
+        if not resident:
+            return
+        gone = data.draw(st.lists(st.sampled_from(resident), max_size=5, unique=True))
+        try:
+            self.store.evict(seq, 0, head, gone)
+        except OutOfPages:
+            return
+        for p in gone:
+            del self.model[seq][head][p]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def fork(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.model)))
+        child = self.store.fork(seq)
+        self.model[child] = {h: dict(d) for h, d in self.model[seq].items()}
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.model)))
+        self.store.free(seq)
+        del self.model[seq]
+
+    @invariant()
+    def pages_have_consistent_owners(self):
+        pool = self.store._pools[0]
+        owners: dict[int, int] = {}
+        for seq in self.model:
+            for h in range(H):
+                table = self.store.page_table(seq, 0, h)
+                assert len(set(table)) == len(table)
+                for p in table:
+                    owners[p] = owners.get(p, 0) + 1
+        for p in range(pool.capacity):
+            assert pool.refcount[p] == owners.get(p, 0), f"page {p} refcount"
+        assert sorted(pool.free_pages) == [p for p in range(pool.capacity) if p not in owners]
+
+    @invariant()
+    def tokens_read_back(self):
+        for seq, heads in self.model.items():
+            for h, tokens in heads.items():
+                pos, k, v = self.store.read(seq, 0, h)
+                assert pos.tolist() == sorted(tokens)
+                for i, p in enumerate(pos.tolist()):
+                    assert torch.equal(torch.cat([k[i], v[i]]), tokens[p])
+                assert self.store.num_resident(seq, 0, h) == len(tokens)
+
+
+StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_store_state_machine = StoreMachine.TestCase
