@@ -14,35 +14,27 @@ Two ways to run, chosen by prometheus-client when it is first imported:
   each gauge declares how it combines (``livesum`` for sizes, ``livemostrecent`` for ratios),
   and a process that exits should be reported with ``mark_process_dead(pid)``.
 
-Series (units in the names, counters end in ``_total``, ratios are 0..1):
+Series (units in the names, counters end in ``_total``, ratios are 0..1). Labels: S = policy,
+model; D = policy, layer_group; P = policy (for the expert cache: the cache policy).
 
-==========================================  ==============================  =========================
-series                                      labels                          meaning
-==========================================  ==============================  =========================
-kvkit_kv_resident_bytes                     policy, model                   bytes the store allocated
-kvkit_kv_dense_equivalent_bytes             policy, model                   a dense bf16 store's bytes
-                                                                            for the same tokens
-kvkit_kv_resident_part_bytes                policy, model, codec, head_kind resident bytes by part
-kvkit_compression_ratio                     policy, model                   resident / dense-equivalent
-                                                                            (1 = nothing saved; may
-                                                                            pass 1 by page rounding)
-kvkit_pages_allocated, kvkit_pages_free     policy, model                   pages in use / free
-kvkit_pages_capacity                        policy, model                   pages in the pool
-kvkit_tokens_resident                       policy, model                   tokens the store holds
-kvkit_pages_read_total                      policy, layer_group             pages decode steps read
-kvkit_pages_dense_total                     policy, layer_group             pages a dense read needs
-kvkit_bytes_read_total                      policy, layer_group             KV bytes decode read
-kvkit_decode_sparsity_ratio                 policy, layer_group             1 - read/dense, last step
-kvkit_decode_seconds                        policy, layer_group             histogram, one decode step
-kvkit_selection_seconds                     policy, layer_group             histogram, page selection
-kvkit_evicted_tokens_total                  policy                          tokens evicted
-kvkit_selection_recall                      policy                          histogram (0..1): dense
-                                                                            attention mass captured
-kvkit_expert_cache_hits_total / _misses_    policy                          expert-cache lookups
-kvkit_expert_bytes_moved_total              policy                          expert weight bytes moved
-kvkit_expert_prefetch_issued_total          policy                          prefetches started
-kvkit_expert_prefetch_useful_total          policy                          prefetched, then used
-==========================================  ==============================  =========================
+- S ``kvkit_kv_resident_bytes``: bytes of tensors the store really allocated (``store.nbytes()``)
+- S ``kvkit_kv_dense_equivalent_bytes``: bytes a dense bf16 store would hold for the same tokens
+- S+codec,head_kind ``kvkit_kv_resident_part_bytes``: resident bytes split by codec and head kind
+- S ``kvkit_compression_ratio``: resident / dense-equivalent (1 = nothing saved; page rounding
+  and per-slot bookkeeping can push it past 1). Memory saved vs dense = 1 - this ratio.
+- S ``kvkit_pages_capacity``, ``kvkit_pages_allocated``, ``kvkit_pages_free``: the page pools
+- S ``kvkit_tokens_resident``: occupied slots over sequences, layers and KV heads
+- D ``kvkit_pages_read_total``, ``kvkit_pages_dense_total``: pages decode steps read, and pages a
+  dense read would have needed; sparsity over any interval = 1 - rate(read) / rate(dense)
+- D ``kvkit_bytes_read_total``: K/V bytes decode steps read
+- D ``kvkit_decode_sparsity_ratio``: 1 - read / dense of the latest decode step
+- D ``kvkit_decode_seconds``, ``kvkit_selection_seconds``: histograms per decode step
+- P ``kvkit_evicted_tokens_total``: tokens evicted
+- P ``kvkit_selection_recall``: histogram (0..1) of the share of dense attention mass that the
+  selected pages capture, on the decode steps where the caller measured it
+- P ``kvkit_expert_cache_hits_total``, ``kvkit_expert_cache_misses_total``,
+  ``kvkit_expert_bytes_moved_total``, ``kvkit_expert_prefetch_issued_total``,
+  ``kvkit_expert_prefetch_useful_total``: the MoE expert cache
 
 Labels are bounded (policy, model, layer group, codec, head kind): each label takes at most
 ``MAX_LABEL_VALUES`` distinct values, so a request id passed by mistake fails loudly instead
@@ -64,16 +56,20 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from prometheus_client import (
-    REGISTRY as _DEFAULT_REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-    start_http_server,
-)
+try:
+    from prometheus_client import (
+        REGISTRY as _DEFAULT_REGISTRY,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+        multiprocess,
+        start_http_server,
+        values as _values,
+    )
+except ImportError as exc:  # an optional dependency: kvkit itself imports without it
+    raise ImportError("kvkit.metrics needs prometheus-client: pip install 'kvkit[metrics]'") from exc
 
 __all__ = [
     "MAX_LABEL_VALUES", "StoreLike", "exposition", "mark_process_dead", "multiprocess_mode",
@@ -100,8 +96,12 @@ class StoreLike(Protocol):
 
 
 def multiprocess_mode() -> bool:
-    """True when prometheus-client writes values to ``PROMETHEUS_MULTIPROC_DIR`` files."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    """True when prometheus-client writes values to ``PROMETHEUS_MULTIPROC_DIR`` files.
+
+    prometheus-client decides once, when first imported; setting the variable later changes
+    nothing, so this asks prometheus-client rather than the environment.
+    """
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...], mode: str) -> Gauge:
@@ -292,7 +292,7 @@ def registry() -> CollectorRegistry:
     """The registry to expose: the default one, or a multiprocess collector over all processes."""
     if not multiprocess_mode():
         return _DEFAULT_REGISTRY
-    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"kvkit.metrics: PROMETHEUS_MULTIPROC_DIR={path!r} is not a "
                                 "folder; create it (empty) before the processes start")

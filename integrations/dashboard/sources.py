@@ -21,7 +21,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client.parser import text_string_to_metric_families
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError as exc:
+    raise ImportError("kvkit dashboard needs prometheus-client: pip install 'kvkit[metrics]'") from exc
 
 # dashboard field -> kvkit sample name
 KV_GAUGES = {

@@ -38,11 +38,12 @@ function drawChart(id, series, fmt) {
   const opts = {
     width: Math.max(box.clientWidth, 300), height: 200,
     scales: { x: { time: true } },
+    legend: { live: false },
     series: [{}, ...series.map((s, i) => ({
       label: s.label, stroke: COLORS[i % COLORS.length], width: 2, dash: s.dash,
       value: (u, v) => fmt(v),
     }))],
-    axes: [{}, { values: (u, ticks) => ticks.map(fmt), size: 70 }],
+    axes: [{}, { values: (u, ticks) => ticks.map(fmt), size: 84 }],
   };
   plots[id] = { plot: new uPlot(opts, data, box), key };
 }
@@ -75,12 +76,19 @@ function drawCharts() {
 }
 
 // ---- numbers and tables ------------------------------------------------------------------
+// "dense -3.7% · streaming 65.4%": the headline split by policy
+function perPolicy(rows, field) {
+  return Object.keys(rows || {}).sort().map(p => p + " " + pct(rows[p][field])).join(" · ");
+}
+
 function drawNumbers(snap) {
   const t = snap.totals || {};
   setNumber("num-memory-saved", t.memory_saved, pct(t.memory_saved));
   document.getElementById("num-memory-detail").textContent =
     t.dense_bytes ? bytes(t.resident_bytes) + " resident of " + bytes(t.dense_bytes) + " dense bf16" : "";
+  document.getElementById("num-memory-policies").textContent = perPolicy(snap.kv, "memory_saved");
   setNumber("num-sparsity", t.sparsity, pct(t.sparsity));
+  document.getElementById("num-sparsity-policies").textContent = perPolicy(snap.kv, "sparsity");
   setNumber("num-eviction-rate", t.eviction_tokens_per_s, num(t.eviction_tokens_per_s));
   setNumber("num-expert-hit-rate", t.expert_hit_rate, pct(t.expert_hit_rate));
 }

@@ -1,0 +1,76 @@
+"""What every benchmark records: the machine, the git revision, the command; and the writer of
+`bench/results/<name>.json` + `.md`. Benchmarks run as `python bench/<script>.py`, so this
+module imports as `common` from beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+    info: dict[str, Any] = {"device": "cpu", "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], title: str, table: str,
+                  out_dir: Path = RESULTS) -> Path:
+    """Write `<name>.json` (payload + command, git, machine) and `<name>.md`; print the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    record = {"bench": name, "command": command(), "git": git_sha(), "machine": machine, **payload}
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    header = (f"{title} — {machine['device']}, {machine['cores']} cores, torch {machine['torch']}, "
+              f"git {record['git']}\n\n`{record['command']}`\n")
+    (out_dir / f"{name}.md").write_text(header + "\n" + table + "\n")
+    print(header + "\n" + table)
+    return out_dir / f"{name}.json"

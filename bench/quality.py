@@ -1,0 +1,76 @@
+"""Does a policy lose information? Passkey accuracy over a context x depth grid and perplexity
+of real text (read one token at a time through the policy's cache), with resident KV bytes and
+peak process memory, for a list of policies against dense in the same run.
+
+    python bench/quality.py --policies dense streaming:window=256 int8 --contexts 2400 --depths 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_results  # noqa: E402
+
+from kvkit import evaluate, policies  # noqa: E402
+from kvkit.cli import depths, parse_params  # noqa: E402
+
+
+def parse_policy(spec: str):
+    """`name` or `name:k=v,k=v` -> Policy (labelled with the spec)."""
+    name, _, rest = spec.partition(":")
+    params = parse_params([p for p in rest.split(",") if p])
+    return spec, policies.get(name, **params)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", nargs="+", default=["dense", "streaming:window=256", "int8"])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[2400])
+    ap.add_argument("--depths", type=int, default=6)
+    ap.add_argument("--ppl-file", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--ppl-tokens", type=int, default=256)
+    ap.add_argument("--ppl-context", type=int, default=2048)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--name", default="quality", help="results file stem under bench/results/")
+    args = ap.parse_args(argv)
+    if args.policies[0].split(":")[0] != "dense":
+        args.policies.insert(0, "dense")  # ratios are against dense from the same run
+    model, tok = evaluate.load(args.model)
+    text = Path(args.ppl_file).read_text(errors="replace")
+    rows, records = [], []
+    dense = {}
+    for spec, policy in map(parse_policy, args.policies):
+        row = {"policy": spec}
+        for ctx in args.contexts:
+            res = evaluate.passkey(model, tok, policy, ctx, depths(args.depths))
+            row[f"passkey_{ctx}"] = f"{sum(r.correct for r in res)}/{len(res)}"
+            row[f"kv_bytes_{ctx}"] = max(r.kv_bytes for r in res)
+        ppl = evaluate.perplexity(model, tok, policy, text, args.ppl_tokens, context_tokens=args.ppl_context)
+        row["perplexity"] = round(ppl.perplexity, 4)
+        row["ppl_kv_bytes"] = ppl.kv_bytes
+        row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        dense = dense or row
+        row["ppl_vs_dense"] = round(row["perplexity"] / dense["perplexity"], 4)
+        row["kv_bytes_vs_dense"] = round(row["ppl_kv_bytes"] / dense["ppl_kv_bytes"], 4)
+        records.append(row)
+        rows.append([spec, *(row[f"passkey_{c}"] for c in args.contexts), f"{row['perplexity']:.3f}",
+                     f"{row['ppl_vs_dense']:.3f}x", f"{row['ppl_kv_bytes'] / 2**20:.1f} MiB",
+                     f"{row['kv_bytes_vs_dense']:.2f}x"])
+    header = ["policy", *(f"passkey @{c}" for c in args.contexts), "perplexity", "vs dense",
+              "resident KV (ppl run)", "vs dense"]
+    table = markdown_table(header, rows)
+    note = ("\n\nPeak RSS is cumulative over the process (it only grows), so it is recorded in the JSON "
+            "but not compared per policy here.")
+    write_results(args.name, {"ppl_file": args.ppl_file, "ppl_tokens": args.ppl_tokens,
+                              "ppl_context": args.ppl_context, "depths": args.depths, "rows": records},
+                  f"quality (passkey x{args.depths} depths, perplexity of {Path(args.ppl_file).name})",
+                  table + note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
