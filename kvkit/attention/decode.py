@@ -2,11 +2,16 @@
 
 It reads only the selected pages through the layer's storage (so quantized or low-rank pages
 are decoded for those pages only), masks empty slots, and runs the reference. The Triton kernels
-of `kvkit.kernels` plug in here on CUDA.
+of `kvkit.kernels` plug in here on CUDA: `backend` (or the environment variable
+KVKIT_ATTENTION_BACKEND) is "auto" (Triton for CUDA tensors, reference elsewhere), "ref" or
+"triton". The kernels read plain (DenseStorage) and int8 (Int8Codec) pages in place; other
+storages, and `return_stats`, use the reference under "auto" and raise under "triton".
+`kvkit.kernels` is imported only when a kernel runs, so TRITON_INTERPRET set later still works.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -16,18 +21,26 @@ from kvkit.store import PagedKVStore, Selection
 
 
 def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int,
-           selection: Selection, scale: float | None = None, return_stats: bool = False
-           ) -> tuple[torch.Tensor, AttentionStats | None]:
+           selection: Selection, scale: float | None = None, return_stats: bool = False,
+           backend: str | None = None) -> tuple[torch.Tensor, AttentionStats | None]:
     """Attention of one new query per sequence over the selected pages of `layer`.
 
     q: `[B, Hq, D]`; selection.pages: `[B, Hkv, P]`. Returns out `[B, Hq, D]` and, when
     `return_stats`, the attention each read slot received (for evictors).
 
     Raises:
-        ValueError: when q or the selection do not match the store.
+        ValueError: when q or the selection do not match the store, or backend is unknown.
+        NotImplementedError: backend="triton" for what the kernels do not cover.
     """
     B, Hq, D = _check(q, store, seqs, selection)
     scale = scale if scale is not None else D ** -0.5
+    backend = backend or os.environ.get("KVKIT_ATTENTION_BACKEND") or "auto"
+    if backend not in ("auto", "ref", "triton"):
+        raise ValueError(f"backend must be 'auto', 'ref' or 'triton' (or KVKIT_ATTENTION_BACKEND), got {backend!r}")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        out = _decode_triton(q, store, layer, selection, scale, return_stats, forced=backend == "triton")
+        if out is not None:
+            return out, None
     pages = selection.pages
     P = pages.shape[-1]
     flat = pages.clamp(min=0).reshape(-1)
@@ -41,6 +54,28 @@ def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int
         return out, AttentionStats(pages, probs)
     out, _ = attend_pages(q, k.view(shape), v.view(shape), valid, scale)
     return out, None
+
+
+def _decode_triton(q: torch.Tensor, store: PagedKVStore, layer: int, selection: Selection, scale: float,
+                   return_stats: bool, forced: bool) -> torch.Tensor | None:
+    """The Triton kernels over the pages in place; None when they do not apply (and not forced)."""
+    st = store.storage(layer)
+    k, v = getattr(st, "k", None), getattr(st, "v", None)
+    dense = torch.is_tensor(k) and k.dtype == q.dtype and not hasattr(st, "k_scale")
+    int8 = torch.is_tensor(k) and k.dtype == torch.int8 and torch.is_tensor(getattr(st, "k_scale", None))
+    if return_stats or not (dense or int8):
+        if forced:
+            what = "return_stats" if return_stats else f"{type(st).__name__} pages with q in {q.dtype}"
+            raise NotImplementedError(f"kvkit.kernels: no Triton decode for {what}; use backend='ref'")
+        return None
+    from kvkit import kernels  # lazy: see the module docstring
+    valid = store.slot_positions(layer) >= 0
+    if dense:
+        out, _ = kernels.sparse_decode(q, k, v, selection.pages, valid, scale, selection.slot_mask)
+    else:
+        out, _ = kernels.quant_decode(q, kernels.QuantPages(k, st.k_scale), kernels.QuantPages(v, st.v_scale),
+                                      selection.pages, valid, scale, selection.slot_mask)
+    return out
 
 
 def _check(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], selection: Selection):
