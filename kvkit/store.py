@@ -337,7 +337,8 @@ class PagedKVStore:
         positions = torch.arange(sl.length, sl.length + T, dtype=torch.int64, device=self.device)
         pool.slot_pos.view(-1)[idx] = positions.repeat(self.num_kv_heads).to(torch.int32)
         if pool.key_min is not None:
-            rows = k_rows.to(pool.key_min.dtype)
+            # bound the keys as they are read back (rounded to the store's dtype), not as given
+            rows = k_rows.to(self.dtype).to(pool.key_min.dtype)
             pool.key_min.index_reduce_(0, pages, rows, "amin")
             pool.key_max.index_reduce_(0, pages, rows, "amax")
         if pool.scores is not None:
