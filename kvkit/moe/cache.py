@@ -15,8 +15,8 @@ Policies (keep-priority functions; the resident expert with the lowest priority 
 * `lookahead` - Belady on *predicted* uses: pre-gating predictions (Read-ME, arXiv:2410.19123;
                 ExpertFlow, arXiv:2410.17954) known `lookahead` ahead give each expert a known
                 next use; experts with none are evicted first (LRU among them). Predicted
-                misses are prefetched, at most `prefetch_budget` experts per step, and only over
-                an expert whose own known next use is later.
+                misses are queued and prefetched nearest-first, at most `prefetch_budget`
+                experts per step, and only over an expert whose own known next use is later.
 * `score`     - our design: keep-priority = decayed frequency x (1 + recency bonus), i.e. an
                 LFU that trusts the recent past more (routing has short-term locality: a token
                 shares ~26% of its experts with the previous one, ~15% at lag 16), with the
@@ -253,10 +253,11 @@ class ReplayResult:
     miss_how: dict[str, int] = field(default_factory=lambda: {"load": 0, "lowbit": 0, "cpu": 0})
     counted_tokens: int = 0
     # per-step log over all steps (warm-up included): bytes of demand loads, experts computed on
-    # the slow device, and prefetches as (issue step, target step, bytes)
+    # the slow device, and prefetches as (issue step, target step, bytes, key) where
+    # key = layer * num_experts + expert
     demand_bytes: np.ndarray | None = None
     cpu_experts: np.ndarray | None = None
-    prefetches: list[tuple[int, int, int]] = field(default_factory=list)
+    prefetches: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:
@@ -338,7 +339,9 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
 
     # predictions as key lists per target step, ordered by the step they become known
     pred_keys: list[list[int]] = []
-    pred_queue: deque[int] = deque()
+    pred_queue: deque[tuple[int, int]] = deque()
+    to_fetch: deque[int] = deque()       # target steps with predictions not yet prefetched
+    admit = getattr(miss_handler, "admit_prefetch", None)
     known: list[deque[int]] = []
     if use_pred:
         assert trace.predicted is not None
@@ -388,21 +391,33 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
             pool_id = l if per_layer else 0
             needed = [l * num_experts + int(e) for e in trace.experts[t, l]]
             need_set = set(needed)
-            # 1. predictions that become known now: record them, prefetch predicted misses
-            budget = prefetch_budget
+            # 1. predictions that become known now are recorded and queued for prefetch;
+            #    then up to `prefetch_budget` queued predicted misses are fetched, nearest first
             while pred_queue and pred_queue[0][0] <= s:
                 _, u = pred_queue.popleft()
                 for k in pred_keys[u]:
                     if not known[k]:
                         st.pred_next[k] = u
                     known[k].append(u)
-                if u <= s or budget <= 0:
+                if prefetch_budget and u > s:
+                    to_fetch.append(u)
+            budget = prefetch_budget
+            while to_fetch and budget > 0:
+                u = to_fetch[0]
+                if u <= s:
+                    to_fetch.popleft()
                     continue
                 u_pool = (u % layers) if per_layer else 0
                 protect = set(pred_keys[u]) | (need_set if u_pool == pool_id else set())
                 for k in pred_keys[u]:
-                    if budget <= 0 or st.resident[k]:
+                    if budget <= 0:
+                        break
+                    if st.resident[k]:
                         continue
+                    if admit is not None and not admit(
+                            step=s, target=u, layers=layers, expert_bytes=ebytes,
+                            known_next_use=next((v for v in known[k] if v > u), INF)):
+                        continue      # the miss handler will serve it (e.g. on the CPU)
                     if occupancy[u_pool] >= cap and not evict_one(u_pool, s, protect, u):
                         break
                     st.resident[k] = True
@@ -413,7 +428,14 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
                         res.prefetch_issued += 1
                         res.bytes_moved += ebytes
                     if record:
-                        res.prefetches.append((s, u, ebytes))
+                        res.prefetches.append((s, u, ebytes, k))
+                else:
+                    to_fetch.popleft()     # every predicted expert of u handled
+                    continue
+                if budget <= 0 and all(st.resident[k] for k in pred_keys[u]):
+                    to_fetch.popleft()
+                if budget > 0:             # stopped for want of a victim: give up on u
+                    to_fetch.popleft()
             # 2. serve this step
             for rank, k in enumerate(needed):
                 hit = bool(st.resident[k])
@@ -428,7 +450,9 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
                 else:
                     how, moved = "load", ebytes
                     if miss_handler is not None:
-                        nxt = int(st.pred_next[k]) if use_pred else INF
+                        q = known[k] if use_pred else ()
+                        # the next known use after this step (this step's own entry is first)
+                        nxt = next((u for u in q if u > s), INF)
                         choice = miss_handler.choose(layer=l, expert=k - l * num_experts,
                                                      rank=rank, step=s, known_next_use=nxt,
                                                      layers=layers, expert_bytes=ebytes)
@@ -462,3 +486,25 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
         if t >= config.warmup_tokens:
             res.counted_tokens += 1
     return res
+
+
+def record_metrics(policy: str, hits: int, misses: int, bytes_moved: int,
+                   prefetch_issued: int = 0, prefetch_useful: int = 0) -> bool:
+    """Forward counters to `kvkit.metrics.record_expert_cache`; False when metrics are not
+    available (kvkit.metrics missing or prometheus-client not installed)."""
+    try:
+        from kvkit.metrics import record_expert_cache
+    except ImportError:
+        return False
+    try:
+        record_expert_cache(policy, hits=hits, misses=misses, bytes_moved=bytes_moved,
+                            prefetch_issued=prefetch_issued, prefetch_useful=prefetch_useful)
+    except ImportError:  # metrics module present, prometheus_client absent
+        return False
+    return True
+
+
+def record_replay_metrics(result: ReplayResult) -> bool:
+    """`record_metrics` for a replay's counters."""
+    return record_metrics(result.policy, result.hits, result.misses, result.bytes_moved,
+                          result.prefetch_issued, result.prefetch_useful)

@@ -4,8 +4,8 @@ Sources (no download): ``vim`` (``/usr/share/vim/vim90/doc/*.txt``, English tech
 ``licenses`` (``/usr/share/common-licenses/*``, English legal prose) and ``stdlib`` (Python's own
 standard-library sources, code). kvkit calibrates on one source and evaluates on another.
 
-The profile is what extraction and router training need from one dense pass:
-per layer, the MLP input ``x`` and the per-neuron contribution ``|act(gate) * up| * ||down[:, j]||``.
+The profile is what extraction and router training need from one dense pass: per layer, the
+MLP input ``x`` and the per-neuron contribution ``|act(gate) * up| * ||down[:, j]||``.
 
 Shapes: N tokens, L layers, H hidden, I intermediate (1536 for SmolLM2).
 """
@@ -32,9 +32,21 @@ logger = logging.getLogger(__name__)
 def source_files(source: str) -> list[Path]:
     """The files of a named text source, sorted. A path to a file or folder also works.
 
+    ``name:i/n`` keeps every n-th file starting at i (``vim:0/2`` and ``vim:1/2`` are disjoint
+    halves: calibrate on one, evaluate on the other).
+
     Raises:
         ValueError: unknown source name and not an existing path, or a source with no files.
     """
+    name, _, split = source.partition(":")
+    if split and name in ("vim", "licenses", "stdlib"):
+        try:
+            i, n = (int(v) for v in split.split("/"))
+            if not 0 <= i < n:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"bad split {split!r} in {source!r}; use name:i/n with 0 <= i < n")
+        return source_files(name)[i::n]
     if source == "vim":
         files = glob.glob("/usr/share/vim/vim*/doc/*.txt")
     elif source == "licenses":

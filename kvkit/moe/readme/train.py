@@ -64,7 +64,7 @@ def train_layer_routers(moe: ReadME, x: torch.Tensor, emass: torch.Tensor, ks: S
                 loss.backward()
                 opt.step()
         router.eval()
-        losses.append(float(loss))
+        losses.append(loss.item())
     if "layer" not in moe.routers_trained:
         moe.routers_trained.append("layer")
     return losses
@@ -100,12 +100,12 @@ def train_pregate(moe: ReadME, ids: torch.Tensor, emass: torch.Tensor, ks: Seque
             opt.step()
             sched.step()
             bar.update()
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     router.eval()
     if "pregate" not in moe.routers_trained:
         moe.routers_trained.append("pregate")
-    return float(loss)
+    return loss.item()
 
 
 def finetune_experts(moe: ReadME, teacher: PreTrainedModel, ids: torch.Tensor,
@@ -143,7 +143,7 @@ def finetune_experts(moe: ReadME, teacher: PreTrainedModel, ids: torch.Tensor,
             loss.backward()
             opt.step()
             steps += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update()
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
     finally:

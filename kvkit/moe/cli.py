@@ -1,0 +1,189 @@
+"""`kvkit moe replay` and `kvkit moe sim`: score expert-cache policies on a trace.
+
+Mounted by `kvkit.cli` through `register_cli(subparsers)`; each subcommand sets
+`func(args) -> int`. Prints a markdown table, and JSON with `--json PATH` (or `--json -`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register_cli", "main"]
+
+
+def _csv_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(p) for p in _csv_list(text)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}") from err
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join("–" if r[c] is None else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--capacity", type=_ints, default=[16],
+                   help="fast-tier experts per layer (or in total with --scope shared); "
+                        "comma list, e.g. 8,16,32")
+    p.add_argument("--policy", type=_csv_list, default=["lru", "lfu", "lookahead", "score"],
+                   help="comma list of lru, lfu, belady, lookahead, score (lru and belady "
+                        "always run as yardsticks)")
+    p.add_argument("--scope", choices=["layer", "shared"], default="layer")
+    p.add_argument("--warmup-tokens", type=int, default=None,
+                   help="tokens replayed before counting (default: 10%% of the trace)")
+    p.add_argument("--profile", default="a100-pcie4",
+                   help="hardware profile for stall estimates: a100-pcie4, h100-pcie5, "
+                        "rtx4090-pcie4, local (measured here)")
+    p.add_argument("--miss", choices=["none", "load", "lowbit", "cpu", "auto"], default="none",
+                   help="miss handling for non-yardstick policies (kvkit.moe.miss)")
+    p.add_argument("--predict", choices=["keep", "cooccurrence", "oracle"], default="keep",
+                   help="predictions for lookahead: keep the trace's, fit a layer-ahead "
+                        "co-occurrence predictor, or a noisy oracle (pre-gating stand-in)")
+    p.add_argument("--lookahead", type=int, default=1,
+                   help="with --predict: layers ahead (cooccurrence) or tokens ahead (oracle)")
+    p.add_argument("--oracle-accuracy", type=float, default=0.9)
+    p.add_argument("--prefetch-budget", type=int, default=8,
+                   help="experts the lookahead policy may prefetch per step")
+    p.add_argument("--other-ms", type=float, default=0.0,
+                   help="non-expert time per layer (attention etc.) that hides prefetches")
+    p.add_argument("--json", default=None, help="write JSON here ('-' for stdout)")
+
+
+def _predictions(trace: Any, args: argparse.Namespace) -> Any:
+    from kvkit.moe.synth import cooccurrence_predictions, noisy_oracle_predictions
+
+    if args.predict == "cooccurrence":
+        trace, recall = cooccurrence_predictions(trace, args.lookahead)
+        print(f"co-occurrence predictor, {args.lookahead} layer(s) ahead: held-out recall "
+              f"{recall[args.lookahead]:.3f}")
+    elif args.predict == "oracle":
+        trace = noisy_oracle_predictions(trace, args.oracle_accuracy, args.lookahead, "tokens")
+    return trace
+
+
+def _evaluate(trace: Any, args: argparse.Namespace, source: dict[str, Any]) -> int:
+    from kvkit.moe.cache import CacheConfig
+    from kvkit.moe.miss import MissHandler
+    from kvkit.moe.sim import compare_policies, get_profile
+
+    trace = _predictions(trace, args)
+    if "lookahead" in args.policy and trace.predicted is None:
+        print("error: policy 'lookahead' needs predictions; this trace has none. Add "
+              "--predict cooccurrence (layer-ahead predictor) or --predict oracle, or drop "
+              "lookahead from --policy", file=sys.stderr)
+        return 2
+    profile = get_profile(args.profile)
+    warm = args.warmup_tokens if args.warmup_tokens is not None else trace.num_tokens // 10
+    handler = None if args.miss == "none" else MissHandler(profile, mode=args.miss)
+    rows = []
+    for cap in args.capacity:
+        cfg = CacheConfig(cap, scope=args.scope, warmup_tokens=warm)
+        rows += compare_policies(trace, args.policy, cfg, profile, handler,
+                                 other_per_layer_s=args.other_ms * 1e-3,
+                                 policy_params={"lookahead": {"prefetch_budget":
+                                                              args.prefetch_budget}})
+    print(f"{source['trace']}: {trace.num_tokens} tokens x {trace.num_layers} layers, "
+          f"{trace.num_experts} experts top-{trace.top_k}, {trace.expert_bytes} B/expert; "
+          f"profile {profile.name} ({profile.source})")
+    print(_table(rows))
+    if args.json:
+        doc = {"command": " ".join(sys.argv),
+               **source, "profile": profile.__dict__, "rows": rows}
+        text = json.dumps(doc, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from kvkit.moe.trace import TraceError, load_csv_trace, load_trace
+
+    path = Path(args.trace)
+    try:
+        trace = load_csv_trace(path, num_experts=args.num_experts, expert_bytes=args.expert_bytes) \
+            if path.suffix == ".csv" else load_trace(path)
+    except (FileNotFoundError, TraceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _evaluate(trace, args, {"trace": str(path)})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from kvkit.moe.synth import check_calibration, generate, preset
+    from kvkit.moe.trace import save_trace
+
+    cfg = preset(args.preset)
+    trace = generate(cfg, args.tokens, seed=args.seed, num_layers=args.layers)
+    if not args.skip_calibration_check:
+        check = check_calibration(trace)
+        if not check["ok"]:
+            print(f"error: this synthetic trace misses the calibration curves by "
+                  f"{check['max_abs_error']:.3f} (> 0.03): {check['curves']}; no simulated "
+                  f"numbers reported. Use more --tokens or refit (bench/moe_calibrate.py).",
+                  file=sys.stderr)
+            return 3
+        print(f"calibration ok: max |error| {check['max_abs_error']:.3f} vs DeepSeek-V2-Lite "
+              f"LRU/Belady curves")
+    if args.save_trace:
+        print(f"trace written to {save_trace(args.save_trace, trace)}")
+    try:
+        return _evaluate(trace, args, {"trace": f"synthetic:{args.preset}", "seed": args.seed})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `replay` and `sim` to an argparse subparsers object (mounted as `kvkit moe ...`)."""
+    p = subparsers.add_parser("replay", help="replay a routing trace through cache policies",
+                              description="Replay a routing trace (.npz from "
+                                          "kvkit.moe.trace.save_trace, or CSV with columns "
+                                          "layer, token, experts) through expert-cache policies.")
+    p.add_argument("trace", help="trace file (.npz or .csv)")
+    p.add_argument("--num-experts", type=int, default=None, help="CSV only: experts per layer")
+    p.add_argument("--expert-bytes", type=int, default=1, help="CSV only: bytes per expert")
+    _common(p)
+    p.set_defaults(func=_replay)
+    s = subparsers.add_parser("sim", help="simulate policies on a calibrated synthetic trace",
+                              description="Generate a synthetic trace calibrated to "
+                                          "DeepSeek-V2-Lite routing, check the calibration, then "
+                                          "replay and price the policies.")
+    s.add_argument("--preset", default="deepseek-v2-lite")
+    s.add_argument("--tokens", type=int, default=2000)
+    s.add_argument("--layers", type=int, default=None, help="default: the preset's (26)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--save-trace", default=None, help="also write the trace (.npz)")
+    s.add_argument("--skip-calibration-check", action="store_true")
+    _common(s)
+    s.set_defaults(func=_sim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: `python -m kvkit.moe.cli replay|sim ...`."""
+    ap = argparse.ArgumentParser(prog="kvkit moe", description=__doc__.splitlines()[0])
+    register_cli(ap.add_subparsers(dest="command", required=True))
+    args = ap.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,475 @@
+"""Run a real MoE model with its experts offloaded: a slow tier holds every expert, a fast-tier
+cache holds `capacity` experts per layer, and a background thread prefetches the experts that a
+lookahead predicts (EdgeMoE arXiv:2308.14352, MoE-Infinity arXiv:2401.14361, Read-ME
+arXiv:2410.19123, ExpertFlow arXiv:2410.17954).
+
+    handle = kvkit.moe.offload(model, OffloadConfig(capacity=4, policy="lookahead"))
+    model.generate(...)            # same tokens as before offloading
+    handle.stats()                 # hits, misses, prefetches, stall seconds, bytes moved
+    handle.close()
+
+Slow tiers: `file`, a safetensors file read through a memory map (the CPU case: weights stay on
+disk / in the page cache, the fast tier is RAM); `host`, CPU tensors (pinned when the fast tier is
+a GPU). The fast tier per layer is preallocated slots [capacity, ...] on the model's device.
+
+Supported experts (found by duck typing, nothing is patched globally):
+
+* transformers 5 fused experts (`MixtralExperts`, `Qwen2MoeExperts`, `OlmoeExperts`, ...):
+  parameters `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], called as
+  `experts(hidden, top_k_index, top_k_weights)` from a block whose `gate` is the router. The
+  module is replaced by `OffloadedExperts`, which runs the same eager loop (same ops, same order,
+  so outputs are bitwise identical). Lookahead: the router of layer l+d applied to layer l's
+  input (routers read a slowly changing residual stream; a hint only, routing is unchanged).
+* Read-ME MLPs (`kvkit.moe.readme.model.ReadMEMLP`): what offload needs from it is stacked
+  `w_gate`/`w_up` [E, m, H] and `w_down` [E, H, m], the compute entry `experts_forward(x, idx)`,
+  and, in `pregate` mode, `pending` [N, k] set on every layer before the backbone runs (the
+  pre-gating router). Each later layer's `pending` is the exact lookahead; offload prefetches
+  it while earlier layers compute. Oracle routing reads every expert and is refused.
+
+Shapes: N tokens, H hidden, E experts, C capacity (slots per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("lru", "lookahead")
+TIERS = ("auto", "file", "host")
+
+__all__ = ["OffloadConfig", "OffloadHandle", "OffloadedExperts", "offload", "POLICIES", "TIERS"]
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """capacity: fast-tier experts per MoE layer. policy: "lru" (on-demand loads, LRU eviction)
+    or "lookahead" (evict experts not predicted first, prefetch predicted ones in the
+    background). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or "auto" (file
+    on CPU, host on CUDA). path: the safetensors file (default: a temporary file, deleted on
+    close). predict_distance: layers ahead the router-based predictor looks (transformers
+    models; Read-ME models use their pre-gating router for all later layers)."""
+
+    capacity: int = 4
+    policy: str = "lookahead"
+    slow_tier: str = "auto"
+    path: str | None = None
+    predict_distance: int = 1
+    record_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError(f"OffloadConfig.capacity must be >= 1 expert per layer, "
+                             f"got {self.capacity}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"OffloadConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.slow_tier not in TIERS:
+            raise ValueError(f"OffloadConfig.slow_tier must be one of {TIERS}, "
+                             f"got {self.slow_tier!r}")
+        if self.predict_distance < 1:
+            raise ValueError(f"OffloadConfig.predict_distance must be >= 1, "
+                             f"got {self.predict_distance}")
+
+
+# -- slow tier --------------------------------------------------------------------------------
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _mmap_safetensors(path: Path) -> tuple[np.memmap, dict[str, torch.Tensor]]:
+    """Tensors that view a memory map of a safetensors file (nothing read until used)."""
+    with path.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    mm = np.memmap(path, dtype=np.uint8, mode="c")   # copy-on-write: never written
+    base = 8 + n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise NotImplementedError(f"offload: dtype {info['dtype']} of {key} unsupported; "
+                                      f"use one of {sorted(_ST_DTYPES)}")
+        lo, hi = info["data_offsets"]
+        raw = torch.from_numpy(mm[base + lo: base + hi])
+        out[key] = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return mm, out
+
+
+class _Layer:
+    """Fast-tier slots of one MoE layer and which expert each holds."""
+
+    def __init__(self, index: int, slow: dict[str, torch.Tensor], capacity: int,
+                 device: torch.device) -> None:
+        self.index = index
+        self.slow = slow                                   # name -> [E, ...] (slow tier)
+        self.num_experts = next(iter(slow.values())).shape[0]
+        self.capacity = min(capacity, self.num_experts)
+        self.slots = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=device)
+                      for k, v in slow.items()}
+        self.slot_of: dict[int, int] = {}
+        self.expert_in: list[int | None] = [None] * self.capacity
+        self.lru: OrderedDict[int, None] = OrderedDict()   # slots, least recent first
+        self.loading: dict[int, Future] = {}               # slot -> copy in flight
+        self.prefetched: set[int] = set()                  # slots filled by prefetch, unused
+        self.predicted: set[int] = set()                   # experts predicted for next call
+        self.expert_bytes = sum(v[0].numel() * v.element_size() for v in slow.values())
+
+        # CUDA: copies run on a side stream (overlapping compute) and are synchronised before
+        # the future completes. Not exercised on this CPU-only machine.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy_in(self, slot: int, expert: int) -> None:
+        if self.stream is None:
+            for name, dst in self.slots.items():
+                dst[slot].copy_(self.slow[name][expert])
+            return
+        with torch.cuda.stream(self.stream):
+            for name, dst in self.slots.items():
+                dst[slot].copy_(self.slow[name][expert], non_blocking=True)
+        self.stream.synchronize()
+
+
+class _Runtime:
+    """All layers' caches, the prefetch thread and the counters."""
+
+    def __init__(self, config: OffloadConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.layers: list[_Layer] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvkit-prefetch") \
+            if config.policy == "lookahead" else None
+        self.lock = threading.Lock()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.counts = {"hits": 0, "misses": 0, "prefetch_issued": 0, "prefetch_useful": 0,
+                       "bytes_moved": 0, "stall_s": 0.0, "calls": 0}
+
+    # victim: a slot not needed now, not in flight; unpredicted ones first, then LRU
+    def _victim(self, layer: _Layer, protect: set[int]) -> int | None:
+        for slot in [s for s, f in layer.loading.items() if f.done()]:
+            layer.loading.pop(slot).result()       # finished copies free their slot (or raise)
+        free = [s for s in range(layer.capacity) if layer.expert_in[s] is None]
+        if free:
+            return free[0]
+        best = None
+        for slot in layer.lru:                         # least recent first
+            e = layer.expert_in[slot]
+            if e in protect or slot in layer.loading:
+                continue
+            if self.config.policy == "lookahead" and e in layer.predicted:
+                best = slot if best is None else best
+                continue
+            return slot
+        return best
+
+    def _assign(self, layer: _Layer, slot: int, expert: int) -> None:
+        old = layer.expert_in[slot]
+        if old is not None:
+            del layer.slot_of[old]
+        layer.prefetched.discard(slot)
+        layer.expert_in[slot] = expert
+        layer.slot_of[expert] = slot
+        layer.lru[slot] = None
+        layer.lru.move_to_end(slot)
+
+    def prefetch(self, layer: _Layer, experts: list[int]) -> None:
+        """Start background copies of predicted experts (main thread does all bookkeeping)."""
+        if self.pool is None:
+            return
+        layer.predicted = set(experts)
+        for e in experts:
+            if e in layer.slot_of:
+                continue
+            slot = self._victim(layer, layer.predicted)
+            if slot is None:
+                return
+            self._assign(layer, slot, e)
+            layer.lru.move_to_end(slot, last=False)   # not used yet: do not look recent
+            layer.prefetched.add(slot)
+            layer.loading[slot] = self.pool.submit(layer.copy_in, slot, e)
+            self.counts["prefetch_issued"] += 1
+            self.counts["bytes_moved"] += layer.expert_bytes
+
+    def ensure(self, layer: _Layer, experts: list[int]) -> dict[int, int]:
+        """Make `experts` resident (waiting or loading as needed): expert -> slot."""
+        t0 = time.perf_counter()
+        need = set(experts)
+        assert len(need) <= layer.capacity, "callers stream experts that do not fit"
+        stalled = False
+        for e in experts:
+            slot = layer.slot_of.get(e)
+            if slot is not None:
+                fut = layer.loading.pop(slot, None)
+                if fut is not None:
+                    stalled = stalled or not fut.done()
+                    fut.result()
+                self.counts["hits"] += 1
+                if slot in layer.prefetched:
+                    self.counts["prefetch_useful"] += 1
+                    layer.prefetched.discard(slot)
+            else:
+                slot = self._victim(layer, need)
+                while slot is None:          # every other slot is in flight: wait for one
+                    s, fut = next(iter(layer.loading.items()))
+                    fut.result()
+                    layer.loading.pop(s)
+                    slot = self._victim(layer, need)
+                self._assign(layer, slot, e)
+                layer.copy_in(slot, e)
+                stalled = True
+                self.counts["misses"] += 1
+                self.counts["bytes_moved"] += layer.expert_bytes
+            layer.lru.move_to_end(slot)
+        layer.predicted = set()
+        if stalled:
+            self.counts["stall_s"] += time.perf_counter() - t0
+        return {e: layer.slot_of[e] for e in need}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
+# -- transformers fused experts ----------------------------------------------------------------
+class OffloadedExperts(nn.Module):
+    """Drop-in for a transformers 5 `*Experts` module whose weights live in a slow tier."""
+
+    def __init__(self, original: nn.Module, layer: _Layer, runtime: _Runtime,
+                 predictors: list[tuple[Callable[[torch.Tensor], torch.Tensor], _Layer]]) -> None:
+        super().__init__()
+        self.num_experts = original.num_experts
+        self.act_fn = original.act_fn
+        self.has_bias = getattr(original, "has_bias", False)
+        self._layer, self._runtime, self._predictors = layer, runtime, predictors
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        rt, layer = self._runtime, self._layer
+        with torch.no_grad():   # lookahead: later layers' routers on this input
+            for route, later in self._predictors:
+                rt.prefetch(later, torch.unique(route(hidden_states)).tolist())
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        hit = [int(e) for e in expert_hit[:, 0].tolist() if e != self.num_experts]
+        fits = len(hit) <= layer.capacity     # else (long prefill) stream experts one by one
+        slot = rt.ensure(layer, hit) if fits else {}
+        gate_up, down = layer.slots["gate_up_proj"], layer.slots["down_proj"]
+        for expert_idx in hit:
+            if not fits:
+                slot = rt.ensure(layer, [expert_idx])
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]
+            gate, up = nn.functional.linear(current_state, gate_up[slot[expert_idx]]).chunk(2, dim=-1)
+            current_hidden_states = self.act_fn(gate) * up
+            current_hidden_states = nn.functional.linear(current_hidden_states, down[slot[expert_idx]])
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+def _is_hf_experts(m: nn.Module) -> bool:
+    gu, dp = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    return isinstance(gu, torch.Tensor) and isinstance(dp, torch.Tensor) and gu.dim() == 3 \
+        and dp.dim() == 3 and hasattr(m, "num_experts") and not getattr(m, "has_bias", False)
+
+
+def _is_readme_mlp(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("w_gate", "w_up", "w_down", "experts_forward", "pending"))
+
+
+# -- Read-ME MLPs ------------------------------------------------------------------------------
+def _readme_experts_forward(mlp: nn.Module, layer: _Layer, runtime: _Runtime,
+                            later: list[tuple[nn.Module, _Layer]]) -> Callable:
+    """Same computation as ReadMEMLP.experts_forward, weights from the fast-tier slots."""
+
+    def experts_forward(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if mlp.mode == "oracle":
+            raise NotImplementedError("offloaded Read-ME: oracle routing reads every expert; "
+                                      "use set_router('pregate') or 'layer'")
+        if mlp.mode == "pregate":           # exact lookahead: later layers already routed
+            for other, other_layer in later:
+                if other.pending is not None:
+                    runtime.prefetch(other_layer, torch.unique(other.pending).tolist())
+        n, k = idx.shape
+        if mlp.shared.numel():
+            out = (mlp.act_fn(x @ mlp.s_gate.T) * (x @ mlp.s_up.T)) @ mlp.s_down.T
+        else:
+            out = x.new_zeros(x.shape)
+        flat = idx.reshape(-1)  # [N*k]
+        order = flat.argsort(stable=True)
+        tokens = torch.arange(n, device=x.device).repeat_interleave(k)[order]
+        counts = torch.bincount(flat, minlength=mlp.num_experts).tolist()
+        used = [e for e, c in enumerate(counts) if c]
+        fits = len(used) <= layer.capacity    # else (long prefill) stream experts one by one
+        slot = runtime.ensure(layer, used) if fits else {}
+        wg, wu, wd = layer.slots["w_gate"], layer.slots["w_up"], layer.slots["w_down"]
+        lo = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            if not fits:
+                slot = runtime.ensure(layer, [e])
+            t = tokens[lo:lo + c]
+            lo += c
+            xe = x[t]
+            h = mlp.act_fn(xe @ wg[slot[e]].T) * (xe @ wu[slot[e]].T)
+            out = out.index_add(0, t, h @ wd[slot[e]].T)
+        return out
+
+    return experts_forward
+
+
+# -- entry point -------------------------------------------------------------------------------
+class OffloadHandle:
+    """What `offload()` returns: counters, and `close()` to stop the prefetch thread and remove
+    a temporary slow-tier file."""
+
+    def __init__(self, runtime: _Runtime, path: Path | None, temp: bool, kind: str,
+                 mmap: Any) -> None:
+        self._rt, self.path, self._temp, self.kind, self._mmap = runtime, path, temp, kind, mmap
+        self._reported = dict(runtime.counts)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._rt.layers)
+
+    def stats(self) -> dict[str, Any]:
+        c = dict(self._rt.counts)
+        acc = c["hits"] + c["misses"]
+        c.update(hit_rate=c["hits"] / acc if acc else 0.0, layers=self.num_layers,
+                 capacity=self._rt.config.capacity, policy=self._rt.config.policy,
+                 kind=self.kind, fast_tier_bytes=self.fast_tier_bytes())
+        return c
+
+    def fast_tier_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for l in self._rt.layers for t in l.slots.values())
+
+    def reset_stats(self) -> None:
+        self._rt.reset_stats()
+        self._reported = dict(self._rt.counts)
+
+    def record_metrics(self) -> None:
+        """Send the counters since the last call to kvkit.metrics (if available)."""
+        from kvkit.moe.cache import record_metrics
+
+        c, r = self._rt.counts, self._reported
+        record_metrics(f"offload-{self._rt.config.policy}", c["hits"] - r["hits"],
+                       c["misses"] - r["misses"], c["bytes_moved"] - r["bytes_moved"],
+                       c["prefetch_issued"] - r["prefetch_issued"],
+                       c["prefetch_useful"] - r["prefetch_useful"])
+        self._reported = dict(c)
+
+    def close(self) -> None:
+        self._rt.close()
+        if self._rt.config.record_metrics:
+            self.record_metrics()
+        self._mmap = None
+        if self._temp and self.path is not None and self.path.exists():
+            try:
+                os.unlink(self.path)
+            except OSError:
+                logger.warning("could not remove %s", self.path)
+
+    def __enter__(self) -> "OffloadHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def offload(model: nn.Module, config: OffloadConfig | None = None) -> OffloadHandle:
+    """Move every MoE layer's experts of `model` to a slow tier behind a fast-tier cache.
+
+    The model is changed in place (its expert parameters are replaced; they live only in the
+    slow tier afterwards) and keeps computing the same outputs.
+
+    Raises:
+        NotImplementedError: no supported MoE experts found in `model`.
+    """
+    config = config or OffloadConfig()
+    device = _device_of(model)
+    tier = config.slow_tier if config.slow_tier != "auto" else (
+        "host" if device.type == "cuda" else "file")
+    hf = [(name, m) for name, m in model.named_modules() if _is_hf_experts(m)]
+    readme = [(name, m) for name, m in model.named_modules() if _is_readme_mlp(m)]
+    if not hf and not readme:
+        raise NotImplementedError(
+            "offload: no supported MoE experts in this model; supported are transformers 5 "
+            "fused experts (gate_up_proj/down_proj [E, ...], e.g. Mixtral, Qwen2-MoE, OLMoE) "
+            "and kvkit.moe.readme ReadMEMLP modules")
+    found = hf if hf else readme
+    params = ("gate_up_proj", "down_proj") if hf else ("w_gate", "w_up", "w_down")
+    tensors = {f"{i}.{p}": getattr(m, p).data for i, (_, m) in enumerate(found) for p in params}
+    mm, path, temp = None, None, False
+    if tier == "file":
+        if config.path is None:
+            fd, name = tempfile.mkstemp(prefix="kvkit-experts-", suffix=".safetensors")
+            os.close(fd)
+            path, temp = Path(name), True
+        else:
+            path = Path(config.path)
+        _write_safetensors(path, tensors)
+        mm, slow = _mmap_safetensors(path)
+    else:
+        pin = device.type == "cuda"
+        slow = {k: (v.cpu().pin_memory() if pin else v.detach().cpu().clone())
+                for k, v in tensors.items()}
+    del tensors
+    rt = _Runtime(config, device)
+    for i in range(len(found)):
+        rt.layers.append(_Layer(i, {p: slow[f"{i}.{p}"] for p in params}, config.capacity, device))
+    modules = dict(model.named_modules())
+    for i, (name, m) in enumerate(found):
+        if hf:
+            parent = modules[name.rsplit(".", 1)[0]] if "." in name else model
+            preds = []
+            for d in range(1, config.predict_distance + 1):
+                if i + d < len(found):
+                    later_name = found[i + d][0]
+                    later_parent = modules[later_name.rsplit(".", 1)[0]]
+                    gate = getattr(later_parent, "gate", None)
+                    if callable(gate):
+                        preds.append((lambda h, g=gate: g(h)[2], rt.layers[i + d]))
+            new = OffloadedExperts(m, rt.layers[i], rt, preds if config.policy == "lookahead"
+                                   else [])
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+        else:
+            later = [(found[j][1], rt.layers[j]) for j in range(i + 1, len(found))] \
+                if config.policy == "lookahead" else []
+            m.experts_forward = _readme_experts_forward(m, rt.layers[i], rt, later)
+            for p in params:    # free the fast-tier copies: the slow tier has them
+                setattr(m, p, nn.Parameter(torch.empty(0, device=device), requires_grad=False))
+    kind = "transformers-experts" if hf else "readme"
+    logger.info("kvkit.moe.offload: %d %s layers -> %s tier, %d experts/layer cached (%s)",
+                len(found), kind, tier, config.capacity, config.policy)
+    return OffloadHandle(rt, path, temp, kind, mm)
