@@ -1,4 +1,4 @@
-"""The `kvkit` command: demo, passkey, ppl, policies, dashboard, moe.
+"""The `kvkit` command: demo, passkey, ppl, policies, identify-heads, dashboard, moe.
 
     kvkit demo                                  passkey at ~2.4K tokens, dense vs streaming
     kvkit passkey --policy streaming --param window=512 --ctx 4800 --samples 6
@@ -178,6 +178,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppl)
     p = sub.add_parser("policies", help="list the registered policies")
     p.set_defaults(func=cmd_policies)
+    from kvkit.policies.duo_train import register_cli as add_identify_heads
+    add_identify_heads(sub)  # kvkit identify-heads MODEL: DuoAttention's retrieval heads
     p = sub.add_parser("dashboard", help="live web dashboard of kvkit_* metrics", add_help=False)
     p.set_defaults(func=None)
     moe = sub.add_parser("moe", help="MoE expert scheduling and the Read-ME model")

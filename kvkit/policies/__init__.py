@@ -20,6 +20,12 @@ from kvkit.policies.evictors.none import NoEvictor  # noqa: E402
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor  # noqa: E402
 from kvkit.policies.selectors.full import FullSelector  # noqa: E402
 # -- more built-in policy modules: one import line each, below --
+from kvkit.policies.selectors import quest as _quest  # noqa: E402,F401  (quest, lserve)
+from kvkit.policies.selectors import tidal as _tidal  # noqa: E402,F401  (tidal)
+from kvkit.policies.evictors import h2o as _h2o  # noqa: E402,F401  (h2o, a2sf)
+from kvkit.policies import duo as _duo  # noqa: E402,F401  (duo: DuoAttention heads)
+from kvkit.policies.codecs import gear as _gear  # noqa: E402,F401  (gear, kivi)
+from kvkit.policies.codecs import cskv as _cskv  # noqa: E402,F401  (cskv)
 
 __all__ = ["Policy", "Rule", "Selector", "Evictor", "Codec", "component", "register", "get", "names",
            "FullSelector", "NoEvictor", "SinkWindowEvictor", "PlainCodec", "Int8Codec"]

@@ -48,7 +48,8 @@ class Selector:
 
     def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
                heads: Sequence[int]) -> Selection:
-        """q: `[B, Hq, D]` (all query heads of the layer); returns pages for `heads`: `[B, len(heads), P]`."""
+        """q: `[B, len(heads) * G, D]`, the query heads of the KV heads served (in `heads` order);
+        returns their pages: `[B, len(heads), P]`."""
         raise NotImplementedError
 
 
@@ -194,7 +195,11 @@ class Policy:
         groups = self.selectors(layer, store.num_kv_heads)
         if len(groups) == 1:
             return groups[0][0].select(store, seqs, layer, q, groups[0][1])
-        parts = [(heads, sel.select(store, seqs, layer, q, heads)) for sel, heads in groups]
+        G = q.shape[1] // store.num_kv_heads
+        B, D = q.shape[0], q.shape[-1]
+        qh = q.view(B, store.num_kv_heads, G, D)  # each selector sees only its heads' queries
+        parts = [(heads, sel.select(store, seqs, layer, qh[:, heads].reshape(B, -1, D), heads))
+                 for sel, heads in groups]
         width = max(s.pages.shape[-1] for _, s in parts)
         pages = torch.full((len(seqs), store.num_kv_heads, width), -1, dtype=torch.int64, device=q.device)
         masked = any(s.slot_mask is not None for _, s in parts)

@@ -105,3 +105,21 @@ def test_int8_codec_meets_error_bound_and_stores_fewer_bytes():
 def test_int8_group_size_must_divide_head_dim():
     with pytest.raises(ValueError, match="group_size=48 must divide head_dim=64"):
         policies.get("int8", group_size=48).make_store(1, 1, 64)
+
+
+def test_each_selector_sees_the_queries_of_its_own_heads():
+    seen = {}
+
+    class Recording(FullSelector):
+        def select(self, store, seqs, layer, q, heads):
+            seen[tuple(heads)] = q.clone()
+            return super().select(store, seqs, layer, q, heads)
+
+    p = Policy(selector=Recording(), rules=(Rule(heads=(1,), selector=FullSelector()),))
+    store = p.make_store(1, 3, 4, dtype=torch.float32)
+    seq = store.add_sequence()
+    store.append(seq, 0, torch.randn(5, 3, 4), torch.randn(5, 3, 4))
+    q = torch.arange(6 * 4, dtype=torch.float32).view(1, 6, 4)  # 1 seq, 6 query heads, G = 2
+    sel = p.select(store, [seq], 0, q)
+    assert torch.equal(seen[(0, 2)], q[:, [0, 1, 4, 5]])  # query heads of KV heads 0 and 2
+    assert sel.pages.shape == (1, 3, 1)

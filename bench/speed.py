@@ -1,0 +1,274 @@
+"""Decode attention time per step at long context: dense vs page/token selection, same run.
+
+Question: at 8K context with a 1K-token budget per KV head, how much faster is one decode step
+of attention with Quest / LServe / TidalDecode selection (scoring and top-k included) than the
+fastest dense decode this CPU has? SmolLM2 geometry: 30 layers, 9 query heads, 3 KV heads,
+head_dim 64, batch 1.
+
+Two paths are timed for the selectors:
+- `kernel`: what a serving engine runs. The page table is a tensor (as vLLM/flashinfer keep
+  block tables); scoring is kvkit's own `quest_scores` / `LServeSelector._two_level_scores` /
+  Tidal's softmax mass, then `top_pages`, then `kvkit.attention.fast.sparse_decode_fast` over
+  the store's own page pool. The dense baseline is the fastest of plain matmul-softmax (fp32,
+  bf16) and SDPA (fp32, bf16) over contiguous K/V.
+- `library`: `policy.select(store, ...)` + `kvkit.attention.decode` exactly as KVKitCache runs
+  them (page tables built from Python lists, float32 reference attention), against
+  `FullSelector` + the same decode. Reported for transparency.
+
+    OMP_NUM_THREADS=1 python bench/speed.py --context 8192 --budget 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvkit import PagedKVStore, policies
+from kvkit.attention import decode
+from kvkit.attention.fast import dense_decode_fast, quest_decode_fast, sparse_decode_fast
+from kvkit.policies.selectors.quest import LServeSelector, forced_from_positions, quest_scores, top_pages
+
+HQ, HKV, D, LAYERS = 9, 3, 64, 30
+RESULTS = Path(__file__).parent / "results"
+
+
+def timeit(fn, warmup: int, reps: int) -> dict[str, float]:
+    """Median and p90 of wall time and of this thread's CPU time (`time.thread_time`), in ms.
+
+    On a shared machine the wall time includes waiting for a core; the thread's CPU time counts
+    only the work done (with one torch thread, all of it happens on this thread)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.thread_time()
+        fn()
+        cpu.append((time.thread_time() - c) * 1e3)
+        wall.append((time.perf_counter() - t) * 1e3)
+    wall.sort()
+    cpu.sort()
+    p90 = min(reps - 1, int(0.9 * reps))
+    return {"ms_p50": statistics.median(cpu), "ms_p90": cpu[p90],
+            "wall_ms_p50": statistics.median(wall), "wall_ms_p90": wall[p90]}
+
+
+def build(context: int, page_size: int, dtype: torch.dtype, layers: int, seed: int = 0):
+    """A store holding `context` tokens in each of `layers` layers, and the same K/V contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    store = PagedKVStore(layers, HKV, D, page_size=page_size, dtype=dtype, key_bounds=True)
+    seq = store.add_sequence()
+    dense = []
+    for layer in range(layers):
+        # keys with a per-channel offset, as RoPE'd keys have; values plain
+        k = torch.randn(context, HKV, D, generator=g) + torch.randn(1, HKV, D, generator=g) * 2
+        v = torch.randn(context, HKV, D, generator=g)
+        store.append(seq, layer, k, v)
+        dense.append((k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous()))
+    return store, seq, dense
+
+
+def machine() -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            return ""
+    return {"device": "cpu", "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
+            platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0],
+            "shared": "2 cores shared by ~6 concurrent sessions; timings are noisy",
+            "git": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=200, help="timed repetitions per layer case")
+    ap.add_argument("--step-reps", type=int, default=20, help="timed repetitions of a 30-layer step")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS / "speed"))
+    args = ap.parse_args(argv)
+    if args.context % args.page_size:
+        ap.error("--context must be a multiple of --page-size (the lean paths then need no slot mask)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ctx, S = args.context, args.page_size
+    budget_pages = args.budget // S
+    q = torch.randn(1, HQ, D)
+    lengths = torch.tensor([ctx])
+    sink, window = 4, 32
+    rows: list[dict] = []
+
+    def row(path, policy, dtype, scope, t, **extra):
+        rows.append({"path": path, "policy": policy, "dtype": str(dtype).replace("torch.", ""), "scope": scope,
+                     "context": ctx, "budget": None if policy.startswith("dense") else args.budget,
+                     "decode_ms_p50": round(t["ms_p50"], 4), "decode_ms_p90": round(t["ms_p90"], 4),
+                     "wall_ms_p50": round(t["wall_ms_p50"], 4), "wall_ms_p90": round(t["wall_ms_p90"], 4), **extra})
+        print(f"{path:8s} {scope:6s} {policy:14s} {rows[-1]['dtype']:9s} cpu p50 {t['ms_p50']:.4f} p90 {t['ms_p90']:.4f} "
+              f"| wall p50 {t['wall_ms_p50']:.4f} p90 {t['wall_ms_p90']:.4f} ms", flush=True)
+
+    # ---- one layer, kernel path ------------------------------------------------------------
+    for dtype in (torch.float32, torch.bfloat16):
+        store, seq, dense = build(ctx, S, dtype, 1)
+        k, v = dense[0][0].to(dtype), dense[0][1].to(dtype)
+        kp, vp = store.storage(0).k, store.storage(0).v
+        table = store.page_tables([seq], 0)  # [1, Hkv, P]
+        kmin, kmax = store.key_bounds(0)
+        slot_pos = store.slot_positions(0)
+
+        row("kernel", "dense_matmul", dtype, "layer", timeit(lambda: dense_decode_fast(q, k, v), args.warmup, args.reps))
+        row("kernel", "dense_sdpa", dtype, "layer", timeit(
+            lambda: F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, enable_gqa=True), args.warmup, args.reps))
+
+        def quest_step():  # the lean fused path (same pages as QuestSelector, tested)
+            return quest_decode_fast(q, kp, vp, kmin, kmax, table, [ctx], budget_pages, sink, window)
+
+        def quest_generic():  # the library's scoring functions + the generic sparse decode
+            scores = quest_scores(q, kmin, kmax, table, slot_pos, lengths, sink, window, "max")
+            return sparse_decode_fast(q, kp, vp, top_pages(scores, table, budget_pages), slot_pos >= 0)
+        row("kernel", "quest", dtype, "layer", timeit(quest_step, args.warmup, args.reps))
+        row("kernel", "quest_generic", dtype, "layer", timeit(quest_generic, args.warmup, args.reps))
+
+        lsel = LServeSelector(budget=args.budget, sink=sink, window=window, group=4, coarse=2, reuse_steps=4)
+        cached = {}
+
+        def lserve_refresh():
+            forced = forced_from_positions(slot_pos, table, lengths, sink, window)
+            scores = torch.where(forced != 0, forced, lsel._two_level_scores(store, 0, q, table, budget_pages))
+            cached["pages"] = top_pages(scores, table, budget_pages)
+            return sparse_decode_fast(q, kp, vp, cached["pages"])  # context % page_size == 0: all slots full
+
+        def lserve_reuse():  # the kept pages; the newest page is among them (it is a window page)
+            return sparse_decode_fast(q, kp, vp, cached["pages"])
+        t_ref = timeit(lserve_refresh, args.warmup, args.reps)
+        t_reuse = timeit(lserve_reuse, args.warmup, args.reps)
+        n = lsel.reuse_steps
+        row("kernel", "lserve", dtype, "layer",
+            {k2: (t_ref[k2] + (n - 1) * t_reuse[k2]) / n for k2 in t_ref},  # p90 of the mix: approximate
+            refresh_ms_p50=round(t_ref["ms_p50"], 4), reuse_ms_p50=round(t_reuse["ms_p50"], 4), reuse_steps=n)
+
+        # TidalDecode, a reuse layer: gather the chosen positions' slots, attend over them
+        chosen = torch.randperm(ctx)[:args.budget].sort().values
+
+        def tidal_reuse():
+            slots = (table[0][:, chosen // S] * S + chosen % S).view(-1)  # [Hkv*K] flat slot ids
+            kk = kp.view(-1, D).index_select(0, slots).view(1, HKV, -1, D)
+            vv = vp.view(-1, D).index_select(0, slots).view(1, HKV, -1, D)
+            return dense_decode_fast(q, kk, vv)
+
+        def tidal_select():  # a selection layer: full attention plus the top-K positions
+            qg = (q.view(1, HKV, 3, D) * D ** -0.5).to(k.dtype)
+            probs = torch.softmax((qg @ k.transpose(-1, -2)).float(), -1)
+            out = (probs.to(v.dtype) @ v).view(1, HQ, D)
+            probs.sum((1, 2))[0].topk(args.budget)
+            return out
+        t_tr = timeit(tidal_reuse, args.warmup, args.reps)
+        t_ts = timeit(tidal_select, args.warmup, args.reps)
+        row("kernel", "tidal_reuse", dtype, "layer", t_tr)
+        row("kernel", "tidal_select", dtype, "layer", t_ts)
+
+    # ---- one layer, library path (bf16 store, as KVKitCache with a bf16 model) ----------------
+    store, seq, _ = build(ctx, S, torch.bfloat16, 1)
+    for name, pol in (("dense", policies.get("dense")),
+                      ("quest", policies.get("quest", budget=args.budget, dense_layers=0)),
+                      ("lserve", policies.get("lserve", budget=args.budget, dense_layers=0))):
+        def lib_step(pol=pol):
+            sel = pol.select(store, [seq], 0, q)
+            return decode(q.to(torch.bfloat16), store, [seq], 0, sel)
+        row("library", name, torch.bfloat16, "layer", timeit(lib_step, 3, max(10, args.reps // 10)))
+
+    # ---- one decode step over 30 layers, kernel path, bf16 and fp32 -----------------------------
+    for dtype in (torch.float32, torch.bfloat16):
+        store, seq, dense = build(ctx, S, dtype, LAYERS, seed=1)
+        dense = [(k.to(dtype), v.to(dtype)) for k, v in dense]
+        tables = [store.page_tables([seq], layer) for layer in range(LAYERS)]
+        bounds = [store.key_bounds(layer) for layer in range(LAYERS)]
+        pools = [(store.storage(layer).k, store.storage(layer).v, store.slot_positions(layer)) for layer in range(LAYERS)]
+
+        def dense_all():
+            for k, v in dense:
+                dense_decode_fast(q, k, v)
+
+        def quest_all(dense_layers=2):
+            for layer in range(LAYERS):
+                if layer < dense_layers:
+                    dense_decode_fast(q, *dense[layer])
+                    continue
+                kp, vp, _ = pools[layer]
+                quest_decode_fast(q, kp, vp, *bounds[layer], tables[layer], [ctx], budget_pages, sink, window)
+        def sdpa_all():
+            for k, v in dense:
+                F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, enable_gqa=True)
+        row("kernel", "dense_matmul", dtype, "step", timeit(dense_all, 3, args.step_reps))
+        row("kernel", "dense_sdpa", dtype, "step", timeit(sdpa_all, 3, args.step_reps))
+        row("kernel", "quest", dtype, "step", timeit(quest_all, 3, args.step_reps), dense_layers=2)
+        del store, dense
+
+    # ---- ratios against the fastest dense of the same scope, same run ------------------------
+    for scope in ("layer", "step"):
+        base = min((r for r in rows if r["scope"] == scope and r["path"] == "kernel" and r["policy"].startswith("dense")),
+                   key=lambda r: r["decode_ms_p50"])
+        for r in rows:
+            if r["scope"] == scope and r["path"] == "kernel":
+                r["speedup_vs_fastest_dense"] = round(base["decode_ms_p50"] / r["decode_ms_p50"], 2)
+                wall_base = min(x["wall_ms_p50"] for x in rows if x["scope"] == scope and x["path"] == "kernel"
+                                and x["policy"].startswith("dense"))
+                r["wall_speedup_vs_fastest_dense"] = round(wall_base / r["wall_ms_p50"], 2)
+                r["fastest_dense"] = f"{base['policy']} {base['dtype']}"
+    lib_dense = next(r for r in rows if r["path"] == "library" and r["policy"] == "dense")
+    for r in rows:
+        if r["path"] == "library":
+            r["speedup_vs_library_dense"] = round(lib_dense["decode_ms_p50"] / r["decode_ms_p50"], 2)
+
+    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python " + " ".join(
+        [str(Path(sys.argv[0]).as_posix())] + (argv if argv is not None else sys.argv[1:]))
+    result = {"bench": "speed", "command": command, "machine": machine(),
+              "geometry": {"layers": LAYERS, "num_qo_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
+                           "page_size": S, "batch": 1, "sink": sink, "window": window},
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    md = [f"decode attention, context {ctx}, budget {args.budget} tokens/KV head, page {S} — "
+          f"cpu, {torch.get_num_threads()} thread(s), torch {torch.__version__}, git {result['machine']['git']}"
+          f"{' (dirty)' if result['machine']['dirty'] else ''}; machine shared by ~6 sessions "
+          f"(load {result['machine']['load_avg_1m_at_start']:.1f}), timings noisy",
+          "", f"`{command}`", "",
+          "| path | scope | policy | dtype | CPU ms p50 | CPU ms p90 | vs fastest dense (CPU) | wall ms p50 | vs fastest dense (wall) |",
+          "|------|-------|--------|-------|------------|------------|------------------------|-------------|-------------------------|"]
+    for r in rows:
+        ratio = r.get("speedup_vs_fastest_dense", r.get("speedup_vs_library_dense"))
+        wratio = r.get("wall_speedup_vs_fastest_dense")
+        md.append(f"| {r['path']} | {r['scope']} | {r['policy']} | {r['dtype']} | {r['decode_ms_p50']:.4f} | "
+                  f"{r['decode_ms_p90']:.4f} | {ratio:.2f}x | {r['wall_ms_p50']:.4f} | "
+                  f"{'' if wratio is None else f'{wratio:.2f}x'} |")
+    md.append("")
+    md.append("Times are this thread's CPU time (`time.thread_time`, one torch thread), which leaves out the time the "
+              "shared machine gave to other sessions; wall times are beside them. "
+              "The fastest dense is the fastest of matmul-softmax and SDPA in fp32 and bf16 over contiguous K/V.")
+    md.append("`layer`: one layer; `step`: 30 layers (quest: first 2 dense). `library` rows compare against "
+              "the library's own dense path (FullSelector + kvkit.attention.decode), not the fastest dense. "
+              "lserve = (one refresh + 3 reuse steps) / 4; tidal_select = a selection layer (full attention + top-K), "
+              "tidal_reuse = a layer reading the chosen 1K tokens.")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        raise SystemExit(main())

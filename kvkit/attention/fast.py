@@ -1,0 +1,124 @@
+"""A fast CPU decode path over a dense page pool: one gather, two matmuls, no per-slot copies.
+
+`kvkit.attention.decode` reads pages through the layer's storage (any codec) and runs the
+float32 reference; that is the definition, but at one query per head the per-op overhead and
+the float32 upcast of every gathered key cost more than the attention itself. This path takes
+the pool tensors of a plain (dense) storage directly, gathers the selected pages with one
+`index_select` per K and V, and computes in the pool's dtype (bf16 matmuls are the fastest
+dense decode on this CPU, see FACTS.md) with a float32 softmax. It is tested against
+`kvkit.attention.ref.sparse_decode_ref`.
+
+Shapes: B sequences, Hq/Hkv query/KV heads, G = Hq // Hkv, P pages per list, S page_size,
+D head_dim, N pages in the pool, T tokens per list.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       page_table: torch.Tensor, slot_valid: torch.Tensor | None = None,
+                       scale: float | None = None, slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention over the listed pages of a dense pool, computed in the pool's dtype.
+
+    q: `[B, Hq, D]`; k_cache, v_cache: `[N, S, D]`; page_table: `[B, Hkv, P]` int64, -1 padded;
+    slot_valid: `[N, S]` bool, None when every listed slot holds a token; slot_mask: optional
+    `[B, Hkv, P, S]` bool. Returns `[B, Hq, D]` in q's dtype (zeros for an empty selection).
+    Same semantics as `sparse_decode_ref`, bf16 rounding aside.
+    """
+    B, Hq, D = q.shape
+    Hkv, P = page_table.shape[1], page_table.shape[2]
+    S = k_cache.shape[1]
+    scale = scale if scale is not None else D ** -0.5
+    flat = page_table.reshape(-1)
+    idx = flat.clamp(min=0)
+    k = k_cache.index_select(0, idx).view(B, Hkv, P * S, D)  # one copy of the selected pages
+    v = v_cache.index_select(0, idx).view(B, Hkv, P * S, D)
+    qg = (q.view(B, Hkv, Hq // Hkv, D) * scale).to(k.dtype)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # [B, Hkv, G, P*S]
+    valid = (flat >= 0).view(B, Hkv, P, 1)
+    if slot_valid is not None:
+        valid = valid & slot_valid.index_select(0, idx).view(B, Hkv, P, S)
+    if slot_mask is not None:
+        valid = valid & slot_mask
+    if slot_valid is not None or slot_mask is not None or bool((flat < 0).any()):
+        scores.masked_fill_(~valid.expand(B, Hkv, P, S).reshape(B, Hkv, 1, P * S), -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
+    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hkv, G, D]
+    return out.view(B, Hq, D).to(q.dtype)
+
+
+def dense_decode_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float | None = None) -> torch.Tensor:
+    """Plain matmul-softmax decode over contiguous K/V: the dense baseline to beat.
+
+    q: `[B, Hq, D]`; k, v: `[B, Hkv, T, D]`. Computes in k's dtype, softmax in float32.
+    """
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    scale = scale if scale is not None else D ** -0.5
+    qg = (q.view(B, Hkv, Hq // Hkv, D) * scale).to(k.dtype)
+    probs = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(v.dtype), v).view(B, Hq, D).to(q.dtype)
+
+
+def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                      seq_lens: list[int], budget_pages: int, sink: int = 4, window: int = 32,
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest selection (reduce="max") and decode over it in one lean pass, for pages that were
+    never evicted (a head's list is in position order: entry j holds positions j*S .. j*S+S-1).
+
+    q: `[B, Hq, D]`; k_cache, v_cache: `[N, S, D]`; key_min, key_max: `[N, D]`;
+    page_table: `[B, Hkv, P]` (row b valid for its first ceil(seq_lens[b] / S) entries);
+    seq_lens: tokens per sequence, on the host (as serving engines keep them).
+    Returns out `[B, Hq, D]` and the chosen list entries `[B, Hkv, K]`. Chooses the same pages
+    as `QuestSelector(reduce="max")` on such a store (tested), with ~half the torch ops of
+    `quest_scores` + `top_pages` + `sparse_decode_fast`, since sinks, window and validity
+    follow from seq_lens instead of per-slot positions.
+    """
+    B, Hq, D = q.shape
+    Hkv, P = page_table.shape[1], page_table.shape[2]
+    S = k_cache.shape[1]
+    G = Hq // Hkv
+    scale = scale if scale is not None else D ** -0.5
+    # Few, fused torch ops: at one query per head the per-op overhead is what costs.
+    used = [-(-n // S) for n in seq_lens]
+    flat = page_table.reshape(-1)
+    if any(u < P for u in used):  # padded lists: -1 entries
+        flat = flat.clamp(min=0)
+    qf = q.view(B * Hkv, G, D).float() * scale  # a positive scale does not change the ranking
+    # sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo, then max over the group's heads
+    N = key_min.shape[0]
+    if 2 * flat.numel() >= N:  # the batch owns most of the pool: score every page, no gather copy
+        qa = qf.view(B * Hq, D)
+        every = torch.addmm(qa.clamp(min=0) @ key_max.T, qa.clamp(max=0), key_min.T)  # [B*Hq, N]
+        every = every.view(B * Hkv, G, N).amax(1)  # [B*Hkv, N]
+        score = every.gather(1, flat.view(B * Hkv, P)).view(B, Hkv, P)
+    else:
+        lo = key_min.index_select(0, flat).view(B * Hkv, P, D)
+        hi = key_max.index_select(0, flat).view(B * Hkv, P, D)
+        score = torch.baddbmm(torch.bmm(qf.clamp(min=0), hi.transpose(1, 2)), qf.clamp(max=0), lo.transpose(1, 2))
+        score = score.amax(1).view(B, Hkv, P)
+    sink_pages = -(-sink // S)
+    for b, n in enumerate(seq_lens):
+        if used[b] < P:
+            score[b, :, used[b]:] = -math.inf
+        score[b, :, max(0, n - window) // S:used[b]] = math.inf
+        score[b, :, :min(sink_pages, used[b])] = torch.finfo(torch.float32).max
+    k = min(budget_pages, P)
+    top = score.topk(k, dim=-1, sorted=False).indices  # [B, Hkv, K] list entries
+    pages = page_table.gather(-1, top).view(-1)
+    kk = k_cache.index_select(0, pages).view(B * Hkv, k * S, D)
+    vv = v_cache.index_select(0, pages).view(B * Hkv, k * S, D)
+    att = torch.bmm(qf.to(kk.dtype), kk.transpose(1, 2))  # [B*Hkv, G, K*S]
+    if any(n % S or u < k for n, u in zip(seq_lens, used)):  # a partial newest page, or padding picked
+        pos = (top * S)[..., None] + torch.arange(S, device=q.device)  # [B, Hkv, K, S] positions
+        lens = torch.tensor(seq_lens, device=q.device).view(B, 1, 1, 1)
+        att = att.float().masked_fill_((pos >= lens).view(B * Hkv, 1, k * S), -math.inf)
+    probs = torch.softmax(att, dim=-1, dtype=torch.float32)
+    out = torch.bmm(probs.to(vv.dtype), vv).view(B, Hq, D).to(q.dtype)
+    return out, top

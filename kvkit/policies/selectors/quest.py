@@ -1,0 +1,306 @@
+"""Query-aware page selection: Quest (arXiv:2406.10774) and LServe's two-level variant
+(arXiv:2502.14866).
+
+Every page keeps the per-channel min and max of its keys (`PagedKVStore(key_bounds=True)`,
+updated on append). At a decode step each page gets an upper bound of q·k over its keys,
+`sum_c max(q_c * kmin_c, q_c * kmax_c)`, and each KV head reads its best pages within a token
+budget; the pages holding the attention sinks and the recent window are always read.
+
+Shapes: B sequences, Hq/Hkv query/KV heads (here Hh: the KV heads a selector serves),
+G = Hq // Hkv, P pages in a list, S page_size, D head_dim, K pages kept.
+
+What makes it work on a small GQA model (SmolLM2-135M, 9:3 heads, 30 layers): see
+`QuestSelector` and `bench/results/selection_quality.md`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from kvkit.policies.base import Policy, Rule, Selector, component
+from kvkit.policies.registry import register
+from kvkit.policies.selectors.full import FullSelector
+from kvkit.store import PagedKVStore, Selection
+
+REDUCES = ("max", "sum", "mean", "softmax")
+_SINK_SCORE = torch.finfo(torch.float32).max  # forced in, ranked after the recent window (+inf)
+
+
+# ---- the pieces, shared by the selectors, the fast decode path and the benchmark -------------
+def page_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor,
+                pages: torch.Tensor) -> torch.Tensor:
+    """Quest's upper bound of q·k for every listed page and every query head.
+
+    q: `[B, Hq, D]`; key_min, key_max: `[N, D]`; pages: `[B, Hh, P]` (-1 padded, Hq % Hh == 0).
+    Returns `[B, Hh, G, P]` float32 (junk at padding). `max(q*lo, q*hi) = relu(q)*hi + min(q,0)*lo`,
+    so the bound is two small matmuls instead of a [.., P, D] elementwise max.
+    """
+    B, Hq, D = q.shape
+    Hh = pages.shape[1]
+    idx = pages.clamp(min=0)
+    lo, hi = key_min[idx], key_max[idx]  # [B, Hh, P, D]
+    qg = q.float().view(B, Hh, Hq // Hh, D)  # [B, Hh, G, D]
+    return qg.clamp(min=0) @ hi.transpose(-1, -2) + qg.clamp(max=0) @ lo.transpose(-1, -2)
+
+
+def reduce_group(bound: torch.Tensor, reduce: str, scale: float) -> torch.Tensor:
+    """Aggregate `[B, Hh, G, P]` bounds over the G query heads of a KV head -> `[B, Hh, P]`.
+
+    max: the group's best head decides (a page any head needs is kept). sum/mean: rank the
+    same (mean = sum / G). softmax: sum over heads of each head's softmax over pages of
+    `scale * bound`, i.e. the attention mass each head would put on the page if the bound were
+    tight, so one head with a sharp peak is not outvoted by flat heads' large raw bounds.
+    """
+    if reduce == "max":
+        return bound.amax(2)
+    if reduce == "sum":
+        return bound.sum(2)
+    if reduce == "mean":
+        return bound.mean(2)
+    finite = torch.where(torch.isfinite(bound), bound, -math.inf)
+    return torch.softmax(finite * scale, dim=-1).nan_to_num(0.0).sum(2)
+
+
+def forced_scores(store: PagedKVStore, seqs: Sequence[int], layer: int, pages: torch.Tensor,
+                  sink: int, window: int) -> torch.Tensor:
+    """`[B, Hh, P]` float32: +inf for pages holding a recent-window position, float32 max for
+    pages holding a sink position, 0 elsewhere, -inf for padding (-1).
+
+    Uses the positions the slots really hold, so it stays right after eviction and for
+    pages in any order.
+    """
+    lengths = torch.tensor([store.length(s, layer) for s in seqs], device=pages.device)
+    return forced_from_positions(store.slot_positions(layer), pages, lengths, sink, window)
+
+
+def forced_from_positions(slot_pos: torch.Tensor, pages: torch.Tensor, lengths: torch.Tensor,
+                          sink: int, window: int) -> torch.Tensor:
+    """`forced_scores` from the pool's slot positions `[N, S]` and the lengths `[B]`."""
+    sp = slot_pos[pages.clamp(min=0)]  # [B, Hh, P, S] int32, -1 empty
+    newest = sp.amax(-1)  # [B, Hh, P]
+    oldest = torch.where(sp >= 0, sp, torch.iinfo(sp.dtype).max).amin(-1)
+    recent = newest >= (lengths - window).view(-1, 1, 1)
+    out = torch.where(oldest < sink, _SINK_SCORE, 0.0)
+    out = torch.where(recent, math.inf, out)
+    return torch.where(pages >= 0, out, -math.inf)
+
+
+def quest_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor,
+                 slot_pos: torch.Tensor, lengths: torch.Tensor, sink: int, window: int,
+                 reduce: str = "max") -> torch.Tensor:
+    """Quest's page scores `[B, Hh, P]` from plain tensors (what `QuestSelector` computes):
+    the group-reduced bound, +inf / float32 max for window / sink pages, -inf for padding."""
+    bound = reduce_group(page_bounds(q, key_min, key_max, pages), reduce, q.shape[-1] ** -0.5)
+    forced = forced_from_positions(slot_pos, pages, lengths, sink, window)
+    return torch.where(forced != 0, forced, bound)
+
+
+def top_pages(scores: torch.Tensor, pages: torch.Tensor, k: int) -> torch.Tensor:
+    """The `k` best-scoring pages of each row, in list order: `[B, Hh, min(k, P)]`, -1 padded."""
+    k = min(k, pages.shape[-1])
+    top = scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values
+    chosen = pages.gather(-1, top)
+    return torch.where(scores.gather(-1, top) > -math.inf, chosen, -1)
+
+
+def _check_common(cls: str, budget: int, sink: int, window: int, reduce: str) -> None:
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{cls}.budget must be an int >= 1 token per KV head, got {budget!r}")
+    if not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"{cls}.sink must be an int >= 0 tokens, got {sink!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"{cls}.window must be an int >= 1 token, got {window!r}")
+    if sink + window > budget:
+        raise ValueError(f"{cls}: sink + window = {sink + window} tokens exceed the budget of {budget}; "
+                         "raise the budget or shrink the window")
+    if reduce not in REDUCES:
+        raise ValueError(f"{cls}.reduce must be one of {REDUCES}, got {reduce!r}")
+
+
+# ---- Quest ---------------------------------------------------------------------------------
+@component("selector", "quest")
+@dataclass(frozen=True)
+class QuestSelector(Selector):
+    """Read the pages whose key min/max bound q·k highest. Quest, arXiv:2406.10774.
+
+    Per KV head: the pages holding the first `sink` positions and the last `window` positions
+    are always read; the rest of the budget (`budget // page_size` pages in all, so never more
+    than `budget` tokens, at least one page) goes to the best pages by the bound, aggregated over
+    the G query heads of the group (`reduce`), so the heads of a group share the pages they
+    read. When a head holds no more pages than the budget, it reads them all (equals dense).
+    Memory: a min and a max key per page, 2/page_size of the key bytes (float32), counted in
+    `store.nbytes()`.
+
+    What works on SmolLM2-135M (GQA 9:3, 30 layers), passkey, 16-token pages, 6 depths, greedy
+    (`bench/selection_quality.py`, results in bench/results/selection_quality.md):
+    - with these defaults (max over the group, layers 0-1 dense, sink 4 + window 32 taken from
+      the budget) Quest keeps 6/6 at 2.4K for budgets 1/8 (300 tokens) and 1/4, 5/6 at 4.8K
+      for 1/8 (600) and 6/6 at 1/4. At 2.4K and 1/8 the variants tried all keep 6/6 or lose
+      one: reduce max, sum, no dense layers: 6/6; softmax-reduce 5/6; window 128: 5/6.
+    - the budget split matters most: the window comes out of the same budget, so a long one
+      starves the retrieved pages. At 2.4K and 1/16 (150 tokens): window 32: 3/6, window 96:
+      1/6, window 64 + sum + no dense layers (a "plain" Quest): 2/6.
+    - at 1/16 the GQA reduce and the dense first layers do not rescue flat Quest (max 3/6,
+      sum 3/6, softmax 4/6, 0 / 2 / 4 dense layers 3/6 each), but LServe's two-level selection
+      with reuse (`LServeSelector`) and TidalDecode keep 6/6 there: see `LServeSelector`.
+    - `reduce="max"` is the default: it keeps Quest's per-head guarantee (a page any query
+      head of the group bounds high stays in), and sum/mean (same ranking) were never better.
+    Page sizes other than 16 were not measured (no time on the shared machine).
+
+    Limits: the bound is an upper bound, not the score; heads whose keys spread widely over a
+    channel get loose bounds everywhere. The score is computed over every page each step (no
+    reuse: see `LServeSelector`).
+    """
+
+    budget: int = 1024   # tokens read per KV head per step, sink and window included
+    sink: int = 4        # first positions always read
+    window: int = 32     # last positions always read
+    reduce: str = "max"  # aggregation of the bound over a GQA group: max | sum | mean | softmax
+
+    needs_key_bounds = True
+
+    def __post_init__(self) -> None:
+        _check_common("QuestSelector", self.budget, self.sink, self.window, self.reduce)
+
+    def scores(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
+               pages: torch.Tensor) -> torch.Tensor:
+        """`[B, Hh, P]` page scores: forced pages +inf / float32 max, padding -inf."""
+        key_min, key_max = store.key_bounds(layer)
+        lengths = torch.tensor([store.length(s, layer) for s in seqs], device=pages.device)
+        return quest_scores(q, key_min, key_max, pages, store.slot_positions(layer), lengths,
+                            self.sink, self.window, self.reduce)
+
+    def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
+               heads: Sequence[int]) -> Selection:
+        pages = store.page_tables(seqs, layer, heads)  # [B, Hh, P]
+        budget_pages = max(1, self.budget // store.page_size)
+        if pages.shape[-1] <= budget_pages:
+            return Selection(pages)
+        return Selection(top_pages(self.scores(store, seqs, layer, q, pages), pages, budget_pages))
+
+
+# ---- LServe --------------------------------------------------------------------------------
+@component("selector", "lserve")
+@dataclass(frozen=True)
+class LServeSelector(Selector):
+    """Two-level page selection reused across decode steps. LServe, arXiv:2502.14866.
+
+    Level 1: `group` consecutive pages of a head's list form a logical page whose key bounds
+    are the min/max over its pages; the best logical pages by the Quest bound are kept, enough
+    to cover `coarse` times the budget. Level 2: the physical pages inside them are scored and
+    the best fit the budget (sink and window pages always in). The chosen pages are kept in
+    `store.policy_state(seq)` and reused for `reuse_steps` decode steps (LServe's reusable page
+    selector): between refreshes no page is scored, only the sink/window pages are updated (a
+    page that filled up since is added) and pages freed since are dropped.
+
+    LServe's own hierarchy runs the other way (large physical pages for the kernel, small
+    logical pages for the statistics, a physical page scored by its best logical page); kvkit's
+    pages are already small, so the hierarchy here is coarse-to-fine over them, which is what
+    saves scoring work at long context. Limits: a needle that becomes relevant between
+    refreshes is seen only at the next refresh.
+
+    Measured (SmolLM2-135M passkey, 16-token pages): 6/6 at 2.4K and 4.8K for budgets 1/8 and
+    1/4, and 6/6 at 2.4K with 1/16 (150 tokens) where flat Quest keeps 3/6. The reuse is what
+    helps there: the selection made at the first decoded token, whose query points at the
+    needle, serves the next digits (see bench/results/selection_quality.md for the ablation).
+    """
+
+    budget: int = 1024
+    sink: int = 4
+    window: int = 32
+    reduce: str = "max"
+    group: int = 4         # physical pages per logical page
+    coarse: int = 2        # level 1 keeps logical pages covering coarse x budget tokens
+    reuse_steps: int = 4   # a selection serves this many decode steps (1: every step)
+
+    needs_key_bounds = True
+
+    def __post_init__(self) -> None:
+        _check_common("LServeSelector", self.budget, self.sink, self.window, self.reduce)
+        for name in ("group", "coarse", "reuse_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LServeSelector.{name} must be an int >= 1, got {value!r}")
+
+    def _key(self, layer: int, heads: Sequence[int]) -> tuple:
+        return ("lserve", layer, tuple(heads))
+
+    def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
+               heads: Sequence[int]) -> Selection:
+        pages = store.page_tables(seqs, layer, heads)  # [B, Hh, P]
+        budget_pages = max(1, self.budget // store.page_size)
+        if pages.shape[-1] <= budget_pages:
+            return Selection(pages)
+        forced = forced_scores(store, seqs, layer, pages, self.sink, self.window)
+        key = self._key(layer, heads)
+        states = [store.policy_state(s).get(key) for s in seqs]
+        lengths = [store.length(s, layer) for s in seqs]
+        fresh = all(st is not None and 0 <= n - st[0] < self.reuse_steps and st[1].shape[0] == len(heads)
+                    for st, n in zip(states, lengths))
+        if fresh:  # reuse: the kept pages that are still listed, plus sink and window pages
+            kept = torch.nn.utils.rnn.pad_sequence([st[1].T for st in states], padding_value=-1)
+            kept = kept.permute(1, 2, 0)  # [B, Hh, K]
+            listed = (pages[..., :, None] == kept[..., None, :]).any(-1) & (pages >= 0)  # [B, Hh, P]
+            scores = torch.where(forced != 0, forced, torch.where(listed, 0.0, -math.inf))
+            return Selection(top_pages(scores, pages, budget_pages))
+        scores = self._two_level_scores(store, layer, q, pages, budget_pages)
+        scores = torch.where(forced != 0, forced, scores)
+        chosen = top_pages(scores, pages, budget_pages)  # [B, Hh, K]
+        for b, (s, n) in enumerate(zip(seqs, lengths)):
+            store.policy_state(s)[key] = (n, chosen[b])
+        return Selection(chosen)
+
+    def _two_level_scores(self, store: PagedKVStore, layer: int, q: torch.Tensor,
+                          pages: torch.Tensor, budget_pages: int) -> torch.Tensor:
+        """`[B, Hh, P]`: the bound of each physical page inside the kept logical pages, -inf elsewhere."""
+        B, Hh, P = pages.shape
+        key_min, key_max = store.key_bounds(layer)
+        scale = q.shape[-1] ** -0.5
+        L = -(-P // self.group)
+        padded = torch.nn.functional.pad(pages, (0, L * self.group - P), value=-1)
+        grouped = padded.view(B, Hh, L, self.group)  # [B, Hh, L, group]
+        idx = grouped.clamp(min=0)
+        real = (grouped >= 0)[..., None]
+        lo = torch.where(real, key_min[idx], math.inf).amin(-2)  # [B, Hh, L, D]
+        hi = torch.where(real, key_max[idx], -math.inf).amax(-2)
+        qg = q.float().view(B, Hh, q.shape[1] // Hh, -1)
+        coarse = qg.clamp(min=0) @ hi.transpose(-1, -2) + qg.clamp(max=0) @ lo.transpose(-1, -2)
+        coarse = reduce_group(coarse, self.reduce, scale)  # [B, Hh, L]
+        coarse = torch.where(grouped[..., 0] >= 0, coarse.nan_to_num(-math.inf), -math.inf)
+        keep_l = min(L, -(-self.coarse * budget_pages // self.group))
+        top_l = coarse.topk(keep_l, dim=-1).indices  # [B, Hh, keep_l]
+        inside = torch.zeros(B, Hh, L, dtype=torch.bool, device=pages.device)
+        inside.scatter_(-1, top_l, True)
+        inside = inside[..., None].expand(B, Hh, L, self.group).reshape(B, Hh, -1)[..., :P]
+        fine = reduce_group(page_bounds(q, key_min, key_max, pages), self.reduce, scale)
+        return torch.where(inside & (pages >= 0), fine, -math.inf)
+
+
+# ---- named policies ------------------------------------------------------------------------
+def _dense_first(selector: Selector, dense_layers: int, name: str) -> Policy:
+    if not isinstance(dense_layers, int) or dense_layers < 0:
+        raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
+    rules = (Rule(layers=tuple(range(dense_layers)), selector=FullSelector()),) if dense_layers else ()
+    return Policy(selector=selector, rules=rules, name=name)
+
+
+@register("quest")
+def quest(budget: int = 1024, sink: int = 4, window: int = 32, reduce: str = "max",
+          dense_layers: int = 2) -> Policy:
+    """Quest (arXiv:2406.10774): top pages by the key min/max bound of q·k within `budget`
+    tokens per KV head; the first `dense_layers` layers read everything."""
+    return _dense_first(QuestSelector(budget=budget, sink=sink, window=window, reduce=reduce),
+                        dense_layers, "quest")
+
+
+@register("lserve")
+def lserve(budget: int = 1024, sink: int = 4, window: int = 32, reduce: str = "max", group: int = 4,
+           coarse: int = 2, reuse_steps: int = 4, dense_layers: int = 2) -> Policy:
+    """LServe (arXiv:2502.14866): two-level page selection, reused for `reuse_steps` steps."""
+    return _dense_first(LServeSelector(budget=budget, sink=sink, window=window, reduce=reduce,
+                                       group=group, coarse=coarse, reuse_steps=reuse_steps),
+                        dense_layers, "lserve")

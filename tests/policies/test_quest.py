@@ -1,0 +1,161 @@
+"""QuestSelector: the page whose bound must win is read; budget, sinks/window and GQA invariants;
+full budget equals dense; the policy through KVKitCache on a tiny Llama and (slow) on SmolLM2."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from kvkit import PagedKVStore, policies
+from kvkit.attention import decode
+from kvkit.integrations.hf import KVKitCache
+from kvkit.policies import FullSelector, Policy
+from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group
+from kvkit.testing import tiny_llama_config
+
+
+def make_store(lengths, num_kv_heads=3, head_dim=16, page_size=8, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    store = PagedKVStore(1, num_kv_heads, head_dim, page_size=page_size, dtype=torch.float32, key_bounds=True)
+    seqs = []
+    for n in lengths:
+        seq = store.add_sequence()
+        store.append(seq, 0, scale * torch.randn(n, num_kv_heads, head_dim, generator=g),
+                     torch.randn(n, num_kv_heads, head_dim, generator=g))
+        seqs.append(seq)
+    return store, seqs
+
+
+def plant(store, seq, head, position, key):
+    """Overwrite the key of `position` (and its page's bounds) with `key`."""
+    page = store.page_table(seq, 0, head)[position // store.page_size]
+    store.storage(0).k[page, position % store.page_size] = key
+    kmin, kmax = store.key_bounds(0)
+    kmin[page] = torch.minimum(kmin[page], key)
+    kmax[page] = torch.maximum(kmax[page], key)
+    return page
+
+
+def test_page_whose_bound_must_win_is_read():
+    store, (seq,) = make_store([200])  # 25 pages of 8
+    q = torch.zeros(1, 9, 16)
+    q[0, 3:6, 5] = 1.0  # KV head 1's group looks along channel 5
+    winner = plant(store, seq, 1, 100, torch.full((16,), 0.0).index_fill(0, torch.tensor([5]), 50.0))
+    sel = QuestSelector(budget=8 * 4, sink=4, window=8).select(store, [seq], 0, q, [0, 1, 2])
+    pages = sel.pages[0, 1].tolist()
+    assert winner in pages
+    table = store.page_table(seq, 0, 1)
+    assert table[0] in pages and table[-1] in pages  # sink page and the newest page
+
+
+def test_bound_is_an_upper_bound_of_every_key():
+    store, (seq,) = make_store([77], scale=1.0)
+    q = torch.randn(1, 9, 16)
+    pages = store.page_tables([seq], 0)
+    kmin, kmax = store.key_bounds(0)
+    bound = page_bounds(q, kmin, kmax, pages)  # [1, 3, 3, P]
+    for h in range(3):
+        for i, page in enumerate(store.page_table(seq, 0, h)):
+            valid = store.slot_positions(0)[page] >= 0
+            k = store.storage(0).k[page][valid]  # [n, D]
+            qk = q[0, 3 * h:3 * h + 3] @ k.T  # [G, n]
+            assert (qk.amax(-1) <= bound[0, h, :, i] + 1e-5).all()
+
+
+def test_max_reduce_keeps_a_page_only_one_query_head_wants():
+    bound = torch.zeros(1, 1, 3, 5)
+    bound[0, 0, 0, 3] = 10.0  # head 0 wants page 3
+    bound[0, 0, 1:, 1] = 4.0  # heads 1 and 2 mildly like page 1
+    assert reduce_group(bound, "max", 1.0).argmax().item() == 3
+    assert reduce_group(bound, "sum", 1.0).argmax().item() == 3
+    assert torch.equal(reduce_group(bound, "sum", 1.0).argsort(), reduce_group(bound, "mean", 1.0).argsort())
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum", "mean", "softmax"])
+@pytest.mark.parametrize("budget", [32, 48, 100])
+def test_invariants_budget_sinks_window_no_freed_page(reduce, budget):
+    store, seqs = make_store([150, 301, 64], page_size=8, seed=1)
+    # evict a run of middle tokens from one head: its pages are freed and must never be read
+    gone = store.page_table(seqs[1], 0, 2)[5:9]
+    store.evict(seqs[1], 0, 2, torch.arange(40, 72))
+    sel = QuestSelector(budget=budget, sink=4, window=8, reduce=reduce)
+    q = torch.randn(3, 9, 16)
+    pages = sel.select(store, seqs, 0, q, [0, 1, 2]).pages  # [3, 3, K]
+    assert pages.shape[:2] == (3, 3)
+    for b, seq in enumerate(seqs):
+        n = store.length(seq, 0)
+        for h in range(3):
+            chosen = [p for p in pages[b, h].tolist() if p >= 0]
+            table = store.page_table(seq, 0, h)
+            assert len(chosen) == len(set(chosen)) <= max(1, budget // 8) or len(chosen) == len(table)
+            assert set(chosen) <= set(table)
+            assert not set(chosen) & set(gone if (b, h) == (1, 2) else [])
+            sp = store.slot_positions(0)[chosen]
+            held = set(sp[sp >= 0].tolist())
+            assert {0, 1, 2, 3} <= held  # sinks
+            assert set(range(n - 8, n)) <= held  # window
+
+
+def test_full_budget_equals_dense():
+    store, seqs = make_store([90, 37], page_size=8, seed=2, scale=1.0)
+    q = torch.randn(2, 9, 16)
+    quest = QuestSelector(budget=1024, sink=4, window=8).select(store, seqs, 0, q, [0, 1, 2])
+    full = FullSelector().select(store, seqs, 0, q, [0, 1, 2])
+    out_q, _ = decode(q, store, seqs, 0, quest)
+    out_f, _ = decode(q, store, seqs, 0, full)
+    torch.testing.assert_close(out_q, out_f, atol=1e-6, rtol=1e-6)
+
+
+def test_budget_is_page_size_independent():
+    for page_size in (4, 8, 16):
+        store, seqs = make_store([400], page_size=page_size, seed=3)
+        sel = QuestSelector(budget=96, sink=4, window=8).select(store, seqs, 0, torch.randn(1, 9, 16), [0, 1, 2])
+        assert int(sel.num_pages.max()) * page_size <= 96
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(budget=0), "budget must be an int >= 1"),
+    (dict(budget=16, window=32), "exceed the budget"),
+    (dict(reduce="avg"), "reduce must be one of"),
+    (dict(sink=-1), "sink must be"),
+])
+def test_bad_config_says_what_is_expected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        QuestSelector(**bad)
+
+
+def test_registry_and_config_round_trip():
+    p = policies.get("quest", budget=512, reduce="sum", dense_layers=3)
+    assert p.rules[0].layers == (0, 1, 2) and isinstance(p.rules[0].selector, FullSelector)
+    assert Policy.from_config(json.loads(json.dumps(p.to_config()))) == p
+    assert p.make_store(4, 3, 16).key_bounds(0)[0].shape == (0, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+def test_tiny_llama_full_budget_equals_dense_and_small_budget_runs(tiny):
+    ids = torch.randint(3, 256, (2, 120), generator=torch.Generator().manual_seed(0))
+    dense = tiny.generate(ids, past_key_values=KVKitCache(tiny, "dense", page_size=8), max_new_tokens=12,
+                          do_sample=False, pad_token_id=0)
+    big = tiny.generate(ids, past_key_values=KVKitCache(tiny, "quest", page_size=8, budget=4096),
+                        max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(big, dense)
+    cache = KVKitCache(tiny, "quest", page_size=8, budget=48, window=16, dense_layers=1)
+    small = tiny.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert small.shape == dense.shape
+    assert cache.store.stats().tokens_resident == 2 * 3 * 2 * (120 + 11)  # selection never evicts
+
+
+@pytest.mark.slow
+def test_smollm2_passkey_at_one_eighth_budget():
+    """About 2 minutes on 2 idle cores: two needles at 2.4K tokens, 300-token budget."""
+    from kvkit.evaluate import load, passkey
+    model, tok = load()
+    results = passkey(model, tok, policies.get("quest", budget=2400 // 8), context_tokens=2400,
+                      depths=(0.25, 0.75), progress=False)
+    assert all(r.correct for r in results), [(r.key, r.answer) for r in results]
