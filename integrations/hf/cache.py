@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvkit import policies as kv_policies
+from kvkit.attention.monitor import DecodeMonitor
 from kvkit.attention.paged import attention_step
 from kvkit.policies.base import Policy
 from kvkit.store import PagedKVStore
@@ -84,6 +85,9 @@ class KVKitCache(Cache):
         policy: a Policy, a registered policy name, or None for "dense".
         page_size: token slots per page.
         max_pages: per-layer page cap (None: grow as needed).
+        metrics: report each decode step to `kvkit.metrics` (pages and bytes read, time,
+            sampled selection recall every `recall_every` layer-steps, resident bytes,
+            evictions); needs prometheus-client.
         policy_params: parameters for a policy given by name.
 
     The model is switched to the "kvkit" attention implementation (a no-op for calls without
@@ -92,7 +96,8 @@ class KVKitCache(Cache):
     """
 
     def __init__(self, model: PreTrainedModel | Any, policy: Policy | str | None = None,
-                 page_size: int = 16, max_pages: int | None = None, **policy_params: Any):
+                 page_size: int = 16, max_pages: int | None = None, metrics: bool = False,
+                 recall_every: int = 16, **policy_params: Any):
         config = getattr(model, "config", model)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.num_layers = text.num_hidden_layers
@@ -108,7 +113,9 @@ class KVKitCache(Cache):
         self.store: PagedKVStore | None = None
         self.seqs: list[int] = []
         self.evicted = 0
+        self.evicted_reported = 0  # evictions already counted in kvkit.metrics
         self.decode_seconds = 0.0  # time in kvkit's decode attention (select + read + evict)
+        self.monitor = DecodeMonitor(policy.name, recall_every) if metrics else None
         super().__init__(layers=[KVKitLayer(self, i) for i in range(self.num_layers)])
         if hasattr(model, "set_attn_implementation"):
             register()
@@ -163,12 +170,17 @@ def kvkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     start = time.perf_counter()
     first_prefill = store.length(cache.seqs[0], layer) == 0
     out, evicted = attention_step(store, cache.policy, cache.seqs, layer, query, key, value,
-                                  scale=scaling, dense_prefill=dense_prefill)
+                                  scale=scaling, dense_prefill=dense_prefill, monitor=cache.monitor)
     if first_prefill and attention_mask is not None:
         evicted += _evict_padding(store, cache.seqs, layer, attention_mask)
     if query.shape[2] == 1:
         cache.decode_seconds += time.perf_counter() - start
     cache.evicted += evicted
+    if cache.monitor is not None and layer == cache.num_layers - 1:
+        from kvkit import metrics  # once per forward, after the last layer
+        metrics.observe_store(store, cache.policy.name)
+        metrics.record_evictions(cache.policy.name, cache.evicted - cache.evicted_reported)
+        cache.evicted_reported = cache.evicted
     return out.transpose(1, 2).contiguous(), None
 
 

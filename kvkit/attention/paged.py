@@ -7,6 +7,7 @@ Shapes: B sequences, Hq/Hkv query/KV heads, G = Hq // Hkv, T new tokens, D head_
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -74,7 +75,8 @@ class PrefillStats:
 def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int, q: torch.Tensor,
                    k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                    dense_prefill: DensePrefill | None = None,
-                   prefill_chunk: int = 512) -> tuple[torch.Tensor, int]:
+                   prefill_chunk: int = 512, monitor: Callable[..., None] | None = None
+                   ) -> tuple[torch.Tensor, int]:
     """Run one layer for new tokens of `seqs`; returns (out `[B, Hq, T, D]`, tokens evicted).
 
     q: `[B, Hq, T, D]`; k, v: `[B, Hkv, T, D]`, RoPE applied. A first prefill (empty store)
@@ -82,6 +84,7 @@ def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int,
     multi-token step attends over what the store holds; a single token decodes through the
     policy's selection. A first prefill is written in chunks of `prefill_chunk` tokens with
     eviction after each, so an evicting policy never holds the whole prompt in the store.
+    `monitor` (e.g. `kvkit.attention.monitor.DecodeMonitor`) sees each single-token step.
     """
     B, Hq, T, D = q.shape
     past = [store.length(s, layer) for s in seqs]
@@ -100,9 +103,14 @@ def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int,
         if start + chunk < T:
             evicted += policy.evict(store, seqs, layer, stats)
     if T == 1:
+        start = time.perf_counter()
         selection = policy.select(store, seqs, layer, q[:, :, 0])
+        selected = time.perf_counter()
         out, stats = decode(q[:, :, 0], store, seqs, layer, selection, scale,
                             return_stats=policy.needs_attention)
+        if monitor is not None:
+            monitor(store, seqs, layer, q[:, :, 0], selection, selected - start,
+                    time.perf_counter() - start, scale)
         out = out[:, :, None]
     elif not any(past):
         out = (dense_prefill(q, k, v) if dense_prefill is not None else

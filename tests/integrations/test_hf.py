@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -100,3 +102,44 @@ def test_bad_policy_arguments(models):
         KVKitCache(kv, "qeust")
     with pytest.raises(ValueError, match="only apply to a policy given by name"):
         KVKitCache(kv, policies.get("dense"), window=3)
+
+
+def test_metrics_follow_a_real_decode(models):
+    from prometheus_client import REGISTRY
+
+    _, kv = models
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = value("kvkit_pages_read_total", policy="streaming", layer_group="all")
+    cache = KVKitCache(kv, policies.get("streaming", sink=4, window=16), page_size=8, metrics=True,
+                       recall_every=1)
+    kv.generate(prompt(length=60), past_key_values=cache, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    read = value("kvkit_pages_read_total", policy="streaming", layer_group="all") - before
+    assert read > 0  # 5 decode steps x 3 layers x 2 heads, each reading its resident pages
+    assert value("kvkit_kv_resident_bytes", policy="streaming", model="") == cache.nbytes()
+    assert value("kvkit_evicted_tokens_total", policy="streaming") >= cache.evicted > 0
+    # full selection over what is resident: recall is 1 up to rounding
+    assert value("kvkit_selection_recall_count", policy="streaming") > 0
+    assert value("kvkit_selection_recall_sum", policy="streaming") == pytest.approx(
+        value("kvkit_selection_recall_count", policy="streaming"), rel=1e-4)
+
+
+def test_selection_recall_measures_what_a_sparse_read_loses():
+    from kvkit.attention.monitor import selection_recall
+    from kvkit.store import Selection
+
+    torch.manual_seed(0)
+    store = policies.get("dense").make_store(1, 1, 8, page_size=4, dtype=torch.float32)
+    seq = store.add_sequence()
+    k = torch.zeros(8, 1, 8)
+    k[4:, 0, 0] = 10.0  # page 1 holds keys the query attends to almost entirely
+    store.append(seq, 0, k, torch.randn(8, 1, 8))
+    q = torch.zeros(1, 2, 8)
+    q[..., 0] = 1.0
+    pages = store.page_tables([seq], 0)  # [[[0, 1]]]
+    hot = math.exp(10.0 / math.sqrt(8))  # weight of each key of page 1 against 1 for page 0
+    assert selection_recall(q, store, [seq], 0, Selection(pages[..., 1:])) == pytest.approx(hot / (hot + 1))
+    assert selection_recall(q, store, [seq], 0, Selection(pages[..., :1])) == pytest.approx(1 / (hot + 1))
+    assert selection_recall(q, store, [seq], 0, Selection(pages)) == pytest.approx(1.0)
