@@ -40,6 +40,7 @@ import torch
 
 from kvkit.policies.base import Codec, Policy, Rule, component
 from kvkit.policies.codecs.calibrate import load_bases
+from kvkit.policies.codecs.staging import StagingRows
 from kvkit.policies.registry import register
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -56,7 +57,7 @@ def _load(path: str) -> dict[str, torch.Tensor]:
     return load_bases(path)
 
 
-class CskvStorage:
+class CskvStorage(StagingRows):
     """One layer: fp16 coefficients `ck [N, S, rk]`, `cv [N, S, rv]`, the head of each page
     `page_head [N]` int8, slots written `filled [N, S]`, and fp16 full-size staging rows for
     pages still inside the window `stage_k/stage_v [M, S, D]` (`stage_row [N]`, -1 when none)."""
@@ -79,10 +80,7 @@ class CskvStorage:
         self.cv = torch.zeros(0, page_size, rv, dtype=torch.float16, **f)
         self.page_head = torch.zeros(0, dtype=torch.int8, **f)
         self.filled = torch.zeros(0, page_size, dtype=torch.bool, **f)
-        self.stage_row = torch.zeros(0, dtype=torch.int32, **f)
-        self.stage_k = torch.zeros(0, page_size, D, dtype=torch.float16, **f)
-        self.stage_v = torch.zeros_like(self.stage_k)
-        self._free_rows: list[int] = []
+        self._init_staging(page_size, D, torch.float16, device)
         self._newest: dict[int, int] = {}   # staged page -> clock of its newest token
         self._pinned: set[int] = set()       # pages holding attention-sink tokens: never compressed
         self.sink = codec.sink
@@ -94,7 +92,7 @@ class CskvStorage:
         for name in ("ck", "cv", "page_head", "filled"):
             t = getattr(self, name)
             setattr(self, name, torch.cat([t, t.new_zeros(extra, *t.shape[1:])]))
-        self.stage_row = torch.cat([self.stage_row, self.stage_row.new_full((extra,), -1)])
+        self._grow_staging(extra)
 
     def write(self, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         n = pages.shape[0]
@@ -204,26 +202,8 @@ class CskvStorage:
         for p in cand.tolist():
             self._unstage(p)
 
-    def _stage(self, page: int) -> int:
-        row = int(self.stage_row[page])
-        if row >= 0:
-            return row
-        if not self._free_rows:
-            old = self.stage_k.shape[0]
-            new = old + max(1, old // 8)  # grows rarely: the window holds a few pages per head
-            pad = self.stage_k.new_zeros(new - old, self.S, self.D)
-            self.stage_k = torch.cat([self.stage_k, pad])
-            self.stage_v = torch.cat([self.stage_v, pad])
-            self._free_rows = list(range(new - 1, old - 1, -1))
-        row = self._free_rows.pop()
-        self.stage_row[page] = row
-        return row
-
     def _unstage(self, page: int) -> None:
-        row = int(self.stage_row[page])
-        if row >= 0:
-            self._free_rows.append(row)
-            self.stage_row[page] = -1
+        self._release_row(page)
         self._newest.pop(page, None)
         self._pinned.discard(page)
 

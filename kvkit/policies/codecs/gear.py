@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from kvkit.policies.base import Codec, Policy, component
+from kvkit.policies.codecs.staging import StagingRows
 from kvkit.policies.registry import register
 
 BUFFER_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -168,7 +169,7 @@ class _Part:
         return x
 
 
-class GearStorage:
+class GearStorage(StagingRows):
     """GEAR pages of one layer: compressed K and V parts plus a staging buffer for open pages.
 
     Tensors: `filled [N, S]` bool (slots written since the page was opened), `stage_row [N]`
@@ -187,11 +188,7 @@ class GearStorage:
         self.kp = _Part(per_channel=True, **common)
         self.vp = _Part(per_channel=False, **common)
         self.filled = torch.zeros(0, S, dtype=torch.bool, device=device)
-        self.stage_row = torch.zeros(0, dtype=torch.int32, device=device)
-        bdt = BUFFER_DTYPES[codec.buffer_dtype]
-        self.stage_k = torch.zeros(0, S, D, dtype=bdt, device=device)
-        self.stage_v = torch.zeros_like(self.stage_k)
-        self._free_rows: list[int] = []
+        self._init_staging(S, D, BUFFER_DTYPES[codec.buffer_dtype], device)
 
     # ---- PageStorage -------------------------------------------------------------------------
     def grow(self, num_pages: int) -> None:
@@ -199,7 +196,7 @@ class GearStorage:
         self.kp.grow(num_pages)
         self.vp.grow(num_pages)
         self.filled = torch.cat([self.filled, self.filled.new_zeros(extra, self.S)])
-        self.stage_row = torch.cat([self.stage_row, self.stage_row.new_full((extra,), -1)])
+        self._grow_staging(extra)
 
     def write(self, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         uniq, inv = pages.unique(return_inverse=True)          # [U], [n]
@@ -213,7 +210,7 @@ class GearStorage:
             self.kp.encode(done, work_k[full])
             self.vp.encode(done, work_v[full])
             for p in done.tolist():
-                self._unstage(p)
+                self._release_row(p)
             self.filled[done] = False
         for i in (~full).nonzero(as_tuple=True)[0].tolist():
             row = self._stage(int(uniq[i]))
@@ -238,7 +235,7 @@ class GearStorage:
             self.stage_k[row] = self.stage_k[int(self.stage_row[src])]
             self.stage_v[row] = self.stage_v[int(self.stage_row[src])]
         else:
-            self._unstage(dst)
+            self._release_row(dst)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.kp.tensors(), *self.vp.tensors(), self.filled, self.stage_row,
@@ -267,27 +264,6 @@ class GearStorage:
     def kp_written(self, pages: torch.Tensor) -> torch.Tensor:
         """Pages holding compressed content (step > 0 somewhere: encode clamps steps >= 1e-6)."""
         return (self.kp.step[pages] != 0).any(-1)
-
-    def _stage(self, page: int) -> int:
-        row = int(self.stage_row[page])
-        if row >= 0:
-            return row
-        if not self._free_rows:
-            old = self.stage_k.shape[0]
-            new = old + max(1, old // 8)  # grows rarely: about H rows per sequence stay open
-            pad = self.stage_k.new_zeros(new - old, self.S, self.D)
-            self.stage_k = torch.cat([self.stage_k, pad])
-            self.stage_v = torch.cat([self.stage_v, pad])
-            self._free_rows = list(range(new - 1, old - 1, -1))
-        row = self._free_rows.pop()
-        self.stage_row[page] = row
-        return row
-
-    def _unstage(self, page: int) -> None:
-        row = int(self.stage_row[page])
-        if row >= 0:
-            self._free_rows.append(row)
-            self.stage_row[page] = -1
 
 
 @component("codec", "gear")
