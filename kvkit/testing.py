@@ -51,6 +51,22 @@ def random_paged_case(seq_len: int, num_qo_heads: int, num_kv_heads: int, head_d
             "slot_valid": slot_valid, "dense_k": dense_k, "dense_v": dense_v, "selected": selected}
 
 
+def random_store(lengths, num_kv_heads: int = 3, head_dim: int = 16, page_size: int = 8, seed: int = 0,
+                 scale: float = 0.1):
+    """A one-layer float32 store with key bounds holding one random sequence per entry of
+    `lengths` (keys scaled by `scale`); returns (store, seq ids). For selector tests."""
+    from kvkit.store import PagedKVStore
+    g = torch.Generator().manual_seed(seed)
+    store = PagedKVStore(1, num_kv_heads, head_dim, page_size=page_size, dtype=torch.float32, key_bounds=True)
+    seqs = []
+    for n in lengths:
+        seq = store.add_sequence()
+        store.append(seq, 0, scale * torch.randn(n, num_kv_heads, head_dim, generator=g),
+                     torch.randn(n, num_kv_heads, head_dim, generator=g))
+        seqs.append(seq)
+    return store, seqs
+
+
 def tiny_llama_config(**overrides):
     """A small random Llama (GQA 3:1 like SmolLM2) for fast integration tests."""
     from transformers import LlamaConfig

@@ -6,24 +6,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from kvkit import PagedKVStore, policies
+from kvkit import policies
 from kvkit.attention import decode
 from kvkit.integrations.hf import KVKitCache
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector
-from kvkit.testing import tiny_llama_config
-
-
-def make_store(lengths, num_kv_heads=3, head_dim=16, page_size=8, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    store = PagedKVStore(1, num_kv_heads, head_dim, page_size=page_size, dtype=torch.float32, key_bounds=True)
-    seqs = []
-    for n in lengths:
-        seq = store.add_sequence()
-        store.append(seq, 0, scale * torch.randn(n, num_kv_heads, head_dim, generator=g),
-                     torch.randn(n, num_kv_heads, head_dim, generator=g))
-        seqs.append(seq)
-    return store, seqs
+from kvkit.testing import random_store as make_store, tiny_llama_config
 
 
 def append_one(store, seqs, seed):
