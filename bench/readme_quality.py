@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_sha, machine_info  # noqa: E402
 
 
 PARTIAL: list[Path] = []
@@ -34,20 +34,6 @@ def emit(row: dict) -> None:
     if PARTIAL:
         with PARTIAL[0].open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-
-
-def machine() -> dict:
-    return {"device": "cpu", "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine()}
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - a bench without git still runs
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"bench": "readme_quality", "command": "python " + " ".join(
         [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "git": git_sha(), "machine": machine(), "model": base,
+        "git": git_sha(), "machine": machine_info(), "model": base,
         "calibration": {"source": args.calib, "chunks": args.calib_chunks,
                         "seq_len": args.seq_len, "tokens": int(chunks.numel()),
                         "profile_seconds": round(profile_s, 1)},
@@ -261,7 +247,7 @@ def finetune_only(args, argv, base, tok, evals, dense_ppl, rows, t_start) -> int
         moe.save(Path(args.save_dir) / f"smollm2-E{e}-k{k}-finetuned")
     result = {"bench": "readme_finetune", "command": "python " + " ".join(
         [sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "git": git_sha(), "machine": machine(), "model": base, "moe": args.finetune_from,
+        "git": git_sha(), "machine": machine_info(), "model": base, "moe": args.finetune_from,
         "calibration": {"source": args.calib, "tokens": int(chunks.numel())},
         "evaluation": {n: {"chunks": int(c.shape[0]), "seq_len": args.seq_len,
                            "tokens": int(c.numel())} for n, c in evals.items()},
