@@ -4,14 +4,14 @@ Question: do quest / lserve / tidal keep the needle at 1/8 and 1/4 of the contex
 per-KV-head token budget? Dense in the same run.
 
 Selectors act only at decode: the prefill of every policy here is the same dense prefill. So
-each (context, depth) is prefilled once through a KVKitCache, and each policy then decodes
-greedily on a `fork` of that sequence (the policy swapped in) — the prompt, key, number of new
+each (context, depth) is prefilled once per page size through a KVKitCache (quest uses
+8-token pages, the others 16), and each policy then decodes greedily on a `fork` of that
+sequence (the policy swapped in) — the prompt, key, number of new
 tokens and the check are those of `kvkit.evaluate.passkey` (same seed, same depths). With
 `--evaluate` every row goes through `kvkit.evaluate.passkey` itself instead (one prefill per
 policy and depth: 7x the prefill work, ~130 s per 2.4K sample on the shared 2-core machine).
 
-    OMP_NUM_THREADS=1 python bench/selection_quality.py --ctx 2400 --samples 6
-    OMP_NUM_THREADS=1 python bench/selection_quality.py --ctx 4800 --samples 6 --merge
+    OMP_NUM_THREADS=1 python bench/selection_quality.py --ctx 2400 4800 7500 --samples 12
 
 Writes bench/results/selection_quality.json and .md; with --merge, rows for other contexts
 already in the JSON are kept (so contexts can be run one at a time, or side by side with
@@ -22,26 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kvkit import evaluate, policies
+import torch  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, markdown_table, write_results  # noqa: E402
+
+from kvkit import evaluate, policies  # noqa: E402
+
+METHOD = ("one dense prefill per (context, depth, page size); each policy decodes on a fork of it (prompt, key, "
+          "8 new tokens and check as in kvkit.evaluate.passkey). With --evaluate: kvkit.evaluate.passkey per row.")
 POLICIES = ("dense", "quest", "lserve", "tidal")
-
-
-def git(*a: str) -> str:
-    try:
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main(argv=None) -> int:
@@ -50,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=6, help="depths per context, spread evenly, ends excluded")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=None, help="tokens per page (default: each policy's own, else 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "selection_quality"))
     ap.add_argument("--merge", action="store_true", help="keep rows of other contexts already in --out")
@@ -78,6 +73,7 @@ def main(argv=None) -> int:
             res = results[(name, frac)]
             hits = sum(r.correct for r in res)
             rows.append({"context": ctx, "context_tokens": res[0].context_tokens, "policy": name,
+                         "page_size": built[(name, frac)].resolve_page_size(args.page_size),
                          "budget_fraction": frac, "budget": None if frac is None else int(ctx * frac),
                          "passkey": f"{hits}/{len(res)}", "hits": hits, "samples": len(res),
                          "policy_config": built[(name, frac)].to_config(),
@@ -85,74 +81,67 @@ def main(argv=None) -> int:
                          "answers": [{"depth": r.depth, "key": r.key, "answer": r.answer, "correct": r.correct}
                                      for r in res]})
             print(f"ctx {ctx} {name:6s} fraction {frac}: {rows[-1]['passkey']}", flush=True)
-        write(out, rows, args, argv)
-    write(out, rows, args, argv)
-    print(out.with_suffix(".md").read_text())
+        write(out, rows)
     return 0
 
 
 @torch.inference_mode()
-def shared_prefill(model, tok, built: dict, configs: list, ctx: int, depths: list[float], page_size: int) -> dict:
-    """Per depth: one dense prefill, then each policy decodes 8 tokens greedily on a fork."""
+def shared_prefill(model, tok, built: dict, configs: list, ctx: int, depths: list[float],
+                   page_size: int | None) -> dict:
+    """Per depth and page size: one dense prefill, then each policy with that page size
+    (`policy.resolve_page_size(page_size)`) decodes 8 tokens greedily on a fork."""
     import random
 
     from kvkit.integrations.hf import KVKitCache
     rng = random.Random(0)  # as kvkit.evaluate.passkey(seed=0)
     results: dict = {c: [] for c in configs}
+    by_size: dict[int, list] = {}
+    for c in configs:
+        by_size.setdefault(built[c].resolve_page_size(page_size), []).append(c)
     for depth in depths:
         key = str(rng.randint(10000, 99999))
         ids = evaluate.passkey_prompt(tok, ctx, depth, key)
-        cache = KVKitCache(model, policies.get("quest"), page_size=page_size)  # a store with key bounds
-        start = time.perf_counter()
-        first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        prefill_s = time.perf_counter() - start
-        root = cache.seqs[0]
-        for c in configs:
-            child = cache.store.fork(root)
-            cache.seqs, cache.policy, cache.decode_seconds = [child], built[c], 0.0
-            new = [first]
-            for _ in range(7):  # evaluate.passkey generates 8 tokens: 1 from the prefill, 7 decoded
-                new.append(model(new[-1], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True))
-            answer = tok.decode(torch.cat(new, 1)[0], skip_special_tokens=True)
-            results[c].append(evaluate.PasskeyResult(
-                policy=built[c].name, context_tokens=int(ids.shape[1]), depth=depth, key=key,
-                answer=answer.strip(), correct=key in answer, kv_bytes=cache.store.nbytes(),
-                kv_bytes_dense_equivalent=cache.store.stats().nbytes_dense_equivalent,
-                decode_ms_per_token=1000 * cache.decode_seconds / 7))
-            cache.store.free(child)
-            cache.seqs = [root]
-        print(f"  ctx {ctx} depth {depth:.2f} key {key}: prefill {prefill_s:.0f} s | " +
-              " ".join(f"{n}{'' if f is None else f'@{f:g}'}:{'Y' if results[(n, f)][-1].correct else 'n'}"
-                       for n, f in configs), flush=True)
+        for size, group in sorted(by_size.items()):
+            cache = KVKitCache(model, policies.get("quest"), page_size=size)  # a store with key bounds
+            start = time.perf_counter()
+            first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            prefill_s = time.perf_counter() - start
+            root = cache.seqs[0]
+            for c in group:
+                child = cache.store.fork(root)
+                cache.seqs, cache.policy, cache.decode_seconds = [child], built[c], 0.0
+                new = [first]
+                for _ in range(7):  # evaluate.passkey generates 8 tokens: 1 from the prefill, 7 decoded
+                    new.append(model(new[-1], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True))
+                answer = tok.decode(torch.cat(new, 1)[0], skip_special_tokens=True)
+                results[c].append(evaluate.PasskeyResult(
+                    policy=built[c].name, context_tokens=int(ids.shape[1]), depth=depth, key=key,
+                    answer=answer.strip(), correct=key in answer, kv_bytes=cache.store.nbytes(),
+                    kv_bytes_dense_equivalent=cache.store.stats().nbytes_dense_equivalent,
+                    decode_ms_per_token=1000 * cache.decode_seconds / 7))
+                cache.store.free(child)
+                cache.seqs = [root]
+            print(f"  ctx {ctx} depth {depth:.2f} key {key} page {size}: prefill {prefill_s:.0f} s | " +
+                  " ".join(f"{n}{'' if f is None else f'@{f:g}'}:{'Y' if results[(n, f)][-1].correct else 'n'}"
+                           for n, f in group), flush=True)
     return results
 
 
-def write(out: Path, rows: list[dict], args, argv) -> None:
-    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python bench/selection_quality.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    result = {"bench": "selection_quality", "command": command,
-              "method": "kvkit.evaluate.passkey per row" if args.evaluate else
-              "one dense prefill per (context, depth), each policy decodes on a fork (see module docstring)", "git": git("rev-parse", "--short", "HEAD"),
-              "dirty": bool(git("status", "--porcelain")),
-              "machine": {"device": "cpu", "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "python": platform.python_version(),
-                          "shared": "2 cores shared by ~6 concurrent sessions; times are noisy"},
-              "model": "SmolLM2-135M-Instruct (float32, transformers, KVKitCache)", "page_size": args.page_size,
-              "rows": sorted(rows, key=lambda r: (r["context"], POLICIES.index(r["policy"]), r["budget"] or 0))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"passkey retrieval through page/token selection — SmolLM2-135M, float32, cpu, page {args.page_size}, "
-          f"git {result['git']}{' (dirty)' if result['dirty'] else ''}; machine shared by ~6 sessions", "",
-          f"`{command}`", "",
-          "| context | policy | budget (tokens/KV head) | passkey | decode attention ms/token |",
-          "|---------|--------|-------------------------|---------|---------------------------|"]
-    for r in result["rows"]:
-        b = "–" if r["budget"] is None else f"{r['budget']} ({r['budget_fraction']:g})"
-        md.append(f"| {r['context_tokens']} | {r['policy']} | {b} | {r['passkey']} | {r['decode_attention_ms_per_token']} |")
-    md += ["", "Defaults: quest/lserve read dense in layers 0-1, sink 4 + window 32 tokens from the budget, GQA "
-           "bound reduced by max; lserve groups 4 pages, keeps 2x budget at level 1, reuses for 4 steps; tidal "
-           "selects in layers 2 and 14 (full attention there), dense before layer 2."]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+def write(out: Path, rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: (r["context"], POLICIES.index(r["policy"]), r["budget"] or 0))
+    table = markdown_table(
+        ["context", "policy", "page", "budget (tokens/KV head)", "passkey", "decode attention ms/token"],
+        [[r["context_tokens"], r["policy"], r["page_size"],
+          "–" if r["budget"] is None else f"{r['budget']} ({r['budget_fraction']:g})", r["passkey"],
+          r["decode_attention_ms_per_token"]] for r in rows])
+    table += ("\n\nMethod: " + METHOD + "\nDefaults: quest reads dense in layers 0-1 with 8-token pages, sink 4 + "
+              "window 32 tokens from the budget, GQA bound reduced by max; lserve (16-token pages) groups 4 pages, keeps "
+              "2x budget at level 1, reuses for 4 steps; tidal selects in layers 2 and 14 (full attention there), "
+              "dense before layer 2. Decode ms/token is the mean wall time of kvkit's reference decode path (float32), "
+              "not a speed measure: see bench/results/speed.md.")
+    write_results(out.name, {"method": METHOD, "model": "SmolLM2-135M-Instruct (float32, transformers, KVKitCache)",
+                             "rows": rows}, "passkey retrieval through page/token selection, SmolLM2-135M float32",
+                  table, out.parent)
 
 
 if __name__ == "__main__":

@@ -16,30 +16,31 @@ Two paths are timed for the selectors:
   `FullSelector` + the same decode. Reported for transparency.
 
     OMP_NUM_THREADS=1 python bench/speed.py --context 8192 --budget 1024
+    OMP_NUM_THREADS=1 python bench/speed.py --page-size 8 --out bench/results/speed_page8
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kvkit import PagedKVStore, policies
-from kvkit.attention import decode
-from kvkit.attention.fast import dense_decode_fast, quest_decode_fast, sparse_decode_fast
-from kvkit.policies.selectors.quest import LServeSelector, forced_from_positions, quest_scores, top_pages
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import RESULTS, markdown_table, write_results  # noqa: E402
+
+from kvkit import PagedKVStore, policies  # noqa: E402
+from kvkit.attention import decode  # noqa: E402
+from kvkit.attention.fast import dense_decode_fast, quest_decode_fast, sparse_decode_fast  # noqa: E402
+from kvkit.policies.selectors.quest import LServeSelector, forced_from_positions, quest_scores, top_pages  # noqa: E402
 
 HQ, HKV, D, LAYERS = 9, 3, 64, 30
-RESULTS = Path(__file__).parent / "results"
 
 
 def timeit(fn, warmup: int, reps: int) -> dict[str, float]:
@@ -77,19 +78,6 @@ def build(context: int, page_size: int, dtype: torch.dtype, layers: int, seed: i
     return store, seq, dense
 
 
-def machine() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-        except OSError:
-            return ""
-    return {"device": "cpu", "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-            platform.machine(), "load_avg_1m_at_start": os.getloadavg()[0],
-            "shared": "2 cores shared by ~6 concurrent sessions; timings are noisy",
-            "git": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=int, default=8192)
@@ -106,6 +94,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_at_start = os.getloadavg()[0]
     ctx, S = args.context, args.page_size
     budget_pages = args.budget // S
     q = torch.randn(1, HQ, D)
@@ -210,12 +199,31 @@ def main(argv=None) -> int:
                     continue
                 kp, vp, _ = pools[layer]
                 quest_decode_fast(q, kp, vp, *bounds[layer], tables[layer], [ctx], budget_pages, sink, window)
+        lsel_step = LServeSelector(budget=args.budget, sink=sink, window=window, group=4, coarse=2, reuse_steps=4)
+
+        def lserve_all4(dense_layers=2):  # 4 decode steps: one refresh of the selection, 3 reuses
+            kept = {}
+            for step in range(lsel_step.reuse_steps):
+                for layer in range(LAYERS):
+                    if layer < dense_layers:
+                        dense_decode_fast(q, *dense[layer])
+                        continue
+                    kp, vp, slot_pos = pools[layer]
+                    if step == 0:
+                        forced = forced_from_positions(slot_pos, tables[layer], lengths, sink, window)
+                        scores = torch.where(forced != 0, forced,
+                                             lsel_step._two_level_scores(store, layer, q, tables[layer], budget_pages))
+                        kept[layer] = top_pages(scores, tables[layer], budget_pages)
+                    sparse_decode_fast(q, kp, vp, kept[layer])
+
         def sdpa_all():
             for k, v in dense:
                 F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, enable_gqa=True)
         row("kernel", "dense_matmul", dtype, "step", timeit(dense_all, 3, args.step_reps))
         row("kernel", "dense_sdpa", dtype, "step", timeit(sdpa_all, 3, args.step_reps))
         row("kernel", "quest", dtype, "step", timeit(quest_all, 3, args.step_reps), dense_layers=2)
+        t4 = timeit(lserve_all4, 2, max(3, args.step_reps // 4))
+        row("kernel", "lserve", dtype, "step", {k2: t / lsel_step.reuse_steps for k2, t in t4.items()}, dense_layers=2)
         del store, dense
 
     # ---- ratios against the fastest dense of the same scope, same run ------------------------
@@ -234,38 +242,26 @@ def main(argv=None) -> int:
         if r["path"] == "library":
             r["speedup_vs_library_dense"] = round(lib_dense["decode_ms_p50"] / r["decode_ms_p50"], 2)
 
-    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python " + " ".join(
-        [str(Path(sys.argv[0]).as_posix())] + (argv if argv is not None else sys.argv[1:]))
-    result = {"bench": "speed", "command": command, "machine": machine(),
-              "geometry": {"layers": LAYERS, "num_qo_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
-                           "page_size": S, "batch": 1, "sink": sink, "window": window},
-              "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"decode attention, context {ctx}, budget {args.budget} tokens/KV head, page {S} — "
-          f"cpu, {torch.get_num_threads()} thread(s), torch {torch.__version__}, git {result['machine']['git']}"
-          f"{' (dirty)' if result['machine']['dirty'] else ''}; machine shared by ~6 sessions "
-          f"(load {result['machine']['load_avg_1m_at_start']:.1f}), timings noisy",
-          "", f"`{command}`", "",
-          "| path | scope | policy | dtype | CPU ms p50 | CPU ms p90 | vs fastest dense (CPU) | wall ms p50 | vs fastest dense (wall) |",
-          "|------|-------|--------|-------|------------|------------|------------------------|-------------|-------------------------|"]
-    for r in rows:
-        ratio = r.get("speedup_vs_fastest_dense", r.get("speedup_vs_library_dense"))
-        wratio = r.get("wall_speedup_vs_fastest_dense")
-        md.append(f"| {r['path']} | {r['scope']} | {r['policy']} | {r['dtype']} | {r['decode_ms_p50']:.4f} | "
-                  f"{r['decode_ms_p90']:.4f} | {ratio:.2f}x | {r['wall_ms_p50']:.4f} | "
-                  f"{'' if wratio is None else f'{wratio:.2f}x'} |")
-    md.append("")
-    md.append("Times are this thread's CPU time (`time.thread_time`, one torch thread), which leaves out the time the "
-              "shared machine gave to other sessions; wall times are beside them. "
-              "The fastest dense is the fastest of matmul-softmax and SDPA in fp32 and bf16 over contiguous K/V.")
-    md.append("`layer`: one layer; `step`: 30 layers (quest: first 2 dense). `library` rows compare against "
-              "the library's own dense path (FullSelector + kvkit.attention.decode), not the fastest dense. "
-              "lserve = (one refresh + 3 reuse steps) / 4; tidal_select = a selection layer (full attention + top-K), "
-              "tidal_reuse = a layer reading the chosen 1K tokens.")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    table = markdown_table(
+        ["path", "scope", "policy", "dtype", "CPU ms p50", "CPU ms p90", "vs fastest dense (CPU)", "wall ms p50",
+         "vs fastest dense (wall)"],
+        [[r["path"], r["scope"], r["policy"], r["dtype"], f"{r['decode_ms_p50']:.4f}", f"{r['decode_ms_p90']:.4f}",
+          f"{r.get('speedup_vs_fastest_dense', r.get('speedup_vs_library_dense')):.2f}x", f"{r['wall_ms_p50']:.4f}",
+          "" if r.get("wall_speedup_vs_fastest_dense") is None else f"{r['wall_speedup_vs_fastest_dense']:.2f}x"]
+         for r in rows])
+    table += ("\n\nTimes are this thread's CPU time (`time.thread_time`, one torch thread), which leaves out time "
+              "spent waiting for a core; wall times are beside them. The fastest dense is the fastest of "
+              "matmul-softmax and SDPA in fp32 and bf16 over contiguous K/V.\n"
+              "`layer`: one layer; `step`: 30 layers (quest, lserve: first 2 dense; lserve: 4 steps / 4). `library` rows compare against the "
+              "library's own dense path (FullSelector + kvkit.attention.decode), not the fastest dense. "
+              "lserve = (one refresh + 3 reuse steps) / 4; tidal_select = a selection layer (full attention + "
+              "top-K), tidal_reuse = a layer reading the chosen 1K tokens.")
+    write_results(Path(args.out).name, {
+        "load_avg_1m_at_start": load_at_start, "rows": rows,
+        "geometry": {"layers": LAYERS, "num_qo_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
+                     "page_size": S, "batch": 1, "sink": sink, "window": window}},
+        f"decode attention, context {ctx}, budget {args.budget} tokens/KV head, page {S}, "
+        f"{torch.get_num_threads()} torch thread(s), load {load_at_start:.1f} at start", table, Path(args.out).parent)
     return 0
 
 

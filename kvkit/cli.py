@@ -144,7 +144,8 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
-    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=None,
+                   help="tokens per page (default: the policy's own, else 16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     if policy:
         p.add_argument("--policy", default="dense", help="registered policy name (see `kvkit policies`)")

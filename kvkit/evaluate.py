@@ -65,7 +65,7 @@ def passkey_prompt(tokenizer, context_tokens: int, depth: float, key: str) -> to
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def make_cache(model, policy: Policy, page_size: int = 16):
+def make_cache(model, policy: Policy, page_size: int | None = None):
     from kvkit.integrations.hf import KVKitCache
     return KVKitCache(model, policy, page_size=page_size)
 
@@ -73,7 +73,7 @@ def make_cache(model, policy: Policy, page_size: int = 16):
 @torch.inference_mode()
 def passkey(model, tokenizer, policy: Policy, context_tokens: int = 2400,
             depths: Iterable[float] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
-            page_size: int = 16, progress: bool = True,
+            page_size: int | None = None, progress: bool = True,
             on_cache: Callable[[Policy, Any], None] | None = None) -> list[PasskeyResult]:
     """Hide a key at each depth, generate greedily through the policy's cache, check the answer.
 
@@ -114,7 +114,7 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, policy: Policy, text: str, tokens: int = 256,
-               context_tokens: int | None = None, page_size: int = 16,
+               context_tokens: int | None = None, page_size: int | None = None,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of the last `tokens` tokens of `text`, fed one at a time through the cache.
 

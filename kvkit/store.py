@@ -30,8 +30,10 @@ from kvkit.errors import OutOfPages, UnknownSequence
 
 __all__ = [
     "PagedKVStore", "PageStorage", "PageFormat", "DenseStorage", "PlainFormat", "Selection",
-    "StoreStats",
+    "StoreStats", "DEFAULT_PAGE_SIZE",
 ]
+
+DEFAULT_PAGE_SIZE = 16  # tokens per page unless the caller or the policy says otherwise
 
 
 class PageStorage(Protocol):
@@ -220,7 +222,7 @@ class PagedKVStore:
         [0, 1]
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = DEFAULT_PAGE_SIZE,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                  page_format: PageFormat | Sequence[PageFormat] | None = None,
                  max_pages: int | None = None, key_bounds: bool = False, slot_scores: bool = False):

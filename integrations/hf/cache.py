@@ -83,7 +83,7 @@ class KVKitCache(Cache):
     Args:
         model: the model (or its config) — a Llama-like decoder.
         policy: a Policy, a registered policy name, or None for "dense".
-        page_size: token slots per page.
+        page_size: token slots per page; None: the policy's own (`Policy.resolve_page_size`).
         max_pages: per-layer page cap (None: grow as needed).
         metrics: report each decode step to `kvkit.metrics` (pages and bytes read, time,
             sampled selection recall every `recall_every` layer-steps, resident bytes,
@@ -96,7 +96,7 @@ class KVKitCache(Cache):
     """
 
     def __init__(self, model: PreTrainedModel | Any, policy: Policy | str | None = None,
-                 page_size: int = 16, max_pages: int | None = None, metrics: bool = False,
+                 page_size: int | None = None, max_pages: int | None = None, metrics: bool = False,
                  recall_every: int = 16, **policy_params: Any):
         config = getattr(model, "config", model)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -109,7 +109,7 @@ class KVKitCache(Cache):
             raise ValueError(f"policy_params {sorted(policy_params)} only apply to a policy given by name")
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a kvkit Policy or a name, got {type(policy).__name__}")
-        self.policy, self.page_size, self.max_pages = policy, page_size, max_pages
+        self.policy, self.page_size, self.max_pages = policy, policy.resolve_page_size(page_size), max_pages
         self.store: PagedKVStore | None = None
         self.seqs: list[int] = []
         self.evicted = 0

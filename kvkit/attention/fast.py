@@ -14,9 +14,11 @@ D head_dim, N pages in the pool, T tokens per list.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -37,17 +39,20 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     idx = flat.clamp(min=0)
     k = k_cache.index_select(0, idx).view(B, Hkv, P * S, D)  # one copy of the selected pages
     v = v_cache.index_select(0, idx).view(B, Hkv, P * S, D)
-    qg = (q.view(B, Hkv, Hq // Hkv, D) * scale).to(k.dtype)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # [B, Hkv, G, P*S]
     valid = (flat >= 0).view(B, Hkv, P, 1)
     if slot_valid is not None:
         valid = valid & slot_valid.index_select(0, idx).view(B, Hkv, P, S)
     if slot_mask is not None:
         valid = valid & slot_mask
+    mask = None
     if slot_valid is not None or slot_mask is not None or bool((flat < 0).any()):
-        scores.masked_fill_(~valid.expand(B, Hkv, P, S).reshape(B, Hkv, 1, P * S), -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # all-masked rows -> 0
-    out = torch.matmul(probs.to(v.dtype), v)  # [B, Hkv, G, D]
+        G = Hq // Hkv
+        mask = valid.expand(B, Hkv, P, S).reshape(B, Hkv, 1, 1, P * S).expand(B, Hkv, G, 1, P * S)
+        mask = mask.reshape(B, Hq, 1, P * S)
+    out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(k.dtype), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)  # one fused op: see quest_decode_fast
+    if mask is not None:
+        out = out.nan_to_num_(0.0)  # a row with nothing selected -> 0, as sparse_decode_ref
     return out.view(B, Hq, D).to(q.dtype)
 
 
@@ -63,6 +68,21 @@ def dense_decode_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qg = (q.view(B, Hkv, Hq // Hkv, D) * scale).to(k.dtype)
     probs = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)), dim=-1, dtype=torch.float32)
     return torch.matmul(probs.to(v.dtype), v).view(B, Hq, D).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _forced_pages(seq_lens: tuple[int, ...], P: int, S: int, sink: int, window: int, device: str) -> torch.Tensor:
+    """`[B, 1, P]` to add to page scores: +inf on window pages, float32 max on sink pages, -inf
+    past the end, 0 elsewhere. Cached: every layer of a decode step asks for the same one (it is
+    never written to)."""
+    forced = torch.zeros(len(seq_lens), 1, P)
+    sink_pages = -(-sink // S)
+    for b, n in enumerate(seq_lens):
+        used = -(-n // S)
+        forced[b, :, used:] = -math.inf
+        forced[b, :, max(0, n - window) // S:used] = math.inf
+        forced[b, :, :min(sink_pages, used)] = torch.finfo(torch.float32).max
+    return forced.to(device)
 
 
 def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,7 +110,7 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     flat = page_table.reshape(-1)
     if any(u < P for u in used):  # padded lists: -1 entries
         flat = flat.clamp(min=0)
-    qf = q.view(B * Hkv, G, D).float() * scale  # a positive scale does not change the ranking
+    qf = q.view(B * Hkv, G, D).float()  # unscaled: a positive scale does not change the ranking
     # sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo, then max over the group's heads
     N = key_min.shape[0]
     if 2 * flat.numel() >= N:  # the batch owns most of the pool: score every page, no gather copy
@@ -103,22 +123,19 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         hi = key_max.index_select(0, flat).view(B * Hkv, P, D)
         score = torch.baddbmm(torch.bmm(qf.clamp(min=0), hi.transpose(1, 2)), qf.clamp(max=0), lo.transpose(1, 2))
         score = score.amax(1).view(B, Hkv, P)
-    sink_pages = -(-sink // S)
-    for b, n in enumerate(seq_lens):
-        if used[b] < P:
-            score[b, :, used[b]:] = -math.inf
-        score[b, :, max(0, n - window) // S:used[b]] = math.inf
-        score[b, :, :min(sink_pages, used[b])] = torch.finfo(torch.float32).max
+    score = score + _forced_pages(tuple(seq_lens), P, S, sink, window, str(q.device))
     k = min(budget_pages, P)
     top = score.topk(k, dim=-1, sorted=False).indices  # [B, Hkv, K] list entries
     pages = page_table.gather(-1, top).view(-1)
-    kk = k_cache.index_select(0, pages).view(B * Hkv, k * S, D)
-    vv = v_cache.index_select(0, pages).view(B * Hkv, k * S, D)
-    att = torch.bmm(qf.to(kk.dtype), kk.transpose(1, 2))  # [B*Hkv, G, K*S]
+    kk = k_cache.index_select(0, pages).view(B, Hkv, k * S, D)
+    vv = v_cache.index_select(0, pages).view(B, Hkv, k * S, D)
+    mask = None
     if any(n % S or u < k for n, u in zip(seq_lens, used)):  # a partial newest page, or padding picked
         pos = (top * S)[..., None] + torch.arange(S, device=q.device)  # [B, Hkv, K, S] positions
         lens = torch.tensor(seq_lens, device=q.device).view(B, 1, 1, 1)
-        att = att.float().masked_fill_((pos >= lens).view(B * Hkv, 1, k * S), -math.inf)
-    probs = torch.softmax(att, dim=-1, dtype=torch.float32)
-    out = torch.bmm(probs.to(vv.dtype), vv).view(B, Hq, D).to(q.dtype)
+        mask = (pos < lens).view(B, Hkv, 1, 1, k * S).expand(B, Hkv, G, 1, k * S).reshape(B, Hq, 1, k * S)
+    # one fused SDPA call over the gathered pages: fewer ops than matmul-softmax-matmul, and
+    # the fastest attention over a few K tokens on this CPU (bench/speed.py)
+    out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(kk.dtype), kk, vv, attn_mask=mask,
+                                         scale=scale, enable_gqa=True).view(B, Hq, D).to(q.dtype)
     return out, top

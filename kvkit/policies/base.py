@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 import torch
 
 from kvkit.errors import ConfigError
-from kvkit.store import PagedKVStore, PageStorage, Selection
+from kvkit.store import DEFAULT_PAGE_SIZE, PagedKVStore, PageStorage, Selection
 
 if TYPE_CHECKING:
     from kvkit.attention.ref import AttentionStats
@@ -138,9 +138,12 @@ class Policy:
     codec: Codec = field(default_factory=lambda: _default("codec"))
     rules: tuple[Rule, ...] = ()
     name: str = "custom"
+    page_size: int | None = None  # tokens per page this policy was tuned for; None: the caller's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.page_size is not None and (not isinstance(self.page_size, int) or self.page_size < 1):
+            raise ValueError(f"Policy.page_size must be a positive int or None, got {self.page_size!r}")
         for role, base in (("selector", Selector), ("evictor", Evictor), ("codec", Codec)):
             if not isinstance(getattr(self, role), base):
                 raise TypeError(f"Policy.{role} must be a {base.__name__}, got {getattr(self, role)!r}")
@@ -178,12 +181,20 @@ class Policy:
     def needs_attention(self) -> bool:
         return any(isinstance(c, Evictor) and c.needs_attention for c in self.components())
 
-    def make_store(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
+    def resolve_page_size(self, page_size: int | None = None) -> int:
+        """The page size a store for this policy gets: the caller's if given, else the policy's
+        own (`quest` is tuned for 8-token pages), else `DEFAULT_PAGE_SIZE`."""
+        if page_size is not None:
+            return page_size
+        return self.page_size if self.page_size is not None else DEFAULT_PAGE_SIZE
+
+    def make_store(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int | None = None,
                    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                    max_pages: int | None = None) -> PagedKVStore:
-        """A store laid out for this policy: its codecs per layer, the summaries its parts need."""
+        """A store laid out for this policy: its codecs per layer, the summaries its parts need.
+        `page_size` None: `resolve_page_size()`."""
         return PagedKVStore(
-            num_layers, num_kv_heads, head_dim, page_size=page_size, dtype=dtype, device=device,
+            num_layers, num_kv_heads, head_dim, page_size=self.resolve_page_size(page_size), dtype=dtype, device=device,
             page_format=[self.codec_for(layer) for layer in range(num_layers)], max_pages=max_pages,
             key_bounds=any(isinstance(c, Selector) and c.needs_key_bounds for c in self.components()),
             slot_scores=any(isinstance(c, Evictor) and c.needs_attention for c in self.components()),
@@ -231,7 +242,7 @@ class Policy:
             rules.append(d)
         return {"name": self.name, "selector": _component_config(self.selector),
                 "evictor": _component_config(self.evictor), "codec": _component_config(self.codec),
-                "rules": rules}
+                "rules": rules, "page_size": self.page_size}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Policy:
@@ -249,7 +260,7 @@ class Policy:
                 return policies.get(cfg["name"], **(cfg.get("params") or {}))
             except (TypeError, ValueError) as e:
                 raise ConfigError(str(e)) from e
-        known = {"name", "selector", "evictor", "codec", "rules"}
+        known = {"name", "selector", "evictor", "codec", "rules", "page_size"}
         if unknown := sorted(set(cfg) - known):
             raise ConfigError(f"policy config does not take {unknown}; it takes {sorted(known)}")
         kwargs: dict[str, Any] = {role: _component_from_config(role, cfg[role])
@@ -267,7 +278,11 @@ class Policy:
                 rules.append(Rule(layers=r.get("layers"), heads=r.get("heads"), **parts))
             except ValueError as e:
                 raise ConfigError(f"rules[{i}]: {e}") from e
-        return cls(**kwargs, rules=tuple(rules), name=str(cfg.get("name", "custom")))
+        try:
+            return cls(**kwargs, rules=tuple(rules), name=str(cfg.get("name", "custom")),
+                       page_size=cfg.get("page_size"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:

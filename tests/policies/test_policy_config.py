@@ -43,10 +43,21 @@ def test_config_round_trips_through_json():
     ({"colour": 1}, r"does not take \['colour'\]"),
     ({"rules": [{"heads": [0], "codec": {"type": "int8"}}]}, "codec applies to whole layers"),
     ({"name": "nope", "params": {}}, "unknown policy 'nope'"),
+    ({"page_size": 0}, "page_size must be a positive int"),
+    ({"page_size": "8"}, "page_size must be a positive int"),
 ])
 def test_bad_configs_raise_config_error(cfg, match):
     with pytest.raises(ConfigError, match=match):
         Policy.from_config(cfg)
+
+
+def test_page_size_comes_from_the_caller_then_the_policy_then_the_default():
+    quest = policies.get("quest", budget=64)
+    assert quest.page_size == 8 and Policy.from_config(json.loads(json.dumps(quest.to_config()))) == quest
+    assert quest.make_store(2, 3, 16).page_size == 8
+    assert quest.make_store(2, 3, 16, page_size=32).page_size == 32
+    assert policies.get("quest", page_size=None).make_store(2, 3, 16).page_size == 16
+    assert policies.get("dense").make_store(2, 3, 16).page_size == 16
 
 
 def test_corrupt_config_file_is_reported(tmp_path):

@@ -135,21 +135,22 @@ class QuestSelector(Selector):
     Memory: a min and a max key per page, 2/page_size of the key bytes (float32), counted in
     `store.nbytes()`.
 
-    What works on SmolLM2-135M (GQA 9:3, 30 layers), passkey, 16-token pages, 6 depths, greedy
-    (`bench/selection_quality.py`, results in bench/results/selection_quality.md):
-    - with these defaults (max over the group, layers 0-1 dense, sink 4 + window 32 taken from
-      the budget) Quest keeps 6/6 at 2.4K for budgets 1/8 (300 tokens) and 1/4, 5/6 at 4.8K
-      for 1/8 (600) and 6/6 at 1/4. At 2.4K and 1/8 the variants tried all keep 6/6 or lose
-      one: reduce max, sum, no dense layers: 6/6; softmax-reduce 5/6; window 128: 5/6.
-    - the budget split matters most: the window comes out of the same budget, so a long one
-      starves the retrieved pages. At 2.4K and 1/16 (150 tokens): window 32: 3/6, window 96:
-      1/6, window 64 + sum + no dense layers (a "plain" Quest): 2/6.
-    - at 1/16 the GQA reduce and the dense first layers do not rescue flat Quest (max 3/6,
-      sum 3/6, softmax 4/6, 0 / 2 / 4 dense layers 3/6 each), but LServe's two-level selection
-      with reuse (`LServeSelector`) and TidalDecode keep 6/6 there: see `LServeSelector`.
+    What works on SmolLM2-135M (GQA 9:3, 30 layers), passkey, greedy
+    (`bench/selection_quality.py`, results in bench/results/selection_quality*.md):
+    - the page size matters most. Over 12 depths at 2.4K and 4.8K, with 16-token pages Quest
+      keeps 8-11/12 at budgets 1/8 and 1/4 (reduce max 8-11, sum 9-11, softmax 10-12); with
+      8-token pages it keeps 12/12 in every one of those cells, so `quest()` asks for 8-token
+      pages (`Policy.page_size`). A smaller page gives a tighter bound: a 16-token page around
+      the needle also holds filler whose keys widen the box. 32-token pages lose more. The
+      cost: twice as many bounds to score and store (2 x float32 per page and channel).
+    - the budget split: the window comes out of the same budget, so a long one starves the
+      retrieved pages. At 2.4K and 1/16 (150 tokens, 16-token pages): window 32: 3/6, window
+      96: 1/6, window 64 + sum + no dense layers (a "plain" Quest): 2/6.
+    - at 1/16 the GQA reduce and the dense first layers do not rescue flat Quest on 16-token
+      pages (max 3/6, sum 3/6, softmax 4/6, 0 / 2 / 4 dense layers 3/6 each), but LServe's
+      two-level selection with reuse (`LServeSelector`) and TidalDecode keep 6/6 there.
     - `reduce="max"` is the default: it keeps Quest's per-head guarantee (a page any query
-      head of the group bounds high stays in), and sum/mean (same ranking) were never better.
-    Page sizes other than 16 were not measured (no time on the shared machine).
+      head of the group bounds high stays in); with 8-token pages the reduces tie.
 
     Limits: the bound is an upper bound, not the score; heads whose keys spread widely over a
     channel get loose bounds everywhere. The score is computed over every page each step (no
@@ -281,20 +282,21 @@ class LServeSelector(Selector):
 
 
 # ---- named policies ------------------------------------------------------------------------
-def _dense_first(selector: Selector, dense_layers: int, name: str) -> Policy:
+def _dense_first(selector: Selector, dense_layers: int, name: str, page_size: int | None = None) -> Policy:
     if not isinstance(dense_layers, int) or dense_layers < 0:
         raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
     rules = (Rule(layers=tuple(range(dense_layers)), selector=FullSelector()),) if dense_layers else ()
-    return Policy(selector=selector, rules=rules, name=name)
+    return Policy(selector=selector, rules=rules, name=name, page_size=page_size)
 
 
 @register("quest")
 def quest(budget: int = 1024, sink: int = 4, window: int = 32, reduce: str = "max",
-          dense_layers: int = 2) -> Policy:
+          dense_layers: int = 2, page_size: int | None = 8) -> Policy:
     """Quest (arXiv:2406.10774): top pages by the key min/max bound of q·k within `budget`
-    tokens per KV head; the first `dense_layers` layers read everything."""
+    tokens per KV head; the first `dense_layers` layers read everything. Tuned for 8-token
+    pages (the store's page size unless the caller sets one; see `QuestSelector`)."""
     return _dense_first(QuestSelector(budget=budget, sink=sink, window=window, reduce=reduce),
-                        dense_layers, "quest")
+                        dense_layers, "quest", page_size)
 
 
 @register("lserve")
