@@ -76,3 +76,18 @@ def tiny_llama_config(**overrides):
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     params.update(overrides)
     return LlamaConfig(**params)
+
+
+def tiny_llama_generate(policy: str = "dense", page_size: int = 8, new_tokens: int = 12, **params):
+    """Greedy tokens of a seeded tiny random Llama (`tiny_llama_config`) on two seeded
+    120-token prompts, through `KVKitCache(model, policy, page_size, **params)`.
+    Returns (tokens `[2, 120 + new_tokens]`, the cache)."""
+    from transformers import LlamaForCausalLM
+
+    from kvkit.integrations.hf import KVKitCache
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    ids = torch.randint(3, 256, (2, 120), generator=torch.Generator().manual_seed(0))
+    cache = KVKitCache(model, policy, page_size=page_size, **params)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out, cache

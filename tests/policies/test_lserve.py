@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from kvkit import policies
 from kvkit.attention import decode
-from kvkit.integrations.hf import KVKitCache
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector
-from kvkit.testing import random_store as make_store, tiny_llama_config
+from kvkit.testing import random_store as make_store, tiny_llama_generate
 
 
 def append_one(store, seqs, seed):
@@ -119,15 +117,10 @@ def test_registry_and_config_round_trip():
 
 
 def test_tiny_llama_full_budget_equals_dense_and_small_budget_runs():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
-    ids = torch.randint(3, 256, (2, 120), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    dense = model.generate(ids, past_key_values=KVKitCache(model, "dense", page_size=8), **kw)
-    big = model.generate(ids, past_key_values=KVKitCache(model, "lserve", page_size=8, budget=4096), **kw)
-    assert torch.equal(big, dense)
-    cache = KVKitCache(model, "lserve", page_size=8, budget=48, window=16, reuse_steps=3, dense_layers=1)
-    assert model.generate(ids, past_key_values=cache, **kw).shape == dense.shape
+    dense, _ = tiny_llama_generate("dense")
+    assert torch.equal(tiny_llama_generate("lserve", budget=4096)[0], dense)
+    small, cache = tiny_llama_generate("lserve", budget=48, window=16, reuse_steps=3, dense_layers=1)
+    assert small.shape == dense.shape
     assert ("lserve", 2, (0, 1)) in cache.store.policy_state(cache.seqs[0])
 
 

@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from kvkit import policies
 from kvkit.attention import decode
-from kvkit.integrations.hf import KVKitCache
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group
-from kvkit.testing import random_store as make_store, tiny_llama_config
+from kvkit.testing import random_store as make_store, tiny_llama_generate
 
 
 def plant(store, seq, head, position, key):
@@ -120,21 +118,10 @@ def test_registry_and_config_round_trip():
     assert p.make_store(4, 3, 16).key_bounds(0)[0].shape == (0, 16)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config()).eval()
-
-
-def test_tiny_llama_full_budget_equals_dense_and_small_budget_runs(tiny):
-    ids = torch.randint(3, 256, (2, 120), generator=torch.Generator().manual_seed(0))
-    dense = tiny.generate(ids, past_key_values=KVKitCache(tiny, "dense", page_size=8), max_new_tokens=12,
-                          do_sample=False, pad_token_id=0)
-    big = tiny.generate(ids, past_key_values=KVKitCache(tiny, "quest", page_size=8, budget=4096),
-                        max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(big, dense)
-    cache = KVKitCache(tiny, "quest", page_size=8, budget=48, window=16, dense_layers=1)
-    small = tiny.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, pad_token_id=0)
+def test_tiny_llama_full_budget_equals_dense_and_small_budget_runs():
+    dense, _ = tiny_llama_generate("dense")
+    assert torch.equal(tiny_llama_generate("quest", budget=4096)[0], dense)
+    small, cache = tiny_llama_generate("quest", budget=48, window=16, dense_layers=1)
     assert small.shape == dense.shape
     assert cache.store.stats().tokens_resident == 2 * 3 * 2 * (120 + 11)  # selection never evicts
 

@@ -4,14 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from kvkit import PagedKVStore, policies
 from kvkit.attention import decode
-from kvkit.integrations.hf import KVKitCache
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.selectors.tidal import TidalSelector
-from kvkit.testing import tiny_llama_config
+from kvkit.testing import tiny_llama_generate
 
 LAYERS = 4
 
@@ -127,16 +125,10 @@ def test_registry_cli_and_config_round_trip():
 
 
 def test_tiny_llama_full_budget_equals_dense_and_small_budget_runs():
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
-    ids = torch.randint(3, 256, (2, 120), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    dense = model.generate(ids, past_key_values=KVKitCache(model, "dense", page_size=8), **kw)
-    big = model.generate(ids, past_key_values=KVKitCache(model, "tidal", page_size=8, budget=4096,
-                                                           selection_layers=[1]), **kw)
-    assert torch.equal(big, dense)
-    cache = KVKitCache(model, "tidal", page_size=8, budget=40, window=16, selection_layers=[1])
-    assert model.generate(ids, past_key_values=cache, **kw).shape == dense.shape
+    dense, _ = tiny_llama_generate("dense")
+    assert torch.equal(tiny_llama_generate("tidal", budget=4096, selection_layers=[1])[0], dense)
+    small, cache = tiny_llama_generate("tidal", budget=40, window=16, selection_layers=[1])
+    assert small.shape == dense.shape
     n, layer, chosen = cache.store.policy_state(cache.seqs[1])[("tidal", (0, 1))]
     assert layer == 1 and chosen.shape == (1, 40) and n == 120 + 11
 
