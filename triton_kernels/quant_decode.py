@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_device, dot_mode, list_lengths, pow2
+from ._common import check_device, dot_mode, pow2
 from ._lse_merge import _lse_merge_kernel
 from ._quant_decode import _quant_decode_kernel
 from .layout import LowRank, QuantPages, check_quant_pages
-from .sparse_decode import FLOAT_DTYPES, as_u8, check_decode_args, choose_num_splits
+from .sparse_decode import FLOAT_DTYPES, as_u8, check_decode_args, split_plan
 
 MAX_RANK = 64
 
@@ -62,16 +62,8 @@ def quant_decode(q: torch.Tensor, k: QuantPages, v: QuantPages, page_table: torc
     check_device(_quant_decode_kernel, "quant_decode", q, k.codes, k.scale, v.codes, v.scale, page_table,
                  slot_valid, slot_mask)
     scale = scale if scale is not None else D ** -0.5
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    page_table = page_table.contiguous()
-    slot_mask = slot_mask.contiguous() if slot_mask is not None else None
-    lens = list_lengths(page_table).reshape(-1)
-    NS = num_splits or choose_num_splits(B * Hkv, P, S)
-    pages_per_split = max(1, -(-P // NS))
-    o_part = torch.empty(B, Hq, NS, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    q, page_table, slot_mask, lens, NS, pages_per_split, o_part, lse_part, out, lse = split_plan(
+        q, page_table, slot_mask, S, num_splits)
     if B == 0 or Hq == 0:
         return out, lse
     dummy = q.new_empty(1)

@@ -57,6 +57,25 @@ def check_decode_args(name: str, q: torch.Tensor, k_shape, page_table: torch.Ten
     return B, Hq, Hkv, Hq // Hkv, P, N, S, D
 
 
+def split_plan(q: torch.Tensor, page_table: torch.Tensor, slot_mask: torch.Tensor | None, page_size: int,
+               num_splits: int | None):
+    """What both split-K decode launchers set up: contiguous inputs, list lengths `[B*Hkv]`,
+    the number of splits and pages per split, the per-split partial outputs and the outputs.
+    Returns (q, page_table, slot_mask, lens, NS, pages_per_split, o_part, lse_part, out, lse)."""
+    B, Hq, D = q.shape
+    Hkv, P = page_table.shape[1], page_table.shape[2]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    page_table = page_table.contiguous()
+    slot_mask = slot_mask.contiguous() if slot_mask is not None else None
+    lens = list_lengths(page_table).reshape(-1)  # [B*Hkv]
+    NS = num_splits or choose_num_splits(B * Hkv, P, page_size)
+    o_part = torch.empty(B, Hq, NS, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    return q, page_table, slot_mask, lens, NS, max(1, -(-P // NS)), o_part, lse_part, out, lse
+
+
 def as_u8(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """A bool tensor viewed as uint8 (no copy), or a dummy pointer when absent."""
     if mask is None:
@@ -94,16 +113,8 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     check_device(_sparse_decode_kernel, "sparse_decode", q, k_cache, v_cache, page_table, slot_valid, slot_mask)
     scale = scale if scale is not None else D ** -0.5
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    page_table = page_table.contiguous()
-    slot_mask = slot_mask.contiguous() if slot_mask is not None else None
-    lens = list_lengths(page_table).reshape(-1)  # [B*Hkv]
-    NS = num_splits or choose_num_splits(B * Hkv, P, S)
-    pages_per_split = max(1, -(-P // NS))
-    o_part = torch.empty(B, Hq, NS, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, NS, dtype=torch.float32, device=q.device)
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    q, page_table, slot_mask, lens, NS, pages_per_split, o_part, lse_part, out, lse = split_plan(
+        q, page_table, slot_mask, S, num_splits)
     if B == 0 or Hq == 0:
         return out, lse
     valid_u8, mask_u8 = as_u8(slot_valid, q), as_u8(slot_mask, q)
