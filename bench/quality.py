@@ -60,6 +60,11 @@ def main(argv=None) -> int:
         rows.append([spec, *(row[f"passkey_{c}"] for c in args.contexts), f"{row['perplexity']:.3f}",
                      f"{row['ppl_vs_dense']:.3f}x", f"{row['ppl_kv_bytes'] / 2**20:.1f} MiB",
                      f"{row['kv_bytes_vs_dense']:.2f}x"])
+        write(args, rows, records)  # after every policy: a long sweep that is stopped keeps its rows
+    return 0
+
+
+def write(args, rows: list, records: list) -> None:
     header = ["policy", *(f"passkey @{c}" for c in args.contexts), "perplexity", "vs dense",
               "resident KV (ppl run)", "vs dense"]
     table = markdown_table(header, rows)
@@ -69,7 +74,6 @@ def main(argv=None) -> int:
                               "ppl_context": args.ppl_context, "depths": args.depths, "rows": records},
                   f"quality (passkey x{args.depths} depths, perplexity of {Path(args.ppl_file).name})",
                   table + note)
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ transformers path (bench/results/selection_quality.md)? Same prompts, keys and c
 `kvkit.evaluate.passkey` (seed 0, depths spread evenly), 8 greedy tokens, the embedded
 SmolLM2 in bf16. Each policy runs in its own engine process (the backend override is global to
 a process); all depths of a context go in one batch. vLLM's page is its block: 32 tokens, the
-smallest the CPU attention kernel takes, so quest's own 8-token pages are not available here.
+smallest the CPU attention kernel takes; quest reads whole blocks but scores each by the best of
+its 8-token sub-pages (integrations/vllm/backend.py).
 
     .venv-vllm/bin/python bench/vllm_passkey.py --ctx 2400 4800 --samples 6
 """
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         ["context", "policy", "budget (tokens/KV head)", "passkey", "generate s (all depths, one batch)"],
         [[r["context_tokens"], r["policy"], "–" if r["budget"] is None else f"{r['budget']} ({r['budget_fraction']:g})",
           f"{r['hits']}/{r['samples']}", r["seconds"]] for r in rows])
-    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, block size {BLOCK} (= quest's page here), "
-              "prefix caching off, 8 greedy tokens; quest reads layers 0-1 dense, sink 4 + window 32 from the budget.")
+    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, block size {BLOCK} (quest reads whole blocks "
+              "and scores each by its best 8-token sub-page), prefix caching off, 8 greedy tokens; quest reads layers 0-1 "
+              "dense, sink 4 + window 32 from the budget. The times are wall seconds of one batch on a machine shared "
+              "with other benchmarks: not a speed comparison.")
     write_results("vllm_passkey", {"rows": rows, "block_size": BLOCK}, "passkey through vLLM: stock vs kvkit quest",
                   table)
     return 0
