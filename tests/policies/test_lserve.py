@@ -132,3 +132,28 @@ def test_smollm2_passkey_at_one_eighth_budget():
     results = passkey(model, tok, policies.get("lserve", budget=2400 // 8), context_tokens=2400,
                       depths=(0.5,), progress=False)
     assert all(r.correct for r in results), [(r.key, r.answer) for r in results]
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum", "softmax"])
+@pytest.mark.parametrize("name", ["quest", "lserve"])
+def test_a_short_sequence_scores_the_same_alone_and_in_a_ragged_batch(name, reduce):
+    """Padding entries of a ragged batch take no part in a sequence's scores (softmax included)."""
+    from kvkit.policies.selectors.quest import quest_scores
+
+    batch, seqs = make_store([200, 37], seed=3)
+    alone, seq = batch, seqs[1]  # the short one listed by itself: no padding
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 16, generator=g)
+    if name == "lserve":
+        sel = LServeSelector(budget=48, window=8, group=2, reduce=reduce)
+        scores = sel._two_level_scores(batch, 0, q, batch.page_tables(seqs, 0), 6)
+        single = sel._two_level_scores(alone, 0, q[1:], alone.page_tables([seq], 0), 6)
+    else:
+        def scores_of(store, ids, qq):
+            kmin, kmax = store.key_bounds(0)
+            return quest_scores(qq, kmin, kmax, store.page_tables(ids, 0), store.slot_positions(0),
+                                torch.tensor([store.length(i, 0) for i in ids]), 4, 8, reduce)
+        scores, single = scores_of(batch, seqs, q), scores_of(alone, [seq], q[1:])
+    P = single.shape[-1]
+    assert torch.isinf(scores[1, :, P:]).all() and (scores[1, :, P:] < 0).all()
+    torch.testing.assert_close(scores[1:, :, :P], single)
