@@ -381,6 +381,31 @@ class PagedKVStore:
         self._release_empty(pool, table, {remap.get(p, p) for p in touched})
         return int(want.numel())
 
+    def compact(self, layers: Iterable[int] | None = None) -> int:
+        """Give back the memory eviction left unused; returns the bytes released.
+
+        In each layer with plain K/V pages: every (sequence, KV head) whose pages are its own
+        (not shared with a fork) gets its resident tokens packed, in position order, into as few
+        of its pages as they need, and the rest are released; then the pool shrinks to the pages
+        in use (page ids are renumbered). Slot-level eviction (H2O, A2SF) leaves holes in pages,
+        and the pool never shrinks on its own, so without this their savings stay on paper.
+        Key bounds of packed pages are recomputed (tight again). Layers with other page formats
+        are left as they are (moving a token between quantized pages would re-encode it).
+        Selections that policies reuse across steps (`policy_state`) are dropped: page ids change.
+        """
+        before = self.nbytes()
+        for layer in range(self.num_layers) if layers is None else layers:
+            pool = self._pools[self._check_layer(layer)]
+            if not isinstance(pool.storage, DenseStorage):
+                continue
+            for seq_layers in self._seqs.values():
+                for table in seq_layers[layer].heads:
+                    self._pack(pool, table)
+            self._shrink(pool, layer)
+        for state in self._policy_state.values():
+            state.clear()
+        return before - self.nbytes()
+
     # ---- reading ---------------------------------------------------------------------------
     def page_table(self, seq: int, layer: int, head: int) -> list[int]:
         """The pages of (seq, layer, head), in allocation order (a copy)."""
@@ -514,6 +539,60 @@ class PagedKVStore:
         S = self.page_size
         table.free_slots = [new * S + s % S if s // S == page else s for s in table.free_slots]
         return new
+
+    def _pack(self, pool: _Pool, table: _HeadTable) -> None:
+        """Move (seq, layer, head)'s resident tokens, in position order, to the front of its own
+        pages; release the pages left empty. Skipped when a page is shared."""
+        S, D = self.page_size, self.head_dim
+        held = len(table.pages) * S - len(table.free_slots)
+        need = -(-held // S)
+        if need == len(table.pages) or any(pool.refcount[p] > 1 for p in table.pages):
+            return
+        pages = torch.tensor(table.pages, dtype=torch.int64, device=self.device)
+        sp = pool.slot_pos[pages].reshape(-1).to(torch.int64)
+        live = (sp >= 0).nonzero(as_tuple=True)[0]
+        order = live[sp[live].argsort()]
+        src = pages[order // S] * S + order % S  # [held] flat slots, position order
+        keep = pages[:need]
+        dst = (keep[:, None] * S + torch.arange(S, device=self.device)).reshape(-1)[:held]
+        k, v = pool.storage.k.view(-1, D), pool.storage.v.view(-1, D)
+        k_rows, v_rows, pos = k[src].clone(), v[src].clone(), pool.slot_pos.view(-1)[src].clone()
+        scores = pool.scores.view(-1)[src].clone() if pool.scores is not None else None
+        pool.slot_pos[keep] = -1
+        k[dst], v[dst] = k_rows, v_rows
+        pool.slot_pos.view(-1)[dst] = pos
+        if scores is not None:
+            pool.scores[keep] = 0.0
+            pool.scores.view(-1)[dst] = scores
+        if pool.key_min is not None:
+            filled = (pool.slot_pos[keep] >= 0)[..., None]
+            rows = pool.storage.k[keep].to(pool.key_min.dtype)  # [need, S, D]
+            pool.key_min[keep] = torch.where(filled, rows, math.inf).amin(1)
+            pool.key_max[keep] = torch.where(filled, rows, -math.inf).amax(1)
+        for page in table.pages[need:]:
+            pool.release(page)
+        table.pages = table.pages[:need]
+        table.free_slots = [table.pages[-1] * S + s for s in range(held - (need - 1) * S, S)] if need else []
+
+    def _shrink(self, pool: _Pool, layer: int) -> None:
+        """Drop the free pages of a pool and renumber the pages in use, in order."""
+        used = [p for p in range(pool.capacity) if pool.refcount[p] > 0]
+        if len(used) == pool.capacity:
+            return
+        idx = torch.tensor(used, dtype=torch.int64, device=self.device)
+        pool.storage.k = pool.storage.k.index_select(0, idx)
+        pool.storage.v = pool.storage.v.index_select(0, idx)
+        pool.slot_pos = pool.slot_pos.index_select(0, idx)
+        for name in ("key_min", "key_max", "scores"):
+            if getattr(pool, name) is not None:
+                setattr(pool, name, getattr(pool, name).index_select(0, idx))
+        pool.refcount = [pool.refcount[p] for p in used]
+        pool.free_pages, pool.capacity = [], len(used)
+        new_id, S = {old: i for i, old in enumerate(used)}, self.page_size
+        for seq_layers in self._seqs.values():
+            for table in seq_layers[layer].heads:
+                table.pages = [new_id[p] for p in table.pages]
+                table.free_slots = [new_id[s // S] * S + s % S for s in table.free_slots]
 
     def _release_empty(self, pool: _Pool, table: _HeadTable, pages: set[int]) -> None:
         empty = [p for p in pages if not bool((pool.slot_pos[p] >= 0).any())]

@@ -111,6 +111,31 @@ def test_bad_dtype_layer_and_sequence_are_rejected():
         PagedKVStore(1, 1, 8, page_size=0)
 
 
+def test_compact_packs_holes_and_gives_the_bytes_back():
+    store = make(key_bounds=True)
+    seq = store.add_sequence()
+    k, v = kv(40)
+    store.append(seq, 0, k, v)
+    for h in range(H):
+        store.evict(seq, 0, h, range(1, 40, 2))  # every other token: 10 pages, each half full
+    before = store.nbytes()
+    assert store.stats().pages_used == 2 * 10
+    released = store.compact()
+    assert released > 0 and store.nbytes() == before - released
+    assert store.stats().pages_capacity == store.stats().pages_used == 2 * 5  # layer 0 packed, layer 1 empty
+    for h in range(H):
+        pos, kk, vv = store.read(seq, 0, h)
+        assert pos.tolist() == list(range(0, 40, 2))
+        assert torch.equal(kk, k[0::2, h]) and torch.equal(vv, v[0::2, h])
+    store.append(seq, 0, *kv(3, seed=1))  # goes on after the packed tokens
+    assert store.positions(seq, 0, 0).tolist()[-3:] == [40, 41, 42]
+    other = make()  # nothing evicted: compact gives back the pool's growth slack, then nothing
+    s2 = other.add_sequence()
+    other.append(s2, 0, *kv(9))
+    assert other.compact() > 0 and other.stats().pages_capacity == 2 * 3
+    assert other.compact() == 0
+
+
 def test_nbytes_counts_allocated_tensors():
     store = make()
     assert store.nbytes() == 0
@@ -123,12 +148,12 @@ def test_nbytes_counts_allocated_tensors():
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """Any sequence of append/evict/fork/free: no page leaks or has two owners, and every
-    resident token reads back exactly as written."""
+    """Any sequence of append/evict/fork/free/compact: no page leaks or has two owners, every
+    resident token reads back exactly as written, and the key bounds bound every resident key."""
 
     def __init__(self):
         super().__init__()
-        self.store = make(max_pages=40)
+        self.store = make(max_pages=40, key_bounds=True, slot_scores=True)
         self.model: dict[int, dict[int, dict[int, torch.Tensor]]] = {}  # seq -> head -> pos -> k|v
         self.counter = 0
 
@@ -179,6 +204,30 @@ class StoreMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.model)))
         self.store.free(seq)
         del self.model[seq]
+
+    @rule()
+    def compact(self):
+        self.store.compact()
+        pool = self.store._pools[0]
+        assert not pool.free_pages and pool.capacity == sum(1 for r in pool.refcount if r > 0)
+        for seq in self.model:
+            for h in range(H):
+                table = self.store.page_table(seq, 0, h)
+                if all(pool.refcount[p] == 1 for p in table):  # its own pages: packed
+                    assert len(table) == -(-len(self.model[seq][h]) // S)
+
+    @invariant()
+    def key_bounds_bound_every_resident_key(self):
+        kmin, kmax = self.store.key_bounds(0)
+        for seq in self.model:
+            for h in range(H):
+                pages = torch.tensor(self.store.page_table(seq, 0, h), dtype=torch.int64)
+                if pages.numel() == 0:
+                    continue
+                filled = self.store.slot_positions(0)[pages] >= 0  # [P, S]
+                k = self.store.storage(0).k[pages]  # [P, S, D]
+                assert (k >= kmin[pages][:, None] - 0)[filled].all()
+                assert (k <= kmax[pages][:, None])[filled].all()
 
     @invariant()
     def pages_have_consistent_owners(self):

@@ -85,6 +85,8 @@ class KVKitCache(Cache):
         policy: a Policy, a registered policy name, or None for "dense".
         page_size: token slots per page; None: the policy's own (`Policy.resolve_page_size`).
         max_pages: per-layer page cap (None: grow as needed).
+        compact: after the first prefill of each layer, pack the tokens eviction left in
+            half-empty pages and shrink the pool to the pages in use (`PagedKVStore.compact`).
         metrics: report each decode step to `kvkit.metrics` (pages and bytes read, time,
             sampled selection recall every `recall_every` layer-steps, resident bytes,
             evictions); needs prometheus-client.
@@ -97,7 +99,7 @@ class KVKitCache(Cache):
 
     def __init__(self, model: PreTrainedModel | Any, policy: Policy | str | None = None,
                  page_size: int | None = None, max_pages: int | None = None, metrics: bool = False,
-                 recall_every: int = 16, **policy_params: Any):
+                 recall_every: int = 16, compact: bool = True, **policy_params: Any):
         config = getattr(model, "config", model)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.num_layers = text.num_hidden_layers
@@ -110,6 +112,7 @@ class KVKitCache(Cache):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a kvkit Policy or a name, got {type(policy).__name__}")
         self.policy, self.page_size, self.max_pages = policy, policy.resolve_page_size(page_size), max_pages
+        self.compact = compact
         self.store: PagedKVStore | None = None
         self.seqs: list[int] = []
         self.evicted = 0
@@ -173,6 +176,8 @@ def kvkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                   scale=scaling, dense_prefill=dense_prefill, monitor=cache.monitor)
     if first_prefill and attention_mask is not None:
         evicted += _evict_padding(store, cache.seqs, layer, attention_mask)
+    if first_prefill and cache.compact:  # give back what prefill-time eviction and growth left unused
+        store.compact([layer])
     if query.shape[2] == 1:
         cache.decode_seconds += time.perf_counter() - start
     cache.evicted += evicted

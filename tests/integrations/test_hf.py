@@ -77,6 +77,9 @@ def test_streaming_store_stops_growing_once_window_is_full(models):
     assert sizes[-1] == sizes[40]  # flat once 4 + 32 tokens are resident
     dense = KVKitCache(kv, "dense", page_size=8)
     kv(torch.cat([ids, torch.zeros(1, 120, dtype=torch.long)], 1), past_key_values=dense, use_cache=True)
+    # dense was compacted after its one prefill; give the streaming pool's decode-time growth
+    # slack (16 pages at least per growth, large next to this tiny model) back the same way
+    cache.store.compact()
     assert cache.nbytes() < dense.nbytes() / 2
     assert cache.store.num_resident(cache.seqs[0], 2, 1) == 36
 
