@@ -149,14 +149,14 @@ class _Pool:
     """One layer's pages: storage plus per-slot positions and per-page metadata."""
 
     def __init__(self, storage: PageStorage, page_size: int, head_dim: int, device: torch.device,
-                 key_bounds: bool, slot_scores: bool):
+                 key_bounds: bool, slot_scores: bool, bounds_dtype: torch.dtype = torch.float32):
         self.storage = storage
         self.capacity = 0
         self.slot_pos = torch.empty(0, page_size, dtype=torch.int32, device=device)
         self.refcount = [0] * 0
         self.free_pages: list[int] = []
-        self.key_min = torch.empty(0, head_dim, device=device) if key_bounds else None
-        self.key_max = torch.empty(0, head_dim, device=device) if key_bounds else None
+        self.key_min = torch.empty(0, head_dim, dtype=bounds_dtype, device=device) if key_bounds else None
+        self.key_max = torch.empty(0, head_dim, dtype=bounds_dtype, device=device) if key_bounds else None
         self.scores = torch.empty(0, page_size, device=device) if slot_scores else None
 
     def grow(self, capacity: int) -> None:
@@ -211,7 +211,9 @@ class PagedKVStore:
         page_format: one PageFormat for all layers, or one per layer (default: plain `dtype`).
         max_pages: cap on each layer's pool; None grows without bound. Appends beyond it raise
             `OutOfPages` and change nothing.
-        key_bounds: keep per-page min/max of keys (for page-scoring selectors such as Quest).
+        key_bounds: keep per-page min/max of keys (for page-scoring selectors such as Quest), in
+            `dtype`: keys are bounded as they read back (rounded to `dtype`), so the bounds are
+            exact there, and cost 2/page_size of the key bytes, as in Quest.
         slot_scores: keep a float32 score per slot (for score-based evictors such as H2O).
 
     Example:
@@ -242,7 +244,7 @@ class PagedKVStore:
             raise ValueError(f"got {len(formats)} page formats for {num_layers} layers; give one or one per layer")
         self._pools = [
             _Pool((fmt or PlainFormat()).make_storage(page_size, head_dim, dtype, self.device),
-                  page_size, head_dim, self.device, key_bounds, slot_scores)
+                  page_size, head_dim, self.device, key_bounds, slot_scores, bounds_dtype=dtype)
             for fmt in formats
         ]
         self._seqs: dict[int, list[_SeqLayer]] = {}
@@ -454,7 +456,8 @@ class PagedKVStore:
         return self._pools[self._check_layer(layer)].slot_pos
 
     def key_bounds(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-page min and max of the keys written, `[N, D]` float32 each (an upper bound after eviction)."""
+        """Per-page min and max of the keys written, `[N, D]` each in the store's dtype (an upper
+        bound after eviction, tight again after `compact`)."""
         pool = self._pools[self._check_layer(layer)]
         if pool.key_min is None:
             raise ValueError("this store keeps no key bounds; build it with key_bounds=True")

@@ -264,7 +264,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._layer: int | None = None
         self._selector: FullSelector | QuestSelector | None = None
         self.policy_name = "dense"
-        self.key_min: torch.Tensor | None = None  # [NB * Hkv * R, D] float32, per (block, KV head, sub-page)
+        self.key_min: torch.Tensor | None = None  # [NB * Hkv * R, D] keys' dtype, per (block, KV head, sub-page)
         self.key_max: torch.Tensor | None = None
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
         self.check = os.environ.get(CHECK_ENV, "") == "1"
@@ -295,8 +295,9 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         if self.key_min is None:
             self.sub = sub_page_size(_policy(), S)
             R = S // self.sub
-            self.key_min = torch.full((num_blocks * H * R, D), math.inf)
-            self.key_max = torch.full((num_blocks * H * R, D), -math.inf)
+            # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
+            self.key_min = torch.full((num_blocks * H * R, D), math.inf, dtype=key.dtype)
+            self.key_max = torch.full((num_blocks * H * R, D), -math.inf, dtype=key.dtype)
             if self.check:
                 self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
                                torch.zeros(num_blocks * H, S, dtype=torch.bool))
@@ -305,7 +306,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         slots = slots[ok]
         if slots.numel() == 0:
             return
-        k = key[: ok.shape[0]][ok].float()  # [T, H, D]
+        k = key[: ok.shape[0]][ok].to(self.key_min.dtype)  # [T, H, D]
         blk, off = slots // S, slots % S  # [T]
         R = S // self.sub
         rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H] (block, KV head) pages
@@ -321,7 +322,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             sk, sv, valid = self.shadow
             valid[fresh] = False
             offs = off.repeat_interleave(H)
-            sk[rows, offs] = flat
+            sk[rows, offs] = flat.float()
             sv[rows, offs] = value[: ok.shape[0]][ok].float().reshape(-1, D)
             valid[rows, offs] = True
 
@@ -437,8 +438,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         kmin = torch.where(sub_valid, sk.view(-1, R, self.sub, D), inf).amin(2).view(-1, D)  # [NB*H*R, D]
         kmax = torch.where(sub_valid, sk.view(-1, R, self.sub, D), -inf).amax(2).view(-1, D)
         rows = (vpages[vpages >= 0][:, None] * R + torch.arange(R)).view(-1)
-        bounds_ok = bool(torch.equal(kmin[rows], self.key_min[rows])
-                         and torch.equal(kmax[rows], self.key_max[rows]))
+        bounds_ok = bool(torch.equal(kmin[rows], self.key_min[rows].float())
+                         and torch.equal(kmax[rows], self.key_max[rows].float()))
         bound = reduce_group(block_bounds(q, kmin, kmax, vpages, R), sel.reduce, self.head_size ** -0.5)
         forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)
         scores = torch.where(forced != 0, forced, bound)

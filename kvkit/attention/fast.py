@@ -110,7 +110,9 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     flat = page_table.reshape(-1)
     if any(u < P for u in used):  # padded lists: -1 entries
         flat = flat.clamp(min=0)
-    qf = q.view(B * Hkv, G, D).float()  # unscaled: a positive scale does not change the ranking
+    # in the bounds' dtype (the store's): bf16 matmuls for a bf16 store, so the ranking can differ
+    # from QuestSelector's float32 one on near-ties; unscaled: a positive scale keeps the ranking
+    qf = q.view(B * Hkv, G, D).to(key_min.dtype)
     # sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo, then max over the group's heads
     N = key_min.shape[0]
     if 2 * flat.numel() >= N:  # the batch owns most of the pool: score every page, no gather copy

@@ -34,11 +34,12 @@ _SINK_SCORE = torch.finfo(torch.float32).max  # forced in, ranked after the rece
 # ---- the pieces, shared by the selectors, the fast decode path and the benchmark -------------
 def gather_bounds(key_min: torch.Tensor, key_max: torch.Tensor,
                   pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The min and max keys of the listed pages: `[*pages.shape, D]` each (junk at -1 padding).
+    """The min and max keys of the listed pages: `[*pages.shape, D]` float32 each (junk at -1 padding).
     One `index_select` per tensor: advanced indexing (`key_min[pages]`) is several times slower."""
     idx = pages.clamp(min=0).reshape(-1)
     shape = (*pages.shape, key_min.shape[1])
-    return key_min.index_select(0, idx).view(shape), key_max.index_select(0, idx).view(shape)
+    return (key_min.index_select(0, idx).view(shape).float(),  # float32 for the bound (a no-op if already)
+            key_max.index_select(0, idx).view(shape).float())
 
 
 def bound_from(qg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
