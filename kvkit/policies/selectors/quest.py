@@ -149,7 +149,7 @@ class QuestSelector(Selector):
     than `budget` tokens, at least one page) goes to the best pages by the bound, aggregated over
     the G query heads of the group (`reduce`), so the heads of a group share the pages they
     read. When a head holds no more pages than the budget, it reads them all (equals dense).
-    Memory: a min and a max key per page, 2/page_size of the key bytes (float32), counted in
+    Memory: a min and a max key per page, 2/page_size of the key bytes (in the store's dtype), counted in
     `store.nbytes()`.
 
     What works on SmolLM2-135M (GQA 9:3, 30 layers), passkey, greedy
@@ -159,7 +159,7 @@ class QuestSelector(Selector):
       8-token pages it keeps 12/12 in every one of those cells, so `quest()` asks for 8-token
       pages (`Policy.page_size`). A smaller page gives a tighter bound: a 16-token page around
       the needle also holds filler whose keys widen the box. 32-token pages lose more. The
-      cost: twice as many bounds to score and store (2 x float32 per page and channel).
+      cost: twice as many bounds to score and store (a min and a max per page and channel: 25% of the key bytes at 8 tokens).
     - the budget split: the window comes out of the same budget, so a long one starves the
       retrieved pages. At 2.4K and 1/16 (150 tokens, 16-token pages): window 32: 3/6, window
       96: 1/6, window 64 + sum + no dense layers (a "plain" Quest): 2/6.
