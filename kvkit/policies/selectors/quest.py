@@ -159,8 +159,8 @@ class QuestSelector(Selector):
       8-token pages it keeps 12/12 in every one of those cells, so `quest()` asks for 8-token
       pages (`Policy.page_size`). A smaller page gives a tighter bound: a 16-token page around
       the needle also holds filler whose keys widen the box (one sample tried on 32-token pages
-      came back wrong with every reduce). The
-      cost: twice as many bounds to score and store (a min and a max per page and channel: 25% of the key bytes at 8 tokens).
+      came back wrong with every reduce). The cost: twice as many bounds to score and store (a
+      min and a max per page and channel: 25% of the key bytes at 8 tokens).
     - the budget split: the window comes out of the same budget, so a long one starves the
       retrieved pages. At 2.4K and 1/16 (150 tokens, 16-token pages): window 32: 3/6, window
       96: 1/6, window 64 + sum + no dense layers (a "plain" Quest): 2/6.
