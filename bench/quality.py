@@ -20,7 +20,10 @@ from kvkit.cli import depths, parse_params  # noqa: E402
 
 
 def parse_policy(spec: str):
-    """`name` or `name:k=v,k=v` -> Policy (labelled with the spec)."""
+    """`name`, `name:k=v,k=v` or a JSON policy file (`*.json`) -> Policy (labelled with the spec)."""
+    if spec.endswith(".json"):
+        from kvkit.policies import Policy
+        return spec, Policy.from_file(spec)
     name, _, rest = spec.partition(":")
     params = parse_params([p for p in rest.split(",") if p])
     return spec, policies.get(name, **params)
