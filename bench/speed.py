@@ -7,9 +7,9 @@ head_dim 64, batch 1.
 
 Two paths are timed for the selectors:
 - `kernel`: what a serving engine runs. The page table is a tensor (as vLLM/flashinfer keep
-  block tables); scoring is kvkit's own `quest_scores` / `LServeSelector._two_level_scores` /
-  Tidal's softmax mass, then `top_pages`, then `kvkit.attention.fast.sparse_decode_fast` over
-  the store's own page pool. The dense baseline is the fastest of plain matmul-softmax (fp32,
+  block tables); scoring is kvkit's lean `quest_decode_fast` / `lserve_select_fast` (each tested
+  to choose the pages its selector chooses) and Tidal's softmax mass, then
+  `kvkit.attention.fast.sparse_decode_fast` over the store's own page pool. The dense baseline is the fastest of plain matmul-softmax (fp32,
   bf16) and SDPA (fp32, bf16) over contiguous K/V.
 - `library`: `policy.select(store, ...)` + `kvkit.attention.decode` exactly as KVKitCache runs
   them (page tables built from Python lists, float32 reference attention), against
@@ -37,8 +37,9 @@ from common import RESULTS, markdown_table, write_results  # noqa: E402
 
 from kvkit import PagedKVStore, policies  # noqa: E402
 from kvkit.attention import decode  # noqa: E402
-from kvkit.attention.fast import dense_decode_fast, quest_decode_fast, sparse_decode_fast  # noqa: E402
-from kvkit.policies.selectors.quest import LServeSelector, forced_from_positions, quest_scores, top_pages  # noqa: E402
+from kvkit.attention.fast import (dense_decode_fast, lserve_select_fast, quest_decode_fast,  # noqa: E402
+                                 sparse_decode_fast)
+from kvkit.policies.selectors.quest import LServeSelector, quest_scores, top_pages  # noqa: E402
 
 HQ, HKV, D, LAYERS = 9, 3, 64, 30
 
@@ -135,10 +136,9 @@ def main(argv=None) -> int:
         lsel = LServeSelector(budget=args.budget, sink=sink, window=window, group=4, coarse=2, reuse_steps=4)
         cached = {}
 
-        def lserve_refresh():
-            forced = forced_from_positions(slot_pos, table, lengths, sink, window)
-            scores = torch.where(forced != 0, forced, lsel._two_level_scores(store, 0, q, table, budget_pages))
-            cached["pages"] = top_pages(scores, table, budget_pages)
+        def lserve_refresh():  # the lean two-level pass (same pages as LServeSelector, tested)
+            cached["pages"] = lserve_select_fast(q, kmin, kmax, table, [ctx], S, budget_pages, lsel.group,
+                                                 lsel.coarse, sink, window)
             return sparse_decode_fast(q, kp, vp, cached["pages"])  # context % page_size == 0: all slots full
 
         def lserve_reuse():  # the kept pages; the newest page is among them (it is a window page)
@@ -208,12 +208,10 @@ def main(argv=None) -> int:
                     if layer < dense_layers:
                         dense_decode_fast(q, *dense[layer])
                         continue
-                    kp, vp, slot_pos = pools[layer]
+                    kp, vp, _ = pools[layer]
                     if step == 0:
-                        forced = forced_from_positions(slot_pos, tables[layer], lengths, sink, window)
-                        scores = torch.where(forced != 0, forced,
-                                             lsel_step._two_level_scores(store, layer, q, tables[layer], budget_pages))
-                        kept[layer] = top_pages(scores, tables[layer], budget_pages)
+                        kept[layer] = lserve_select_fast(q, *bounds[layer], tables[layer], [ctx], S, budget_pages,
+                                                         lsel_step.group, lsel_step.coarse, sink, window)
                     sparse_decode_fast(q, kp, vp, kept[layer])
 
         def sdpa_all():

@@ -141,3 +141,44 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(kk.dtype), kk, vv, attn_mask=mask,
                                          scale=scale, enable_gqa=True).view(B, Hq, D).to(q.dtype)
     return out, top
+
+
+def lserve_select_fast(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                       seq_lens: list[int], page_size: int, budget_pages: int, group: int = 4, coarse: int = 2,
+                       sink: int = 4, window: int = 32) -> torch.Tensor:
+    """LServe's two-level page selection (reduce="max") in one lean pass, for pages that were
+    never evicted (entry j of a list holds positions j*S .. j*S+S-1).
+
+    Logical pages of `group` list entries are scored by the bound of their merged min/max box;
+    the best `coarse * budget_pages / group` are kept, and inside them the entries with the best
+    own bounds are read; sink and window pages always. Shapes as `quest_decode_fast`. Returns
+    the chosen pages `[B, Hkv, K]` in list order, -1 padded: what `LServeSelector` chooses on a
+    float32 store (tested), with the bounds computed in their own dtype and sinks, window and
+    validity taken from `seq_lens` instead of per-slot positions.
+    """
+    B, Hq, D = q.shape
+    Hkv, P = page_table.shape[1], page_table.shape[2]
+    G, L = Hq // Hkv, -(-P // group)
+    pad = L * group - P
+    flat = page_table.reshape(-1).clamp(min=0)
+    lo = key_min.index_select(0, flat).view(B * Hkv, P, D)
+    hi = key_max.index_select(0, flat).view(B * Hkv, P, D)
+    forced = _forced_pages(tuple(seq_lens), P, page_size, sink, window, str(q.device)).expand(B, Hkv, P)
+    if any(-(-n // page_size) < P for n in seq_lens):  # padded lists: keep -1 entries out of the boxes
+        real = (forced != -math.inf).reshape(B * Hkv, P, 1)
+        lo, hi = torch.where(real, lo, math.inf), torch.where(real, hi, -math.inf)
+    lo_l = F.pad(lo, (0, 0, 0, pad), value=math.inf).view(B * Hkv, L, group, D).amin(2)  # [B*Hkv, L, D]
+    hi_l = F.pad(hi, (0, 0, 0, pad), value=-math.inf).view(B * Hkv, L, group, D).amax(2)
+    qf = q.view(B * Hkv, G, D).to(key_min.dtype)
+    pos, neg = qf.clamp(min=0), qf.clamp(max=0)
+    upper = torch.baddbmm(torch.bmm(pos, hi_l.transpose(1, 2)), neg, lo_l.transpose(1, 2)).amax(1).float()
+    first = F.pad(forced.reshape(B * Hkv, P), (0, pad), value=-math.inf).view(B * Hkv, L, group)[..., 0]
+    upper = upper.nan_to_num(-math.inf).masked_fill(first == -math.inf, -math.inf)  # logical pages past the end
+    keep_l = min(L, -(-coarse * budget_pages // group))
+    inside = torch.zeros(B * Hkv, L, dtype=torch.bool, device=q.device)
+    inside.scatter_(1, upper.topk(keep_l, dim=-1).indices, True)
+    inside = inside.repeat_interleave(group, 1)[:, :P].view(B, Hkv, P)
+    fine = torch.baddbmm(torch.bmm(pos, hi.transpose(1, 2)), neg, lo.transpose(1, 2)).amax(1).view(B, Hkv, P)
+    score = torch.where(forced != 0, forced, torch.where(inside, fine.float(), -math.inf))
+    top = score.topk(min(budget_pages, P), dim=-1, sorted=False).indices.sort(-1).values
+    return torch.where(score.gather(-1, top) > -math.inf, page_table.gather(-1, top), -1)

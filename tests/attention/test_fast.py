@@ -67,3 +67,27 @@ def quest_decode_fast_call(store, seq, q, table, length, budget):
     kmin, kmax = store.key_bounds(0)
     return quest_decode_fast(q, store.storage(0).k, store.storage(0).v, kmin, kmax, table, [length],
                              budget // store.page_size, sink=4, window=8)
+
+
+@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9]])
+@pytest.mark.parametrize("budget", [32, 64, 4096])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_lserve_select_fast_chooses_what_the_selector_chooses(lengths, budget, group):
+    from kvkit import PagedKVStore
+    from kvkit.attention.fast import lserve_select_fast
+    from kvkit.policies.selectors.quest import LServeSelector
+    g = torch.Generator().manual_seed(sum(lengths) + group)
+    store = PagedKVStore(1, 3, 16, page_size=8, dtype=torch.float32, key_bounds=True)
+    seqs = []
+    for n in lengths:
+        seqs.append(store.add_sequence())
+        store.append(seqs[-1], 0, torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g))
+    q = torch.randn(len(lengths), 9, 16, generator=g)
+    want = LServeSelector(budget=budget, sink=4, window=8, group=group, coarse=2).select(store, seqs, 0, q, [0, 1, 2])
+    kmin, kmax = store.key_bounds(0)
+    table = store.page_tables(seqs, 0)
+    got = lserve_select_fast(q, kmin, kmax, table, lengths, 8, budget // 8, group=group, coarse=2, sink=4, window=8)
+    if table.shape[-1] <= budget // 8:  # the selector reads everything when it fits
+        assert torch.equal(want.pages, table)
+        return
+    assert torch.equal(got, want.pages)
