@@ -222,10 +222,12 @@ class LServeSelector(Selector):
     saves scoring work at long context. Limits: a needle that becomes relevant between
     refreshes is seen only at the next refresh.
 
-    Measured (SmolLM2-135M passkey, 16-token pages): 6/6 at 2.4K and 4.8K for budgets 1/8 and
-    1/4, and 6/6 at 2.4K with 1/16 (150 tokens) where flat Quest keeps 3/6. The reuse is what
-    helps there: the selection made at the first decoded token, whose query points at the
-    needle, serves the next digits (see bench/results/selection_quality.md for the ablation).
+    Measured (SmolLM2-135M passkey, 16-token pages): 12/12 at 2.3K, 4.6K and 7.2K tokens for
+    budgets 1/8 and 1/4 (bench/results/selection_quality.md), and 6/6 at 2.4K with 1/16 (150
+    tokens) where flat Quest on 16-token pages keeps 3/6. The reuse is what helps there: the
+    selection made at the first decoded token, whose query points at the needle, serves the
+    next digits (ablation in bench/results/selection_quality_page16.md). The price of reuse is
+    perplexity at small budgets: +16% at 1/8 on GPL-3 (quest: +3%; quality_read_codec_budgets.md).
     """
 
     budget: int = 1024
