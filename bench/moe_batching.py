@@ -9,7 +9,14 @@ request's next-token experts exactly (a pre-gating router, Read-ME). Step time i
 memory-bound roofline of the distinct experts read (A100 HBM), so latency in seconds counts
 both the extra steps a request waits and the cheaper steps.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/moe_batching.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/moe_batching.py --requests 48 --decode 48 \
+        --windows 16,32,48 --waits 4,8,16 --seeds 1,16
+
+Answer (bench/results/moe_batching.md): 1.33x with the whole queue as the window, a request
+scheduled at least every 16 steps and 16 greedy fills tried per step. The latency it adds is
+bounded by that wait: the longest gap between two tokens of a request is 17 steps, and the mean
+completion time grows 1.2x (modelled seconds) while the 90th percentile falls to 0.76x, since
+steps get cheaper. A window of 16 or 32 gets 1.1-1.2x.
 """
 
 from __future__ import annotations
@@ -39,21 +46,23 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--windows", default="16,32")
     ap.add_argument("--waits", default="1,2,4")
+    ap.add_argument("--seeds", default="1", help="greedy fills tried per step from different first requests")
     args = ap.parse_args()
     start = time.time()
     cfg = replace(preset("deepseek-v2-lite"), request_tokens=args.decode)
     trace = generate(cfg, args.requests * args.decode, seed=args.seed, num_layers=args.layers)
     bw = PROFILES["a100-pcie4"].fast_mem_bytes_per_s
     base = schedule(trace, BatchConfig("fcfs", args.batch, args.batch, 0, 0.0, bw))
-    runs = [("fcfs", None, None, base)]
+    runs = [("fcfs", None, None, None, base)]
     for w in [int(x) for x in args.windows.split(",")]:
         for m in [int(x) for x in args.waits.split(",")]:
-            res = schedule(trace, BatchConfig("expert_aware", args.batch, w, m, 0.0, bw))
-            runs.append(("expert_aware", w, m, res))
+            for seeds in [int(x) for x in args.seeds.split(",")]:
+                res = schedule(trace, BatchConfig("expert_aware", args.batch, w, m, 0.0, bw, seeds=seeds))
+                runs.append(("expert_aware", w, m, seeds, res))
     rows = []
-    for name, w, m, res in runs:
+    for name, w, m, seeds, res in runs:
         s = res.summary()
-        rows.append({"strategy": name, "window": w, "max_wait_steps": m, "steps": res.steps,
+        rows.append({"strategy": name, "window": w, "max_wait_steps": m, "seeds": seeds, "steps": res.steps,
                      "distinct_experts_per_layer_step": round(res.distinct_per_step, 2),
                      "fewer_experts_vs_fcfs": round(base.distinct_per_step
                                                     / res.distinct_per_step, 3),
