@@ -2,7 +2,8 @@
 behind vLLM's CPU_ATTN member.
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), maybe more
-than once, so it is idempotent. It reads `KVKIT_POLICY`:
+than once, so it is idempotent. It reads `KVKIT_POLICY` (or `KVKIT_CONFIG`, the same thing under
+the name a config file suggests; setting both to different values is an error):
 
 - unset or empty: nothing is registered and vLLM runs stock (installing kvkit changes nothing);
 - a policy name (`dense`, `quest`), a JSON object (`{"name": "quest", "params": {"budget": 256}}`
@@ -27,20 +28,26 @@ from kvkit.policies import FullSelector, NoEvictor, PlainCodec, Policy
 logger = logging.getLogger(__name__)
 
 ENV = "KVKIT_POLICY"
+ENV_ALIAS = "KVKIT_CONFIG"
 BACKEND_PATH = "kvkit.integrations.vllm.backend.KVKitCPUAttentionBackend"
 
 _registered: Policy | None = None
 
 
 def load_policy(value: str | None = None) -> Policy | None:
-    """The policy named by `value` (default: `$KVKIT_POLICY`), validated; None when unset.
+    """The policy named by `value` (default: `$KVKIT_POLICY` or `$KVKIT_CONFIG`), validated;
+    None when unset.
 
     Raises:
         ConfigError: not a known name, not valid JSON, or not a valid policy config.
         NotImplementedError: a policy part the vLLM backend does not run yet.
     """
-    raw = os.environ.get(ENV, "") if value is None else value
-    raw = raw.strip()
+    if value is None:
+        policy_env, config_env = os.environ.get(ENV, "").strip(), os.environ.get(ENV_ALIAS, "").strip()
+        if policy_env and config_env and policy_env != config_env:
+            raise ConfigError(f"{ENV}={policy_env!r} and {ENV_ALIAS}={config_env!r} disagree; set one of them")
+        value = policy_env or config_env
+    raw = value.strip()
     if not raw:
         return None
     if raw.startswith("{"):

@@ -33,7 +33,7 @@ KVKIT = ("KVKitCPUAttentionBackend", "KVKitCPUAttentionImpl")
 def run_engine(tmp_path_factory, **args) -> dict:
     cwd = tmp_path_factory.mktemp("vllm")  # never the checkout root (triton_kernels/ shadowing)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("KVKIT_POLICY", "KVKIT_VLLM_CHECK"):  # engine_run.py sets them from `args`
+    for name in ("KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK"):  # engine_run.py sets them from `args`
         env.pop(name, None)
     cmd = ["nice", "-n", "10", sys.executable, str(RUNNER), json.dumps({**BASE, **args})]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

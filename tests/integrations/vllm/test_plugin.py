@@ -19,6 +19,7 @@ from kvkit.integrations.vllm.backend import layer_index  # noqa: E402
 @pytest.fixture
 def clean(monkeypatch):
     monkeypatch.setattr(plugin, "_registered", None)
+    monkeypatch.delenv(plugin.ENV_ALIAS, raising=False)
     AttentionBackendEnum.CPU_ATTN.clear_override()
     yield monkeypatch
     AttentionBackendEnum.CPU_ATTN.clear_override()
@@ -29,6 +30,17 @@ def test_unset_policy_leaves_vllm_stock(clean):
     plugin.register()
     assert plugin.active_policy() is None
     assert not AttentionBackendEnum.CPU_ATTN.is_overridden()
+
+
+def test_kvkit_config_is_an_alias_and_a_conflict_is_an_error(clean, tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"name": "quest", "params": {"budget": 64}}))
+    clean.delenv(plugin.ENV, raising=False)
+    clean.setenv(plugin.ENV_ALIAS, str(path))
+    assert plugin.load_policy().selector.budget == 64
+    clean.setenv(plugin.ENV, "dense")
+    with pytest.raises(ConfigError, match="disagree"):
+        plugin.load_policy()
 
 
 def test_register_installs_kvkit_backend_and_is_idempotent(clean):

