@@ -99,11 +99,12 @@ def sub_page_size(policy: Policy, block_size: int) -> int:
 def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, vpages: torch.Tensor,
                  R: int) -> torch.Tensor:
     """`[B, Hkv, G, P]` Quest bound of each listed (block, KV head) page: the best of its `R`
-    sub-pages' bounds (sub-page `page * R + r` in `key_min`/`key_max`). -1 pages give junk."""
+    sub-pages' bounds (sub-page `page * R + r` in `key_min`/`key_max`); -inf at -1 pages."""
     if R == 1:
         return page_bounds(q, key_min, key_max, vpages)
     B, H, P = vpages.shape
-    subs = (vpages.clamp(min=0)[..., None] * R + torch.arange(R)).view(B, H, P * R)
+    subs = (vpages[..., None] * R + torch.arange(R)).view(B, H, P * R)
+    subs = torch.where(vpages.repeat_interleave(R, -1) >= 0, subs, -1)  # padding stays padding
     bound = page_bounds(q, key_min, key_max, subs)  # [B, H, G, P * R]
     bound = torch.where(bound.isnan(), -math.inf, bound)  # unwritten sub-pages (0 * inf): never best
     return bound.view(*bound.shape[:3], P, R).amax(-1)

@@ -53,12 +53,14 @@ def page_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor,
     """Quest's upper bound of q·k for every listed page and every query head.
 
     q: `[B, Hq, D]`; key_min, key_max: `[N, D]`; pages: `[B, Hh, P]` (-1 padded, Hq % Hh == 0).
-    Returns `[B, Hh, G, P]` float32 (junk at padding).
+    Returns `[B, Hh, G, P]` float32, -inf at padding (so it takes no part in any group reduce,
+    softmax included, in a ragged batch).
     """
     B, Hq, D = q.shape
     Hh = pages.shape[1]
     lo, hi = gather_bounds(key_min, key_max, pages)  # [B, Hh, P, D]
-    return bound_from(q.float().view(B, Hh, Hq // Hh, D), lo, hi)
+    bound = bound_from(q.float().view(B, Hh, Hq // Hh, D), lo, hi)
+    return bound.masked_fill((pages < 0)[:, :, None, :], -math.inf)
 
 
 def reduce_group(bound: torch.Tensor, reduce: str, scale: float) -> torch.Tensor:
@@ -108,10 +110,7 @@ def quest_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, 
                  reduce: str = "max") -> torch.Tensor:
     """Quest's page scores `[B, Hh, P]` from plain tensors (what `QuestSelector` computes):
     the group-reduced bound, +inf / float32 max for window / sink pages, -inf for padding."""
-    bound = page_bounds(q, key_min, key_max, pages)
-    if reduce == "softmax":  # padding entries must take no softmax mass (a ragged batch)
-        bound = bound.masked_fill((pages < 0)[:, :, None, :], -math.inf)
-    bound = reduce_group(bound, reduce, q.shape[-1] ** -0.5)
+    bound = reduce_group(page_bounds(q, key_min, key_max, pages), reduce, q.shape[-1] ** -0.5)
     forced = forced_from_positions(slot_pos, pages, lengths, sink, window)
     return torch.where(forced != 0, forced, bound)
 
