@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -52,9 +51,7 @@ def passkey_each(model, tok, policy, ctx, depths, seed, page_size, subset=None):
     so a long run reports as it goes; `subset`: only these depth indices (keys unchanged, so a
     run split over processes sees the same samples). Yields (PasskeyResult, (pages used,
     allocated, tokens kept))."""
-    rng = random.Random(seed)
-    for i, depth in enumerate(depths):
-        key = str(rng.randint(10000, 99999))
+    for i, (depth, key) in enumerate(zip(depths, evaluate.passkey_keys(len(depths), seed))):
         if subset is not None and i not in subset:
             continue
         ids = evaluate.passkey_prompt(tok, ctx, depth, key)

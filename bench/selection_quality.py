@@ -90,16 +90,12 @@ def shared_prefill(model, tok, built: dict, configs: list, ctx: int, depths: lis
                    page_size: int | None) -> dict:
     """Per depth and page size: one dense prefill, then each policy with that page size
     (`policy.resolve_page_size(page_size)`) decodes 8 tokens greedily on a fork."""
-    import random
-
     from kvkit.integrations.hf import KVKitCache
-    rng = random.Random(0)  # as kvkit.evaluate.passkey(seed=0)
     results: dict = {c: [] for c in configs}
     by_size: dict[int, list] = {}
     for c in configs:
         by_size.setdefault(built[c].resolve_page_size(page_size), []).append(c)
-    for depth in depths:
-        key = str(rng.randint(10000, 99999))
+    for depth, key in zip(depths, evaluate.passkey_keys(len(depths))):  # as kvkit.evaluate.passkey
         ids = evaluate.passkey_prompt(tok, ctx, depth, key)
         for size, group in sorted(by_size.items()):
             cache = KVKitCache(model, policies.get("quest"), page_size=size)  # a store with key bounds

@@ -32,8 +32,6 @@ BLOCK = 32
 
 def child(args: dict) -> dict:
     """One engine: generate for every prompt, return answers (runs in a fresh process)."""
-    import random
-
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args["policy"] is not None:
         os.environ["KVKIT_POLICY"] = json.dumps(args["policy"])
@@ -47,8 +45,7 @@ def child(args: dict) -> dict:
     from kvkit.models import smollm2
 
     tok = AutoTokenizer.from_pretrained(smollm2())
-    rng = random.Random(0)  # as kvkit.evaluate.passkey(seed=0)
-    keys = [str(rng.randint(10000, 99999)) for _ in args["depths"]]
+    keys = evaluate.passkey_keys(len(args["depths"]))  # as kvkit.evaluate.passkey
     ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(args["depths"], keys)]
     llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["ctx"] + 256,
               block_size=BLOCK, kv_cache_memory_bytes=1 << 30, max_num_seqs=len(ids),

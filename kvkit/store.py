@@ -138,6 +138,10 @@ class _HeadTable:
     pages: list[int] = field(default_factory=list)
     free_slots: list[int] = field(default_factory=list)  # page * S + slot, used front first
 
+    def resident(self, page_size: int) -> int:
+        """Tokens held: every slot of its pages but the free ones."""
+        return len(self.pages) * page_size - len(self.free_slots)
+
 
 @dataclass
 class _SeqLayer:
@@ -428,7 +432,7 @@ class PagedKVStore:
     def num_resident(self, seq: int, layer: int, head: int) -> int:
         """Tokens (seq, layer, head) holds now."""
         table = self._head(seq, layer, head)
-        return len(table.pages) * self.page_size - len(table.free_slots)
+        return table.resident(self.page_size)
 
     def positions(self, seq: int, layer: int, head: int) -> torch.Tensor:
         """Resident positions of (seq, layer, head), ascending: `[n]` int64."""
@@ -478,8 +482,7 @@ class PagedKVStore:
     def stats(self) -> StoreStats:
         capacity = sum(p.capacity for p in self._pools)
         free = sum(len(p.free_pages) for p in self._pools)
-        resident = sum(len(h.pages) * self.page_size - len(h.free_slots)
-                       for layers in self._seqs.values() for sl in layers for h in sl.heads)
+        resident = sum(h.resident(self.page_size) for layers in self._seqs.values() for sl in layers for h in sl.heads)
         appended = sum(sl.length for layers in self._seqs.values() for sl in layers)
         return StoreStats(
             pages_capacity=capacity, pages_used=capacity - free, pages_free=free,
@@ -547,7 +550,7 @@ class PagedKVStore:
         """Move (seq, layer, head)'s resident tokens, in position order, to the front of its own
         pages; release the pages left empty. Skipped when a page is shared."""
         S, D = self.page_size, self.head_dim
-        held = len(table.pages) * S - len(table.free_slots)
+        held = table.resident(S)
         need = -(-held // S)
         if need == len(table.pages) or any(pool.refcount[p] > 1 for p in table.pages):
             return
