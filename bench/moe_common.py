@@ -35,15 +35,15 @@ def _fmt(v: Any) -> str:
 
 
 def write_results(name: str, result: dict[str, Any], rows: list[dict[str, Any]],
-                  title: str) -> tuple[Path, Path]:
-    """Write bench/results/<name>.json and .md; print the markdown."""
+                  title: str, notes: str = "") -> tuple[Path, Path]:
+    """Write bench/results/<name>.json and .md (the table, then `notes`); print the markdown."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     js.write_text(json.dumps(result, indent=2, default=str) + "\n")
     m = result.get("machine", {})
     text = (f"## {title}\n\n{m.get('device')}, {m.get('cores')} cores ({m.get('cpu')}), "
             f"torch {m.get('torch')}, git {m.get('git')}\n\n`{result.get('command')}`\n\n"
-            + markdown_table(rows))
+            + markdown_table(rows) + notes)
     md.write_text(text)
     print(text)
     return js, md

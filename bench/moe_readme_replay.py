@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "moe_readme_replay", "command": "python " + " ".join(["bench/moe_readme_replay.py", *sys.argv[1:]]),
               "machine": machine_info(), "profile": profile.__dict__, "rows": rows}
     write_results("moe_readme_replay", result, table_rows,
-                  f"expert caches on the real Read-ME traces (E=32, top-24, 30 layers), profile {profile.name}")
-    with open(ROOT / "bench" / "results" / "moe_readme_replay.md", "a") as md:
-        md.write(notes)
+                  f"expert caches on the real Read-ME traces (E=32, top-24, 30 layers), profile {profile.name}",
+                  notes)
     return 0
 
 
