@@ -11,6 +11,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -86,3 +87,17 @@ def write_results(name: str, payload: dict[str, Any], title: str, table: str,
     (out_dir / f"{name}.md").write_text(header + "\n" + table + "\n")
     print(header + "\n" + table)
     return out_dir / f"{name}.json"
+
+
+def run_child(script: str, payload: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Run `python <script> --child <payload JSON>` in a fresh process and return the JSON it
+    prints on its last `KVKIT_REPORT ` line. vLLM benchmarks start each engine this way: kvkit's
+    backend override is global to a process. It runs from a temporary folder, never the checkout
+    root (whose triton_kernels/ would shadow OpenAI's package of that name)."""
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--child", json.dumps(payload)],
+                              cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVKIT_REPORT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{Path(script).name} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("KVKIT_REPORT "))

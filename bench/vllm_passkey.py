@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, write_results  # noqa: E402
+from common import markdown_table, run_child, write_results  # noqa: E402
 
 BLOCK = 32
 
@@ -58,17 +56,6 @@ def child(args: dict) -> dict:
     return {"keys": keys, "answers": answers, "prompt_tokens": [len(i) for i in ids], "seconds": seconds}
 
 
-def run_child(policy: dict | None, ctx: int, depths: list[float]) -> dict:
-    with tempfile.TemporaryDirectory() as cwd:  # never the checkout root (triton_kernels/ shadowing)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
-                               json.dumps({"policy": policy, "ctx": ctx, "depths": depths})],
-                              cwd=cwd, capture_output=True, text=True, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVKIT_REPORT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"engine failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].removeprefix("KVKIT_REPORT "))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ctx", type=int, nargs="+", default=[2400, 4800])
@@ -85,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [("stock vLLM", None, None)] + [
             ("quest", f, {"name": "quest", "params": {"budget": int(ctx * f)}}) for f in args.fractions]
         for name, frac, policy in configs:
-            r = run_child(policy, ctx, depths)
+            r = run_child(__file__, {"policy": policy, "ctx": ctx, "depths": depths})
             hits = sum(k in a for k, a in zip(r["keys"], r["answers"]))
             rows.append({"context": ctx, "context_tokens": r["prompt_tokens"][0], "policy": name,
                          "budget_fraction": frac, "budget": None if frac is None else int(ctx * frac),

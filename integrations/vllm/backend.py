@@ -9,6 +9,9 @@ subclass of vLLM's CPU_ATTN class.
 - `KVKitCPUAttentionImpl` writes K/V as stock, keeps Quest's key min/max from the incoming keys
   (vLLM's cache tensor is packed per instruction set: never read statistics from it), and at
   decode reads only the selected pages through the stock CPU kernel.
+- Streaming layers (a `SinkWindowEvictor` on every KV head; their blocks between sinks and window
+  are freed by `streaming.StreamingManager`) run the stock kernel on block tables the builder
+  trimmed to the sink and window blocks (`streaming.trim_blocks`), prefill and decode rows alike.
 
 Sub-pages: the CPU kernel takes blocks of 32 tokens or more, and Quest's bound is loose on big
 pages (bench/results/quest_page_size.md: 8-token pages keep every needle, 16 and 32 lose some).
@@ -34,7 +37,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -51,8 +54,10 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvkit import metrics
 from kvkit.policies import FullSelector, Policy
+from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group, top_pages
 from kvkit.integrations.vllm import plugin
+from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 # Filled when KVKIT_VLLM_CHECK=1: one row per (layer, decode step) the sparse path ran.
 CHECKS: list[dict] = []
 # Per process: which layer indices ran which path (for tests and logs).
-USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0}
+USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0, "streaming_calls": 0}
 
 
 def _policy() -> Policy:
@@ -144,6 +149,10 @@ class KVKitCPUAttentionMetadata(CPUAttentionMetadata):
     prefill_seq_lens: torch.Tensor | None = None
     prefill_block_table: torch.Tensor | None = None
     prefill_scheduler_metadata: torch.Tensor | None = None
+    # streaming layers: (sink, window) -> the stock metadata on trimmed block tables, and the
+    # pages (blocks x KV heads) its decode rows read
+    streams: dict[tuple[int, int], CPUAttentionMetadata] = field(default_factory=dict)
+    stream_decode_pages: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def plan_virtual(seq_lens: torch.Tensor, block_size: int, budget_pages: int, num_kv_heads: int,
@@ -202,21 +211,35 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if (configured := plugin.policy_from_vllm_config(vllm_config)) is not None:
+            plugin.install(configured, "additional_config")  # raises if $KVKIT_POLICY differs
         self.policy = _policy()
         budgets = set()
+        self.streams: set[tuple[int, int]] = set()  # (sink, window) of this group's streaming layers
+        partial: list[int] = []  # layers where only some KV heads stream: they keep everything
         for name in layer_names:
             sel = layer_selector(self.policy, layer_index(name), self.num_kv_heads)
             if isinstance(sel, QuestSelector):
                 budgets.add(max(1, sel.budget // self.block_size))
+            if (ev := streaming_evictor(self.policy, layer_index(name), self.num_kv_heads)) is not None:
+                self.streams.add((ev.sink, ev.window))
+            elif any(isinstance(e, SinkWindowEvictor)
+                     for e, _ in self.policy.evictors(layer_index(name), self.num_kv_heads)):
+                partial.append(layer_index(name))
         self.budget_pages = sorted(budgets)
+        if partial:
+            logger.warning("kvkit: layers %s of policy %r stream on some KV heads only; vLLM "
+                           "allocates whole layers, so they keep and read all their KV",
+                           sorted(partial), self.policy.name)
         self.sparse = bool(self.budget_pages) and not (
             self.is_cross_attention or self.is_encoder_only_attention)
         if self.sparse:
             # decode requests first, so rows [0, num_decodes) are the decode rows
             self._init_reorder_batch_threshold(1)
-        logger.info("kvkit: metadata builder for %d layers, policy %r, page budgets %s "
-                    "(block_size %d)", len(layer_names), self.policy.name, self.budget_pages,
-                    self.block_size)
+        logger.info("kvkit: metadata builder for %d layers (%s), policy %r, page budgets %s, "
+                    "streaming (sink, window) %s (block_size %d)", len(layer_names),
+                    type(kv_cache_spec).__name__, self.policy.name, self.budget_pages,
+                    sorted(self.streams), self.block_size)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVKitCPUAttentionMetadata:
@@ -234,6 +257,8 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             md.decode_pages = int(((cm.seq_lens[: cm.num_reqs][is_dec] + self.block_size - 1)
                                    // self.block_size).sum()) * self.num_kv_heads
         md.num_decodes, md.num_decode_tokens, md.block_size = nd, nd_tok, self.block_size
+        if self.streams and stock.dynamic_causal is None and stock.causal:
+            self._build_streams(md, stock, cm)
         if nd == 0:
             return md
         seq_lens = cm.seq_lens[:nd].long()  # [B]
@@ -257,6 +282,30 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return md
 
 
+    def _build_streams(self, md: KVKitCPUAttentionMetadata, stock: CPUAttentionMetadata,
+                       cm: CommonAttentionMetadata) -> None:
+        """For each (sink, window) of this group: the stock metadata on block tables trimmed to
+        the sink and window blocks, with its own kernel scheduler metadata."""
+        n, S = cm.num_reqs, self.block_size
+        q_lens = cm.query_start_loc_cpu[1 : n + 1] - cm.query_start_loc_cpu[:n]
+        is_dec = q_lens == 1
+        for sink, window in sorted(self.streams):
+            table, lens = stock.block_table.clone(), stock.seq_lens.clone()
+            table[:n], lens[:n] = trim_blocks(stock.block_table[:n], stock.seq_lens[:n], q_lens, S,
+                                              sink, window)
+            sched = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=n, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim, seq_lens=lens, dtype=self.dtype,
+                query_start_loc=stock.query_start_loc, causal=True,
+                sliding_window_size=self.window_size, isa=self.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
+            md.streams[(sink, window)] = replace(stock, block_table=table, seq_lens=lens,
+                                                 max_seq_len=int(lens[:n].max()) if n else 0,
+                                                 scheduler_metadata=sched)
+            md.stream_decode_pages[(sink, window)] = int(
+                ((lens[:n][is_dec] + S - 1) // S).sum()) * self.num_kv_heads
+
+
 class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     """Stock CPU attention for prefill; page selection through the virtual batch at decode."""
 
@@ -264,6 +313,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         self._layer: int | None = None
         self._selector: FullSelector | QuestSelector | None = None
+        self._stream: SinkWindowEvictor | None = None
         self.policy_name = "dense"
         self.key_min: torch.Tensor | None = None  # [NB * Hkv * R, D] keys' dtype, per (block, KV head, sub-page)
         self.key_max: torch.Tensor | None = None
@@ -278,7 +328,18 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             self._layer = layer_index(layer.layer_name)
             self.policy_name = policy.name
             self._selector = layer_selector(policy, self._layer, self.num_kv_heads)
+            self._stream = streaming_evictor(policy, self._layer, self.num_kv_heads)
+            if self._stream is not None and isinstance(self._selector, QuestSelector):
+                raise NotImplementedError(
+                    f"kvkit: layer {self._layer} of policy {policy.name!r} both selects pages "
+                    "(quest) and streams (sink_window); the vLLM backend runs one of them per layer")
         return self._selector
+
+    def _streaming(self, layer) -> SinkWindowEvictor | None:
+        if self.attn_type != AttentionType.DECODER:
+            return None
+        self._resolve(layer)
+        return self._stream
 
     def _sparse(self, layer) -> QuestSelector | None:
         if self.attn_type != AttentionType.DECODER:
@@ -289,36 +350,25 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     # ---- KV write: stock, plus Quest's page summaries from the incoming keys ------------------
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self._sparse(layer) is None:
+        sparse = self._sparse(layer) is not None
+        if not sparse and not (self.check and self._streaming(layer) is not None):
             return
         num_blocks, H, S, _ = kv_cache.shape
         D = self.head_size
-        if self.key_min is None:
-            self.sub = sub_page_size(_policy(), S)
-            R = S // self.sub
-            # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
-            self.key_min = torch.full((num_blocks * H * R, D), math.inf, dtype=key.dtype)
-            self.key_max = torch.full((num_blocks * H * R, D), -math.inf, dtype=key.dtype)
-            if self.check:
-                self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
-                               torch.zeros(num_blocks * H, S, dtype=torch.bool))
+        if self.check and self.shadow is None:
+            self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
+                           torch.zeros(num_blocks * H, S, dtype=torch.bool))
         slots = slot_mapping.long()
         ok = slots >= 0  # padding slots are -1
         slots = slots[ok]
         if slots.numel() == 0:
             return
-        k = key[: ok.shape[0]][ok].to(self.key_min.dtype)  # [T, H, D]
         blk, off = slots // S, slots % S  # [T]
-        R = S // self.sub
         rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H] (block, KV head) pages
-        fresh = rows[(off == 0).repeat_interleave(H)]  # pages started in this write: reset all sub-pages
-        fresh_subs = (fresh[:, None] * R + torch.arange(R)).reshape(-1)
-        self.key_min[fresh_subs] = math.inf
-        self.key_max[fresh_subs] = -math.inf
-        subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
-        flat = k.reshape(-1, D)  # [T * H, D]
-        self.key_min.index_reduce_(0, subs, flat, "amin")
-        self.key_max.index_reduce_(0, subs, flat, "amax")
+        fresh = rows[(off == 0).repeat_interleave(H)]  # pages started in this write
+        flat = key[: ok.shape[0]][ok].reshape(-1, D)  # [T * H, D]
+        if sparse:
+            self._update_bounds(flat, rows, fresh, off, num_blocks * H, S)
         if self.shadow is not None:
             sk, sv, valid = self.shadow
             valid[fresh] = False
@@ -327,6 +377,24 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             sv[rows, offs] = value[: ok.shape[0]][ok].float().reshape(-1, D)
             valid[rows, offs] = True
 
+    def _update_bounds(self, flat: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor,
+                       off: torch.Tensor, num_pages: int, S: int) -> None:
+        """Fold the written keys `flat` `[T * H, D]` (at pages `rows`, offsets `off`) into the
+        sub-pages' min/max; the sub-pages of `fresh` pages (written at offset 0) start over."""
+        if self.key_min is None:
+            self.sub = sub_page_size(_policy(), S)
+            # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
+            shape = (num_pages * (S // self.sub), flat.shape[-1])
+            self.key_min = torch.full(shape, math.inf, dtype=flat.dtype)
+            self.key_max = torch.full(shape, -math.inf, dtype=flat.dtype)
+        R, H = S // self.sub, rows.shape[0] // off.shape[0]
+        fresh_subs = (fresh[:, None] * R + torch.arange(R)).reshape(-1)
+        self.key_min[fresh_subs] = math.inf
+        self.key_max[fresh_subs] = -math.inf
+        subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
+        self.key_min.index_reduce_(0, subs, flat.to(self.key_min.dtype), "amin")
+        self.key_max.index_reduce_(0, subs, flat.to(self.key_max.dtype), "amax")
+
     # ---- attention -------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -334,8 +402,20 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         start = time.perf_counter()
-        sel = self._sparse(layer)
         md = attn_metadata
+        stream = self._streaming(layer)
+        if stream is not None and (stream.sink, stream.window) in md.streams:
+            USAGE["streaming_calls"] += 1
+            smd = md.streams[(stream.sink, stream.window)]
+            out = super().forward(layer, query, key, value, kv_cache, smd, output,
+                                  output_scale, output_block_scale)
+            if md.decode_pages:
+                self._record(md.stream_decode_pages[(stream.sink, stream.window)], md.decode_pages,
+                             kv_cache, start, 0.0)
+            if self.shadow is not None:
+                self._check_streaming(stream, query, output, md, kv_cache.shape[2])
+            return out
+        sel = self._sparse(layer)
         if sel is None or md.num_decodes == 0:
             USAGE["dense_calls"] += 1
             out = super().forward(layer, query, key, value, kv_cache, md, output,
@@ -452,6 +532,47 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                        "selection_equal": bool(torch.equal(ref_chosen, chosen)),
                        "max_abs_err": float((out.float() - ref).abs().max()),
                        "within_tol": bool((excess <= 0).all())})
+
+    def _check_streaming(self, stream: SinkWindowEvictor, query: torch.Tensor, output: torch.Tensor,
+                         md: KVKitCPUAttentionMetadata, S: int) -> None:
+        """KVKIT_VLLM_CHECK=1 (tests): every query of this step against a float32 causal
+        attention over the unpacked copy of its sequence, restricted to the positions a
+        streaming layer reads: those in the sink blocks and in the blocks from the one holding
+        the window start of the row's first query on. Kept positions must hold written K/V in
+        blocks no other row reads (never a freed block). bf16 tolerance (2e-2, 2e-2)."""
+        from kvkit.attention.ref import causal_prefill_ref
+
+        sk, sv, valid = self.shadow
+        H, D = self.num_kv_heads, self.head_size
+        n = min(md.seq_lens.shape[0], md.query_start_loc.shape[0] - 1)  # requests (rows)
+        qsl = md.query_start_loc.long()
+        sink_blocks = -(-stream.sink // S)
+        worst, ok, all_written, kept_blocks = 0.0, True, True, []
+        for b in range(n):
+            lo, hi, length = int(qsl[b]), int(qsl[b + 1]), int(md.seq_lens[b])
+            if hi == lo:
+                continue
+            first = length - (hi - lo)
+            window_block = max(sink_blocks, max(0, first - stream.window + 1) // S)
+            pos = torch.arange(length)
+            pos = pos[(pos // S < sink_blocks) | (pos // S >= window_block)]
+            blocks = md.block_table[b, pos // S].long()  # [L]
+            kept_blocks.append(blocks.unique())
+            rows = blocks[:, None] * H + torch.arange(H)  # [L, H]
+            offs = (pos % S)[:, None].expand_as(rows)
+            all_written &= bool(valid[rows, offs].all())
+            k, v = sk[rows, offs].transpose(0, 1), sv[rows, offs].transpose(0, 1)  # [H, L, D]
+            q = query[lo:hi].float().transpose(0, 1)  # [Hq, T, D]
+            ref = causal_prefill_ref(q, k, v, torch.arange(first, length), pos, self.scale)
+            got = output[lo:hi].float().view(hi - lo, -1, D).transpose(0, 1)
+            worst = max(worst, float((got - ref).abs().max()))
+            ok &= bool(((got - ref).abs() <= 2e-2 + 2e-2 * ref.abs()).all())
+        kept = torch.cat(kept_blocks) if kept_blocks else torch.zeros(0, dtype=torch.long)
+        CHECKS.append({"layer": self._layer, "rows": n, "streaming": True, "kept_written": all_written,
+                       # a block freed (null block 0) or handed to another request would repeat
+                       "kept_blocks_distinct": bool(kept.unique().numel() == kept.numel()
+                                                    and not (kept == 0).any()),
+                       "max_abs_err": worst, "within_tol": ok})
 
     def _prefill_rows(self, layer, query, kv_cache, md: KVKitCPUAttentionMetadata,
                       output: torch.Tensor) -> None:

@@ -2,12 +2,16 @@
 behind vLLM's CPU_ATTN member.
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), maybe more
-than once, so it is idempotent. It reads `KVKIT_POLICY` (or `KVKIT_CONFIG`, the same thing under
-the name a config file suggests; setting both to different values is an error):
+than once, so it is idempotent. The policy comes from one of:
 
-- unset or empty: nothing is registered and vLLM runs stock (installing kvkit changes nothing);
-- a policy name (`dense`, `quest`), a JSON object (`{"name": "quest", "params": {"budget": 256}}`
-  or a full `Policy.to_config()`), or the path of a JSON file holding one.
+- `KVKIT_POLICY` (or `KVKIT_CONFIG`, the same thing under the name a config file suggests;
+  setting both to different values is an error);
+- vLLM's `--additional-config '{"kvkit": ...}'` (`LLM(additional_config={"kvkit": ...})`),
+  read when vLLM builds the attention layers (`ConfiguredBackend`).
+
+Either holds a policy name (`dense`, `quest`), a JSON object (`{"name": "quest", "params":
+{"budget": 256}}` or a full `Policy.to_config()`), or the path of a JSON file holding one.
+Neither set: vLLM runs stock, with its own classes (installing kvkit changes nothing).
 
 A policy that does not parse, or that uses a part the vLLM backend cannot run yet, raises here:
 vLLM calls general plugins without catching, so a bad config stops start-up instead of silently
@@ -24,12 +28,15 @@ from pathlib import Path
 
 from kvkit.errors import ConfigError
 from kvkit.policies import FullSelector, NoEvictor, PlainCodec, Policy
+from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 
 logger = logging.getLogger(__name__)
 
 ENV = "KVKIT_POLICY"
 ENV_ALIAS = "KVKIT_CONFIG"
+CONFIG_KEY = "kvkit"  # vLLM's --additional-config '{"kvkit": ...}'
 BACKEND_PATH = "kvkit.integrations.vllm.backend.KVKitCPUAttentionBackend"
+CONFIGURED_PATH = f"{__name__}.ConfiguredBackend"
 
 _registered: Policy | None = None
 
@@ -70,18 +77,20 @@ def check_supported(policy: Policy) -> None:
     """Raise NotImplementedError for policy parts the vLLM backend cannot run yet.
 
     Runs now: selectors `full` and `quest` (per layer: every KV head of a layer must use the same
-    selector), no eviction, the plain codec. Eviction (vLLM KV cache specs) and kvkit codecs are
-    later steps of issue 6.
+    selector), the `sink_window` evictor (`streaming`, DuoAttention: its blocks are freed in
+    layers where every KV head streams, see streaming.py), the plain codec. Score-based eviction
+    and kvkit codecs are later steps of issue 6.
     """
     from kvkit.policies.selectors.quest import QuestSelector
 
     for comp in policy.components():
         kind = type(comp)
-        if kind in (FullSelector, QuestSelector, NoEvictor, PlainCodec):
+        if kind in (FullSelector, QuestSelector, NoEvictor, SinkWindowEvictor, PlainCodec):
             continue
         raise NotImplementedError(
             f"kvkit's vLLM backend does not run {kind.__name__} (policy {policy.name!r}) yet; it "
-            "runs the selectors full and quest with no eviction and the plain codec")
+            "runs the selectors full and quest, the evictors none and sink_window, and the plain "
+            "codec")
     for rule in policy.rules:
         if rule.heads is not None and rule.selector is not None:
             raise NotImplementedError(
@@ -90,27 +99,72 @@ def check_supported(policy: Policy) -> None:
 
 
 def active_policy() -> Policy | None:
-    """The policy `register()` installed in this process, or None (vLLM runs stock)."""
+    """The policy installed in this process, or None (vLLM runs stock)."""
     return _registered
 
 
 def register() -> None:
-    """Entry point of `vllm.general_plugins`: install kvkit's CPU attention backend when
-    `$KVKIT_POLICY` names a policy. Idempotent."""
-    global _registered
-    policy = load_policy()
-    if policy is None:
-        logger.info("kvkit: %s is unset; vLLM runs stock (no kvkit backend)", ENV)
-        return
-    if _registered is not None:
-        if _registered.to_config() != policy.to_config():
-            raise RuntimeError(f"kvkit: already registered policy {_registered.name!r} in this "
-                               f"process; {ENV} now names {policy.name!r}")
-        return
+    """Entry point of `vllm.general_plugins`. Idempotent.
 
+    With `$KVKIT_POLICY` set: install kvkit's CPU attention backend now. Unset: point CPU_ATTN at
+    `ConfiguredBackend`, which vLLM resolves when it builds the attention layers, with the
+    engine's config current: kvkit's backend when `additional_config` has a "kvkit" entry, vLLM's
+    own CPU backend class otherwise (unconfigured, vLLM runs stock).
+    """
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    policy = load_policy()
+    if policy is None:
+        register_backend(AttentionBackendEnum.CPU_ATTN, CONFIGURED_PATH)
+        logger.info("kvkit: %s is unset; kvkit runs only if vLLM's additional_config has a "
+                    "%r entry", ENV, CONFIG_KEY)
+        return
+    install(policy, f"${ENV}")
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+
+
+def install(policy: Policy, source: str) -> None:
+    """Make `policy` this process's policy (once; a different second one is an error)."""
+    global _registered
+    if _registered is not None:
+        if _registered.to_config() != policy.to_config():
+            raise ConfigError(f"kvkit: policy {_registered.name!r} is already active in this "
+                              f"process; {source} now names {policy.name!r}. Configure kvkit once "
+                              f"(${ENV} or additional_config[{CONFIG_KEY!r}])")
+        return
+    if any(isinstance(c, SinkWindowEvictor) for c in policy.components()):
+        from kvkit.integrations.vllm import streaming
+
+        streaming.patch_attention_spec(policy)
     _registered = policy
-    logger.warning("kvkit: policy %r active; vLLM's CPU_ATTN backend is now %s (pid %d)",
-                   policy.name, BACKEND_PATH, os.getpid())
+    logger.warning("kvkit: policy %r (from %s) active; vLLM's CPU_ATTN backend is %s (pid %d)",
+                   policy.name, source, BACKEND_PATH, os.getpid())
+
+
+def policy_from_vllm_config(vllm_config) -> Policy | None:
+    """The policy in `vllm_config.additional_config["kvkit"]` (a name, a policy config object,
+    or a JSON file path, as for `$KVKIT_POLICY`), validated; None when absent."""
+    extra = getattr(vllm_config, "additional_config", None)
+    if not isinstance(extra, dict) or extra.get(CONFIG_KEY) is None:
+        return None
+    value = extra[CONFIG_KEY]
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"additional_config[{CONFIG_KEY!r}] must be a policy name, a policy "
+                          f"config object or a JSON file path, got {type(value).__name__}")
+    return load_policy(value if isinstance(value, str) else json.dumps(value)) if value else None
+
+
+def __getattr__(name: str):
+    """`ConfiguredBackend`: the CPU attention backend class for the engine being built."""
+    if name != "ConfiguredBackend":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    policy = policy_from_vllm_config(get_current_vllm_config_or_none())
+    if policy is None:
+        return CPUAttentionBackend
+    install(policy, f"additional_config[{CONFIG_KEY!r}]")
+    from kvkit.integrations.vllm.backend import KVKitCPUAttentionBackend
+
+    return KVKitCPUAttentionBackend

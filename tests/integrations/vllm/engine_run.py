@@ -17,24 +17,28 @@ import sys
 
 def main(args: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if args.get("check"):
+        os.environ["KVKIT_VLLM_CHECK"] = "1"
     if args.get("policy") is not None:
         os.environ["KVKIT_POLICY"] = (args["policy"] if isinstance(args["policy"], str)
                                       else json.dumps(args["policy"]))
-        if args.get("check"):
-            os.environ["KVKIT_VLLM_CHECK"] = "1"
         from kvkit.integrations.vllm import plugin
         plugin.register()  # what the vllm.general_plugins entry point does in every process
     from vllm import LLM, SamplingParams
 
     from kvkit import metrics
+    from kvkit.integrations.vllm.accounting import KVAccounting
     from kvkit.models import smollm2
 
     llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True,
               max_model_len=args.get("max_model_len", 1024), block_size=args.get("block_size", 128),
               kv_cache_memory_bytes=args.get("kv_cache_memory_bytes", 64 << 20),
-              max_num_seqs=8, max_num_batched_tokens=args.get("max_num_batched_tokens", 2048),
-              enable_prefix_caching=False, seed=0)
+              max_num_seqs=args.get("max_num_seqs", 8),
+              max_num_batched_tokens=args.get("max_num_batched_tokens", 2048),
+              enable_prefix_caching=args.get("enable_prefix_caching", False), seed=0,
+              additional_config=args.get("additional_config") or {})
     params = SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8))
+    kv = KVAccounting(llm)
     outs = llm.generate(args["prompts"], params, use_tqdm=False)
 
     def attention_classes(model):
@@ -50,13 +54,14 @@ def main(args: dict) -> dict:
         "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
         "attention": [list(x) for x in llm.apply_model(attention_classes)[0]],
         "metrics": {},
+        "kv": kv.report(),
     }
     for line in metrics.exposition().decode().splitlines():
         if line.startswith(("kvkit_pages_read_total", "kvkit_pages_dense_total",
                             "kvkit_bytes_read_total")):
             name, value = line.rsplit(" ", 1)
             report["metrics"][name] = float(value)
-    if args.get("policy") is not None:
+    if args.get("policy") is not None or args.get("additional_config"):
         from kvkit.integrations.vllm import backend
         report["usage"] = dict(backend.USAGE)
         report["checks"] = backend.CHECKS

