@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--prompt-tokens", type=int, default=4096)
     ap.add_argument("--requests", type=int, default=12)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=256, help="long enough that requests pile up")
     ap.add_argument("--batched-tokens", type=int, default=512, help="max_num_batched_tokens")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               f"block size {BLOCK}, {args.requests} requests of {args.prompt_tokens} prompt tokens submitted at once, "
               f"{args.max_tokens} generated each, max_num_batched_tokens {args.batched_tokens}, prefix caching off. "
               "x = ratio to stock vLLM in this run. A duo block holds the KV of the 15 layers of its group, so the "
-              "pool has twice as many blocks; its full-attention layers keep every token.")
+              "pool has twice as many blocks; its full-attention layers keep every token. Wall seconds are of a 2-core machine shared with other jobs during this run: not a speed comparison.")
     write_results("vllm_capacity", {"setup": setup, "rows": rows}, "KV capacity inside vLLM: stock vs kvkit", table)
     return 0
 

@@ -56,7 +56,7 @@ from kvkit import metrics
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group, top_pages
-from kvkit.integrations.vllm import plugin
+from kvkit.integrations.vllm import plugin, requests
 from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,20 @@ def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, 
     return bound.view(*bound.shape[:3], P, R).amax(-1)
 
 
+def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`top_pages` with a budget per row (`k`: `[B]`): `[B, H, max(k)]` (at most the P listed),
+    each row's choice in list order, -1 padded at the end."""
+    K = min(int(k.max()), pages.shape[-1])
+    if bool((k == k[0]).all()):
+        return top_pages(scores, pages, K)
+    out = torch.full((*pages.shape[:2], K), -1, dtype=pages.dtype)
+    for budget in k.unique().tolist():
+        rows = (k == budget).nonzero().squeeze(1)
+        chosen = top_pages(scores[rows], pages[rows], budget)
+        out[rows, :, : chosen.shape[-1]] = chosen
+    return out
+
+
 class KVKitCPUAttentionBackend(CPUAttentionBackend):
     """vLLM's CPU_ATTN backend with kvkit's builder and impl; its name stays CPU_ATTN."""
 
@@ -131,7 +145,7 @@ class KVKitCPUAttentionBackend(CPUAttentionBackend):
 class VirtualPlan:
     """One decode step's virtual batch at one page budget (shared by the layers using it)."""
 
-    budget_pages: int
+    budget_pages: torch.Tensor  # [B] pages per KV head each decode request may read
     query_start_loc: torch.Tensor  # [B * Hkv + 1] int32: one query token per virtual request
     seq_lens: torch.Tensor  # [B * Hkv] int32: tokens each virtual request reads
     scheduler_metadata: torch.Tensor
@@ -155,15 +169,17 @@ class KVKitCPUAttentionMetadata(CPUAttentionMetadata):
     stream_decode_pages: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
-def plan_virtual(seq_lens: torch.Tensor, block_size: int, budget_pages: int, num_kv_heads: int,
-                 num_qo_heads: int, head_dim: int, dtype: torch.dtype, isa: str,
+def plan_virtual(seq_lens: torch.Tensor, block_size: int, budget_pages: int | torch.Tensor,
+                 num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: torch.dtype, isa: str,
                  kv_cache_dtype: str = "auto") -> VirtualPlan:
-    """The virtual batch of B decode requests reading at most `budget_pages` pages per KV head.
+    """The virtual batch of B decode requests reading at most `budget_pages` pages per KV head
+    (one number, or `[B]`: per request).
 
-    seq_lens: `[B]` tokens per request. A request with no more pages than the budget reads all of
-    them; otherwise `budget_pages - 1` full pages plus its last page.
+    seq_lens: `[B]` tokens per request. A request with no more pages than its budget reads all of
+    them; otherwise `budget - 1` full pages plus its last page.
     """
     seq_lens = seq_lens.long()
+    budget_pages = torch.as_tensor(budget_pages).long().expand(seq_lens.shape)
     n_pages = (seq_lens + block_size - 1) // block_size  # [B]
     last = seq_lens - (n_pages - 1) * block_size  # tokens in the last page
     vlen = torch.where(n_pages <= budget_pages, seq_lens, (budget_pages - 1) * block_size + last)
@@ -265,8 +281,11 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         n_pages = (seq_lens + self.block_size - 1) // self.block_size  # [B]
         md.decode_pages = int(n_pages.sum()) * self.num_kv_heads
         H = self.num_kv_heads
+        asked = requests.row_budgets()  # per row: a request's own budget in tokens, or None
         for budget in self.budget_pages:
-            md.plans[budget] = plan_virtual(seq_lens, self.block_size, budget, H, self.num_heads,
+            pages = budget if asked is None else torch.tensor(
+                [budget if b is None else max(1, b // self.block_size) for b in asked[:nd]])
+            md.plans[budget] = plan_virtual(seq_lens, self.block_size, pages, H, self.num_heads,
                                             self.head_dim, self.dtype, self.isa,
                                             self.kv_cache_dtype)
         if npf:
@@ -463,7 +482,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         forced = torch.where(recent, math.inf, forced)  # [B, P]
         forced = torch.where(valid, forced, -math.inf)[:, None, :].expand_as(bound)
         scores = torch.where(forced != 0, forced, bound)  # [B, H, P]
-        return top_pages(scores, vpages, budget)
+        return top_pages_per_row(scores, vpages, md.plans[budget].budget_pages)
 
     def _decode_sparse(self, sel: QuestSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
                        md: KVKitCPUAttentionMetadata, output: torch.Tensor) -> tuple[int, float]:
@@ -524,7 +543,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         bound = reduce_group(block_bounds(q, kmin, kmax, vpages, R), sel.reduce, self.head_size ** -0.5)
         forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)
         scores = torch.where(forced != 0, forced, bound)
-        ref_chosen = top_pages(scores, vpages, chosen.shape[-1])
+        ref_chosen = top_pages_per_row(scores, vpages, md.plans[max(1, sel.budget // S)].budget_pages)
         ref, _ = sparse_decode_ref(q.float(), sk, sv, chosen, valid, scale=self.scale)
         excess = (out.float() - ref).abs() - (2e-2 + 2e-2 * ref.abs())
         CHECKS.append({"layer": self._layer, "rows": B, "pages": int((chosen >= 0).sum()),

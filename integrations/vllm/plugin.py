@@ -29,6 +29,7 @@ from pathlib import Path
 from kvkit.errors import ConfigError
 from kvkit.policies import FullSelector, NoEvictor, PlainCodec, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
+from kvkit.policies.selectors.quest import QuestSelector
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def check_supported(policy: Policy) -> None:
     layers where every KV head streams, see streaming.py), the plain codec. Score-based eviction
     and kvkit codecs are later steps of issue 6.
     """
-    from kvkit.policies.selectors.quest import QuestSelector
-
     for comp in policy.components():
         kind = type(comp)
         if kind in (FullSelector, QuestSelector, NoEvictor, SinkWindowEvictor, PlainCodec):
@@ -113,6 +112,9 @@ def register() -> None:
     """
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from kvkit.integrations.vllm import requests
+
+    requests.patch_validation()  # a bad extra_args["kvkit_budget"] is the client's error
     policy = load_policy()
     if policy is None:
         register_backend(AttentionBackendEnum.CPU_ATTN, CONFIGURED_PATH)
@@ -136,6 +138,10 @@ def install(policy: Policy, source: str) -> None:
         from kvkit.integrations.vllm import streaming
 
         streaming.patch_attention_spec(policy)
+    if any(isinstance(c, QuestSelector) for c in policy.components()):
+        from kvkit.integrations.vllm import requests
+
+        requests.publish_row_budgets()
     _registered = policy
     logger.warning("kvkit: policy %r (from %s) active; vLLM's CPU_ATTN backend is %s (pid %d)",
                    policy.name, source, BACKEND_PATH, os.getpid())

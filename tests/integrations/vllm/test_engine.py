@@ -75,6 +75,17 @@ def test_quest_matches_kvkit_reference_inside_vllm(quest):
     assert min(c["layer"] for c in checks) == 2  # quest's first two layers read densely
 
 
+def test_a_request_budget_overrides_the_policy_for_that_request(engine, stock, quest):
+    # the long prompt asks for 1024 tokens (all its pages), the short one keeps the policy's 96
+    asked = engine.run(**BASE, policy=QUEST, check=True, budgets=[None, 1024])
+    assert asked["tokens"][1] == stock["tokens"][1]
+    assert asked["tokens"][0] == quest["tokens"][0]
+    read = 'kvkit_pages_read_total{layer_group="all",policy="quest"}'
+    assert asked["metrics"][read] > quest["metrics"][read]
+    bad = [c for c in asked["checks"] if not (c["selection_equal"] and c["within_tol"])]
+    assert asked["checks"] and not bad, bad[:3]
+
+
 def test_additional_config_selects_the_same_policy(engine, quest):
     # no $KVKIT_POLICY: vLLM's own entry-point call of register() and LLM(additional_config=...)
     report = engine.run(**BASE, policy=None, additional_config={"kvkit": QUEST})

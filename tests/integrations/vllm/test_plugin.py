@@ -136,3 +136,15 @@ def test_layer_index_from_vllm_layer_names():
     assert layer_index("model.layers.17.self_attn.attn") == 17
     with pytest.raises(ValueError, match="layer index"):
         layer_index("lm_head")
+
+
+@pytest.mark.parametrize("budget", [0, -5, "512", 1.5, True])
+def test_a_bad_request_budget_is_the_clients_error(clean, budget):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    clean.delenv(plugin.ENV, raising=False)
+    plugin.register()
+    with pytest.raises(VLLMValidationError, match="kvkit_budget"):
+        SamplingParams(extra_args={"kvkit_budget": budget})
+    assert SamplingParams(extra_args={"kvkit_budget": 512}).extra_args == {"kvkit_budget": 512}

