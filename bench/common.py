@@ -101,3 +101,9 @@ def run_child(script: str, payload: dict[str, Any], timeout: float = 3600) -> di
     if proc.returncode or not lines:
         raise RuntimeError(f"{Path(script).name} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1].removeprefix("KVKIT_REPORT "))
+
+
+def child_report(fn, payload: str) -> int:
+    """The child side of `run_child`: run `fn` on the JSON payload and print its report."""
+    print("KVKIT_REPORT " + json.dumps(fn(json.loads(payload))), flush=True)
+    return 0

@@ -18,7 +18,6 @@ Ratios are kvkit / stock from the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, run_child, write_results  # noqa: E402
+from common import child_report, markdown_table, run_child, write_results  # noqa: E402
 
 BLOCK = 32
 CONFIGS = [
@@ -74,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("KVKIT_REPORT " + json.dumps(child(json.loads(args.child))), flush=True)
-        return 0
+        return child_report(child, args.child)
     setup = {"pool_bytes": args.pool_mib << 20, "max_model_len": args.max_model_len,
              "prompt_tokens": args.prompt_tokens, "requests": args.requests, "max_tokens": args.max_tokens,
              "batched_tokens": args.batched_tokens}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, run_child, write_results  # noqa: E402
+from common import child_report, markdown_table, run_child, write_results  # noqa: E402
 
 BLOCK = 32
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("KVKIT_REPORT " + json.dumps(child(json.loads(args.child))), flush=True)
-        return 0
+        return child_report(child, args.child)
     depths = [(i + 0.5) / args.samples for i in range(args.samples)]
     rows = []
     for ctx in args.ctx:

@@ -20,7 +20,6 @@ times are thread time of a 2-core box shared with nothing else, or they mean not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, run_child, write_results  # noqa: E402
+from common import child_report, markdown_table, run_child, write_results  # noqa: E402
 
 BLOCK = 32
 
@@ -66,7 +65,8 @@ def child(args: dict) -> dict:
     keys = evaluate.passkey_keys(B)
     ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(depths, keys)]
     extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
-    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["ctx"] + 256,
+    max_model_len = min(args["ctx"] + args["max_tokens"] + 64, 8192)  # SmolLM2's positions end at 8192
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=max_model_len,
               block_size=BLOCK, kv_cache_memory_bytes=2 << 30, max_num_seqs=B, max_num_batched_tokens=2048,
               enable_prefix_caching=False, seed=0, **extra)
     engine = llm.llm_engine
@@ -102,15 +102,14 @@ def child(args: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ctx", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=8000, help="prompt tokens (+ generated <= 8192)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--max-tokens", type=int, default=64, help="generated per request")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print("KVKIT_REPORT " + json.dumps(child(json.loads(args.child))), flush=True)
-        return 0
+        return child_report(child, args.child)
     rows = []
     for batch in args.batch:
         for name, policy in configs(args.budgets):

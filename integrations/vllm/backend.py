@@ -101,18 +101,52 @@ def sub_page_size(policy: Policy, block_size: int) -> int:
     return sub
 
 
-def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, vpages: torch.Tensor,
-                 R: int) -> torch.Tensor:
-    """`[B, Hkv, G, P]` Quest bound of each listed (block, KV head) page: the best of its `R`
-    sub-pages' bounds (sub-page `page * R + r` in `key_min`/`key_max`); -inf at -1 pages."""
-    if R == 1:
-        return page_bounds(q, key_min, key_max, vpages)
+def block_bound_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor) -> torch.Tensor:
+    """`[B, Hkv, G, P]` Quest bound of each listed (block, KV head) page: the best of its
+    sub-pages' bounds, -inf at -1 pages and for sub-pages not written yet.
+
+    bounds: `[NB * Hkv, R, 2, D]`, per page its R sub-pages' key max (`[..., 0, :]`) and min
+    (`[..., 1, :]`), so one page's bounds are one contiguous row. The bound
+    `sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo` is one matmul of the gathered
+    rows with `[relu(q), min(q, 0)]`, in the bounds' dtype: in bf16 (AMX) a bound is rounded to
+    8 mantissa bits, so pages whose bounds agree that closely may swap places; it costs half of
+    the float32 path's time, which spent most of it converting and transposing the gathered rows.
+    """
     B, H, P = vpages.shape
-    subs = (vpages[..., None] * R + torch.arange(R)).view(B, H, P * R)
-    subs = torch.where(vpages.repeat_interleave(R, -1) >= 0, subs, -1)  # padding stays padding
-    bound = page_bounds(q, key_min, key_max, subs)  # [B, H, G, P * R]
+    D = bounds.shape[-1]
+    rows = bounds.view(bounds.shape[0], -1).index_select(0, vpages.clamp(min=0).reshape(-1))
+    rows = rows.view(B, H, -1, 2 * D)  # [B, H, P * R, 2D]
+    qg = q.view(B, H, -1, D)
+    qq = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1).to(bounds.dtype)  # [B, H, G, 2D]
+    bound = (rows @ qq.transpose(-1, -2)).float()  # [B, H, P * R, G]
     bound = torch.where(bound.isnan(), -math.inf, bound)  # unwritten sub-pages (0 * inf): never best
-    return bound.view(*bound.shape[:3], P, R).amax(-1)
+    bound = bound.view(B, H, P, -1, bound.shape[-1]).amax(3).transpose(-1, -2)  # [B, H, G, P]
+    return bound.masked_fill((vpages < 0)[:, :, None, :], -math.inf)
+
+
+def empty_bounds(num_pages: int, R: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[num_pages, R, 2, D]` bounds of unwritten sub-pages: max -inf, min +inf."""
+    return torch.tensor([-math.inf, math.inf], dtype=dtype)[:, None].repeat(num_pages, R, 1, D)
+
+
+def forced_scores(seq_lens: torch.Tensor, P: int, S: int, sink: int, window: int) -> torch.Tensor:
+    """`[B, P]` scores that override Quest's bound: inf for pages holding one of the last
+    `window` positions, the largest float for pages holding a sink position, -inf past a
+    request's last page, 0 (use the bound) elsewhere. Page i holds positions [i * S, (i+1) * S)."""
+    idx = torch.arange(P)
+    n_pages = (seq_lens + S - 1) // S
+    newest = torch.minimum((idx[None, :] + 1) * S, seq_lens[:, None]) - 1  # [B, P]
+    forced = torch.where((idx * S < sink)[None, :], torch.finfo(torch.float32).max, 0.0)
+    forced = torch.where(newest >= (seq_lens[:, None] - window), math.inf, forced)
+    return torch.where(idx[None, :] < n_pages[:, None], forced, -math.inf)
+
+
+@dataclass
+class SelectionPlan:
+    """What Quest's choice needs that all layers of a step with one selector share."""
+
+    vpages: torch.Tensor  # [B, Hkv, P] virtual page ids (block * Hkv + head), -1 past the end
+    forced: torch.Tensor  # [B, Hkv, P] forced_scores
 
 
 def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -158,6 +192,7 @@ class KVKitCPUAttentionMetadata(CPUAttentionMetadata):
     num_decode_tokens: int = 0
     decode_pages: int = 0  # pages (blocks x KV heads) a dense read of the decode rows reads
     plans: dict[int, VirtualPlan] = field(default_factory=dict)
+    selection: dict[QuestSelector, SelectionPlan] = field(default_factory=dict)
     # the prefill rows alone, for the stock kernel (None when the batch has no decode rows)
     prefill_query_start_loc: torch.Tensor | None = None
     prefill_seq_lens: torch.Tensor | None = None
@@ -231,12 +266,14 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             plugin.install(configured, "additional_config")  # raises if $KVKIT_POLICY differs
         self.policy = _policy()
         budgets = set()
+        self.selectors: set[QuestSelector] = set()
         self.streams: set[tuple[int, int]] = set()  # (sink, window) of this group's streaming layers
         partial: list[int] = []  # layers where only some KV heads stream: they keep everything
         for name in layer_names:
             sel = layer_selector(self.policy, layer_index(name), self.num_kv_heads)
             if isinstance(sel, QuestSelector):
                 budgets.add(max(1, sel.budget // self.block_size))
+                self.selectors.add(sel)
             if (ev := streaming_evictor(self.policy, layer_index(name), self.num_kv_heads)) is not None:
                 self.streams.add((ev.sink, ev.window))
             elif any(isinstance(e, SinkWindowEvictor)
@@ -288,6 +325,12 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             md.plans[budget] = plan_virtual(seq_lens, self.block_size, pages, H, self.num_heads,
                                             self.head_dim, self.dtype, self.isa,
                                             self.kv_cache_dtype)
+        P = int(n_pages.max())
+        vpages = stock.block_table[:nd, :P].long()[:, None, :] * H + torch.arange(H)[None, :, None]
+        vpages = torch.where((torch.arange(P)[None, :] < n_pages[:, None])[:, None, :], vpages, -1)
+        for sel in self.selectors:
+            forced = forced_scores(seq_lens, P, self.block_size, sel.sink, sel.window)
+            md.selection[sel] = SelectionPlan(vpages, forced[:, None, :].expand(nd, H, P))
         if npf:
             pqsl = (stock.query_start_loc[nd:] - stock.query_start_loc[nd]).to(torch.int32)
             md.prefill_query_start_loc = pqsl
@@ -334,8 +377,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._selector: FullSelector | QuestSelector | None = None
         self._stream: SinkWindowEvictor | None = None
         self.policy_name = "dense"
-        self.key_min: torch.Tensor | None = None  # [NB * Hkv * R, D] keys' dtype, per (block, KV head, sub-page)
-        self.key_max: torch.Tensor | None = None
+        self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2, D] keys' dtype: block_bound_scores
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
         self.check = os.environ.get(CHECK_ENV, "") == "1"
         self.shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -399,20 +441,18 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     def _update_bounds(self, flat: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor,
                        off: torch.Tensor, num_pages: int, S: int) -> None:
         """Fold the written keys `flat` `[T * H, D]` (at pages `rows`, offsets `off`) into the
-        sub-pages' min/max; the sub-pages of `fresh` pages (written at offset 0) start over."""
-        if self.key_min is None:
+        sub-pages' max/min; the sub-pages of `fresh` pages (written at offset 0) start over."""
+        if self.bounds is None:
             self.sub = sub_page_size(_policy(), S)
             # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
-            shape = (num_pages * (S // self.sub), flat.shape[-1])
-            self.key_min = torch.full(shape, math.inf, dtype=flat.dtype)
-            self.key_max = torch.full(shape, -math.inf, dtype=flat.dtype)
+            self.bounds = empty_bounds(num_pages, S // self.sub, flat.shape[-1], flat.dtype)
         R, H = S // self.sub, rows.shape[0] // off.shape[0]
-        fresh_subs = (fresh[:, None] * R + torch.arange(R)).reshape(-1)
-        self.key_min[fresh_subs] = math.inf
-        self.key_max[fresh_subs] = -math.inf
+        self.bounds[fresh] = empty_bounds(1, R, flat.shape[-1], flat.dtype)
+        per_sub = self.bounds.view(-1, 2, flat.shape[-1])  # [NB * H * R, 2, D]
         subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
-        self.key_min.index_reduce_(0, subs, flat.to(self.key_min.dtype), "amin")
-        self.key_max.index_reduce_(0, subs, flat.to(self.key_max.dtype), "amax")
+        keys = flat.to(self.bounds.dtype)
+        per_sub[:, 0].index_reduce_(0, subs, keys, "amax")
+        per_sub[:, 1].index_reduce_(0, subs, keys, "amin")
 
     # ---- attention -------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -462,27 +502,13 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     def _select(self, sel: QuestSelector, q: torch.Tensor, md: KVKitCPUAttentionMetadata,
                 S: int, budget: int) -> torch.Tensor:
         """Quest's choice per (decode request, KV head): `[B, Hkv, K]` virtual page ids in
-        position order, -1 padded at the end."""
-        B, H = md.num_decodes, self.num_kv_heads
-        seq_lens = md.seq_lens[:B].long()  # [B]
-        n_pages = (seq_lens + S - 1) // S  # [B]
-        P = int(n_pages.max())
-        idx = torch.arange(P)  # page index = position // S (vLLM block tables are in order)
-        valid = idx[None, :] < n_pages[:, None]  # [B, P]
-        phys = md.block_table[:B, :P].long()  # [B, P]
-        vpages = phys[:, None, :] * H + torch.arange(H)[None, :, None]  # [B, H, P]
-        vpages = torch.where(valid[:, None, :], vpages, -1)
-        bound = block_bounds(q, self.key_min, self.key_max, vpages, S // self.sub)
+        position order, -1 padded at the end. Per layer only the bounds, the group reduce and
+        the top-k run; the rest is the builder's `SelectionPlan`."""
+        plan = md.selection[sel]
+        bound = block_bound_scores(q, self.bounds, plan.vpages)
         bound = reduce_group(bound, sel.reduce, self.head_size ** -0.5)  # [B, H, P]
-        first = idx * S  # [P] first position of each page
-        newest = torch.minimum((idx[None, :] + 1) * S, seq_lens[:, None]) - 1  # [B, P]
-        recent = newest >= (seq_lens[:, None] - sel.window)
-        sink = (first < sel.sink)[None, :].expand(B, P)
-        forced = torch.where(sink, torch.finfo(torch.float32).max, 0.0)
-        forced = torch.where(recent, math.inf, forced)  # [B, P]
-        forced = torch.where(valid, forced, -math.inf)[:, None, :].expand_as(bound)
-        scores = torch.where(forced != 0, forced, bound)  # [B, H, P]
-        return top_pages_per_row(scores, vpages, md.plans[budget].budget_pages)
+        scores = torch.where(plan.forced != 0, plan.forced, bound)
+        return top_pages_per_row(scores, plan.vpages, md.plans[budget].budget_pages)
 
     def _decode_sparse(self, sel: QuestSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
                        md: KVKitCPUAttentionMetadata, output: torch.Tensor) -> tuple[int, float]:
@@ -510,8 +536,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         """KVKIT_VLLM_CHECK=1 (tests): redo this step with kvkit's own pieces on an unpacked
         float32 copy of the K/V and record how far vLLM's result is from it.
 
-        - bounds: the running key min/max equal the min/max of the copy's sub-pages;
-        - selection: kvkit's `block_bounds`, `reduce_group`, `forced_from_positions` and
+        - bounds: the running key max/min equal the max/min of the copy's sub-pages;
+        - selection: `block_bound_scores`, kvkit's `reduce_group`, `forced_from_positions` and
           `top_pages` (what `QuestSelector` runs, with sub-page bounds) choose the same pages
           from the copy, slot positions and lengths;
         - attention: `sparse_decode_ref` over the chosen pages, bf16 tolerance (2e-2, 2e-2).
@@ -535,12 +561,13 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         inf = torch.tensor(math.inf)
         R, D = S // self.sub, sk.shape[-1]
         sub_valid = valid.view(-1, R, self.sub, 1)
-        kmin = torch.where(sub_valid, sk.view(-1, R, self.sub, D), inf).amin(2).view(-1, D)  # [NB*H*R, D]
-        kmax = torch.where(sub_valid, sk.view(-1, R, self.sub, D), -inf).amax(2).view(-1, D)
-        rows = (vpages[vpages >= 0][:, None] * R + torch.arange(R)).view(-1)
-        bounds_ok = bool(torch.equal(kmin[rows], self.key_min[rows].float())
-                         and torch.equal(kmax[rows], self.key_max[rows].float()))
-        bound = reduce_group(block_bounds(q, kmin, kmax, vpages, R), sel.reduce, self.head_size ** -0.5)
+        kmax = torch.where(sub_valid, sk.view(-1, R, self.sub, D), -inf).amax(2)  # [NB*H, R, D]
+        kmin = torch.where(sub_valid, sk.view(-1, R, self.sub, D), inf).amin(2)
+        # the copy holds bf16 keys exactly, so its min/max are the running bounds' values
+        ref_bounds = torch.stack([kmax, kmin], 2).to(self.bounds.dtype)  # [NB*H, R, 2, D]
+        listed = vpages[vpages >= 0]
+        bounds_ok = bool(torch.equal(ref_bounds[listed], self.bounds[listed]))
+        bound = reduce_group(block_bound_scores(q, ref_bounds, vpages), sel.reduce, self.head_size ** -0.5)
         forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)
         scores = torch.where(forced != 0, forced, bound)
         ref_chosen = top_pages_per_row(scores, vpages, md.plans[max(1, sel.budget // S)].budget_pages)

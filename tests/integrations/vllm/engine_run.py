@@ -36,7 +36,8 @@ def main(args: dict) -> dict:
               max_num_seqs=args.get("max_num_seqs", 8),
               max_num_batched_tokens=args.get("max_num_batched_tokens", 2048),
               enable_prefix_caching=args.get("enable_prefix_caching", False), seed=0,
-              additional_config=args.get("additional_config") or {})
+              additional_config=args.get("additional_config") or {},
+              kv_cache_dtype=args.get("kv_cache_dtype", "auto"))
     budgets = args.get("budgets") or [None] * len(args["prompts"])  # per-request kvkit_budget
     params = [SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8),
                              extra_args=None if b is None else {"kvkit_budget": b}) for b in budgets]

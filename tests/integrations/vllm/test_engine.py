@@ -86,6 +86,20 @@ def test_a_request_budget_overrides_the_policy_for_that_request(engine, stock, q
     assert asked["checks"] and not bad, bad[:3]
 
 
+def test_fp8_kv_cache_passes_through(engine):
+    # vLLM's fp8 KV cache under kvkit: the dense policy equals stock fp8, quest still selects
+    stock8 = engine.run(**BASE, policy=None, kv_cache_dtype="fp8")
+    dense8 = engine.run(**BASE, policy="dense", kv_cache_dtype="fp8")
+    quest8 = engine.run(**BASE, policy=QUEST, kv_cache_dtype="fp8")
+    assert dense8["tokens"] == stock8["tokens"]
+    m = quest8["metrics"]
+    read = m['kvkit_pages_read_total{layer_group="all",policy="quest"}']
+    assert quest8["usage"]["sparse_calls"] > 0
+    assert 0 < read < 0.75 * m['kvkit_pages_dense_total{layer_group="all",policy="quest"}']
+    # one byte per element: a 32-token page of K and V for one KV head of 64 dims
+    assert m['kvkit_bytes_read_total{layer_group="all",policy="quest"}'] == read * 2 * 32 * 64
+
+
 def test_additional_config_selects_the_same_policy(engine, quest):
     # no $KVKIT_POLICY: vLLM's own entry-point call of register() and LLM(additional_config=...)
     report = engine.run(**BASE, policy=None, additional_config={"kvkit": QUEST})
