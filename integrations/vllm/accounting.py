@@ -41,6 +41,7 @@ class KVAccounting:
     def report(self) -> dict[str, Any]:
         return {"num_blocks": self.pool.num_gpu_blocks,
                 "groups": [type(g.kv_cache_spec).__name__ for g in self.config.kv_cache_groups],
+                "group_layers": [list(g.layer_names) for g in self.config.kv_cache_groups],
                 "max_concurrency": self.max_concurrency,
                 "peak_running": self.peak_running, "peak_used_blocks": self.peak_used,
                 "free_blocks_after": self.pool.get_num_free_blocks()}

@@ -57,7 +57,7 @@ from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group, top_pages
 from kvkit.integrations.vllm import plugin, requests
-from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks
+from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -267,17 +267,18 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         self.policy = _policy()
         budgets = set()
         self.selectors: set[QuestSelector] = set()
+        heads = model_kv_heads(vllm_config)
         self.streams: set[tuple[int, int]] = set()  # (sink, window) of this group's streaming layers
         partial: list[int] = []  # layers where only some KV heads stream: they keep everything
         for name in layer_names:
-            sel = layer_selector(self.policy, layer_index(name), self.num_kv_heads)
+            sel = layer_selector(self.policy, layer_index(name), heads)
             if isinstance(sel, QuestSelector):
                 budgets.add(max(1, sel.budget // self.block_size))
                 self.selectors.add(sel)
-            if (ev := streaming_evictor(self.policy, layer_index(name), self.num_kv_heads)) is not None:
+            if (ev := streaming_evictor(self.policy, layer_index(name), heads)) is not None:
                 self.streams.add((ev.sink, ev.window))
             elif any(isinstance(e, SinkWindowEvictor)
-                     for e, _ in self.policy.evictors(layer_index(name), self.num_kv_heads)):
+                     for e, _ in self.policy.evictors(layer_index(name), heads)):
                 partial.append(layer_index(name))
         self.budget_pages = sorted(budgets)
         if partial:
@@ -376,6 +377,10 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._layer: int | None = None
         self._selector: FullSelector | QuestSelector | None = None
         self._stream: SinkWindowEvictor | None = None
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()  # vLLM builds the impl inside its layer's init
+        self.model_heads = self.num_kv_heads if config is None else model_kv_heads(config)
         self.policy_name = "dense"
         self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2, D] keys' dtype: block_bound_scores
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
@@ -388,8 +393,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             policy = _policy()
             self._layer = layer_index(layer.layer_name)
             self.policy_name = policy.name
-            self._selector = layer_selector(policy, self._layer, self.num_kv_heads)
-            self._stream = streaming_evictor(policy, self._layer, self.num_kv_heads)
+            self._selector = layer_selector(policy, self._layer, self.model_heads)
+            self._stream = streaming_evictor(policy, self._layer, self.model_heads)
             if self._stream is not None and isinstance(self._selector, QuestSelector):
                 raise NotImplementedError(
                     f"kvkit: layer {self._layer} of policy {policy.name!r} both selects pages "

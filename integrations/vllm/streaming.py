@@ -45,6 +45,13 @@ from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 logger = logging.getLogger(__name__)
 
 
+def model_kv_heads(vllm_config) -> int:
+    """The model's KV heads, all of them. Which layers stream (and which selector a layer runs)
+    is decided over these, so every tensor-parallel worker, which holds a slice of them, decides
+    the same: vLLM needs one KV cache spec per layer across workers."""
+    return vllm_config.model_config.get_total_num_kv_heads()
+
+
 def streaming_evictor(policy: Policy, layer: int, num_kv_heads: int) -> SinkWindowEvictor | None:
     """The `SinkWindowEvictor` every KV head of `layer` runs, or None when the layer keeps all
     its KV (no evictor, or some head without this one)."""
@@ -133,7 +140,8 @@ def patch_attention_spec(policy: Policy) -> None:
         spec = stock(self, vllm_config)
         if type(spec) is not FullAttentionSpec:
             return spec
-        evictor = streaming_evictor(policy, layer_index(self.layer_name), spec.num_kv_heads)
+        heads = model_kv_heads(vllm_config)  # all of the model's: a worker holds a slice under TP
+        evictor = streaming_evictor(policy, layer_index(self.layer_name), heads)
         if evictor is None:
             return spec
         if vllm_config.cache_config.enable_prefix_caching:
@@ -142,7 +150,7 @@ def patch_attention_spec(policy: Policy) -> None:
                 "prefix cache cannot share: start vLLM with prefix caching off "
                 "(--no-enable-prefix-caching, or LLM(..., enable_prefix_caching=False))")
         if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager and not _all_streaming(
-                policy, vllm_config, spec.num_kv_heads):
+                policy, vllm_config, heads):
             _warn_no_hybrid(policy.name)
             return spec  # vLLM would turn a window spec into full attention anyway
         base = {f.name: getattr(spec, f.name) for f in fields(AttentionSpec) if f.init}

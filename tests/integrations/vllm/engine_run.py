@@ -15,6 +15,15 @@ import os
 import sys
 
 
+def attention_classes(model) -> list[tuple[str, str]]:
+    """The (backend, impl) class names of the model's attention layers (run in each worker)."""
+    found = set()
+    for mod in model.modules():
+        if type(mod).__name__ == "Attention" and hasattr(mod, "impl"):
+            found.add((mod.attn_backend.__name__, type(mod.impl).__name__))
+    return sorted(found)
+
+
 def main(args: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.get("check"):
@@ -30,6 +39,10 @@ def main(args: dict) -> dict:
     from kvkit.integrations.vllm.accounting import KVAccounting
     from kvkit.models import smollm2
 
+    parallel = {}
+    if args.get("tensor_parallel_size", 1) > 1:  # one worker process per rank; no core pinning
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # (more ranks than this box has cores)
+        parallel = {"tensor_parallel_size": args["tensor_parallel_size"], "distributed_executor_backend": "mp"}
     llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True,
               max_model_len=args.get("max_model_len", 1024), block_size=args.get("block_size", 128),
               kv_cache_memory_bytes=args.get("kv_cache_memory_bytes", 64 << 20),
@@ -37,19 +50,12 @@ def main(args: dict) -> dict:
               max_num_batched_tokens=args.get("max_num_batched_tokens", 2048),
               enable_prefix_caching=args.get("enable_prefix_caching", False), seed=0,
               additional_config=args.get("additional_config") or {},
-              kv_cache_dtype=args.get("kv_cache_dtype", "auto"))
+              kv_cache_dtype=args.get("kv_cache_dtype", "auto"), **parallel)
     budgets = args.get("budgets") or [None] * len(args["prompts"])  # per-request kvkit_budget
     params = [SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8),
                              extra_args=None if b is None else {"kvkit_budget": b}) for b in budgets]
     kv = KVAccounting(llm)
     outs = llm.generate(args["prompts"], params, use_tqdm=False)
-
-    def attention_classes(model):
-        found = set()
-        for mod in model.modules():
-            if type(mod).__name__ == "Attention" and hasattr(mod, "impl"):
-                found.add((mod.attn_backend.__name__, type(mod.impl).__name__))
-        return sorted(found)
 
     report = {
         "tokens": [list(o.outputs[0].token_ids) for o in outs],

@@ -56,6 +56,13 @@ def test_trim_blocks_matches_a_loop(S, sink, window):
         assert -(-int(got_lens[b]) // S) == len(row)  # the new length covers exactly those blocks
 
 
+def streaming_layers(kv: dict) -> list[int]:
+    """Layer indices in vLLM's streaming KV cache groups (from the engine's `kv` report)."""
+    names = [n for spec, layers in zip(kv["groups"], kv["group_layers"]) if spec == "StreamingSpec"
+             for n in layers]
+    return sorted(int(n.split("layers.")[1].split(".")[0]) for n in names)
+
+
 def assert_checked(report: dict, layers: list[int]) -> None:
     checks = [c for c in report["checks"] if c.get("streaming")]
     assert sorted({c["layer"] for c in checks}) == layers
@@ -87,6 +94,7 @@ def test_duo_frees_only_layers_whose_heads_all_stream(engine):
     layers = [layer for layer in range(30) if streaming_evictor(duo, layer, 3) is not None]
     assert 0 < len(layers) < 30
     assert sorted(report["kv"]["groups"]) == ["FullAttentionSpec", "StreamingSpec"]
+    assert streaming_layers(report["kv"]) == layers
     assert report["usage"]["streaming_calls"] > 0 and report["usage"]["dense_calls"] > 0
     assert_checked(report, layers)
 
@@ -119,3 +127,20 @@ def test_context_longer_than_the_pool(engine):
 def test_prefix_caching_on_is_refused_with_the_fix(engine):
     err = engine.fails(**BASE, policy=STREAMING, enable_prefix_caching=True)
     assert "ConfigError" in err and "--no-enable-prefix-caching" in err
+
+
+def test_tensor_parallel_workers_agree_on_the_streaming_layers(engine):
+    # SmolLM2's 9 query / 3 KV heads: TP=3 (TP=2 does not divide them) gives each worker one KV
+    # head; the layers that stream are decided over all 3, so the workers' specs agree
+    args = {**BASE, "tensor_parallel_size": 3}
+    stock = engine.run(**args, policy=None)
+    duo = engine.run(**args, policy={"name": "duo", "params": {"window": 64}})
+    assert duo["attention"] == [KVKIT]
+    assert sorted(duo["kv"]["groups"]) == ["FullAttentionSpec", "StreamingSpec"]
+    policy = get("duo", window=64)
+    want = [layer for layer in range(30) if streaming_evictor(policy, layer, 3) is not None]
+    assert streaming_layers(duo["kv"]) == want
+    assert want != [layer for layer in range(30) if streaming_evictor(policy, layer, 1) is not None]
+    assert duo["kv"]["max_concurrency"] > stock["kv"]["max_concurrency"]
+    assert [len(t) for t in duo["tokens"]] == [BASE["max_tokens"]] * 2
+    assert duo["kv"]["free_blocks_after"] == duo["kv"]["num_blocks"] - 1
