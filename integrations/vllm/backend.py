@@ -55,7 +55,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kvkit import metrics
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
-from kvkit.policies.selectors.quest import QuestSelector, page_bounds, reduce_group, top_pages
+from kvkit.policies.selectors.quest import QuestSelector, reduce_group, top_pages
 from kvkit.integrations.vllm import plugin, requests
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
@@ -343,7 +343,6 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 causal=stock.causal, sliding_window_size=self.window_size, isa=self.isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
         return md
-
 
     def _build_streams(self, md: KVKitCPUAttentionMetadata, stock: CPUAttentionMetadata,
                        cm: CommonAttentionMetadata) -> None:
