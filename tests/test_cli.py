@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,32 @@ def test_bad_input_is_reported_not_raised(tiny_model, capsys, tmp_path):
     assert "is not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         cli.main(["passkey", "--model", tiny_model, "--param", "window"])
+
+
+def test_serve_command_sets_the_policy_safely(tmp_path):
+    from kvkit import policies
+    from kvkit.integrations.vllm.serve import SERVER_MODULE, server_command
+
+    argv, env = server_command(policies.get("streaming", window=256), str(tmp_path), vllm_args=["--block-size", "32"],
+                               env={"KVKIT_CONFIG": "other.json"})
+    assert argv[1:3] == ["-m", SERVER_MODULE]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"  # loopback unless told otherwise
+    assert argv[argv.index("--model") + 1] == str(tmp_path.resolve())
+    assert argv[-3:] == ["--block-size", "32", "--no-enable-prefix-caching"]  # it frees blocks
+    assert json.loads(env["KVKIT_POLICY"])["evictor"] == {"type": "sink_window", "sink": 4, "window": 256}
+    assert "KVKIT_CONFIG" not in env and env["PYTHONSAFEPATH"] == "1"
+    assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()  # a fresh one, as vLLM asks
+    shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"])
+    quest_argv, _ = server_command(policies.get("quest"), "org/model-id", vllm_args=[],
+                                   env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert "--no-enable-prefix-caching" not in quest_argv and "org/model-id" in quest_argv
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "--policy", "h2o"], "does not run H2OEvictor"),
+    (["serve", "--policy", "streaming", "--", "--enable-prefix-caching"], "drop --enable-prefix-caching"),
+    (["serve", "--policy", "qeust"], "unknown policy"),
+])
+def test_serve_refuses_what_vllm_cannot_run(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

