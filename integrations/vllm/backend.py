@@ -281,6 +281,11 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                      for e, _ in self.policy.evictors(layer_index(name), heads)):
                 partial.append(layer_index(name))
         self.budget_pages = sorted(budgets)
+        # what a token per KV head per layer costs a request's budget in bytes: K and V of every
+        # KV head in every layer that selects pages
+        num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        selecting = sum(isinstance(layer_selector(self.policy, i, heads), QuestSelector) for i in range(num_layers))
+        self.bytes_per_token = max(1, 2 * self.head_dim * kv_cache_spec.dtype.itemsize * heads * selecting)
         if partial:
             logger.warning("kvkit: layers %s of policy %r stream on some KV heads only; vLLM "
                            "allocates whole layers, so they keep and read all their KV",
@@ -319,10 +324,10 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         n_pages = (seq_lens + self.block_size - 1) // self.block_size  # [B]
         md.decode_pages = int(n_pages.sum()) * self.num_kv_heads
         H = self.num_kv_heads
-        asked = requests.row_budgets()  # per row: a request's own budget in tokens, or None
+        asked = requests.row_budgets()  # per row: a request's own budget, or None
         for budget in self.budget_pages:
             pages = budget if asked is None else torch.tensor(
-                [budget if b is None else max(1, b // self.block_size) for b in asked[:nd]])
+                [budget if b is None else max(1, self._tokens(b) // self.block_size) for b in asked[:nd]])
             md.plans[budget] = plan_virtual(seq_lens, self.block_size, pages, H, self.num_heads,
                                             self.head_dim, self.dtype, self.isa,
                                             self.kv_cache_dtype)
@@ -343,6 +348,11 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 causal=stock.causal, sliding_window_size=self.window_size, isa=self.isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
         return md
+
+    def _tokens(self, budget: tuple[str, int]) -> int:
+        """A request's budget in tokens per KV head per layer (`requests.request_budget`)."""
+        kind, n = budget
+        return n if kind == "tokens" else n // self.bytes_per_token
 
     def _build_streams(self, md: KVKitCPUAttentionMetadata, stock: CPUAttentionMetadata,
                        cm: CommonAttentionMetadata) -> None:

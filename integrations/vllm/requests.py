@@ -1,12 +1,16 @@
-"""Per-request budgets: a request may carry its own page-selection budget, in tokens per KV head
-per layer, through vLLM's sampling params, falling back to the configured policy's:
+"""Per-request budgets: a request may carry its own page-selection budget through vLLM's sampling
+params, falling back to the configured policy's, in tokens or in bytes:
 
-    SamplingParams(..., extra_args={"kvkit_budget": 512})
+    SamplingParams(..., extra_args={"kvkit_budget": 512})          # tokens per KV head per layer
+    SamplingParams(..., extra_args={"kvkit_budget_bytes": 8 << 20})
     # OpenAI API: {"prompt": ..., "vllm_xargs": {"kvkit_budget": 512}}
     # (vLLM copies vllm_xargs into extra_args; its values must be flat: no nested objects)
 
-It applies to the layers whose selector picks pages (quest); dense and streaming layers ignore
-it. A budget smaller than one block reads one block: the request's newest.
+`kvkit_budget_bytes` is what one decode step of the request may read of K and V in the layers
+that select pages, all KV heads of all those layers together; it becomes tokens per KV head per
+layer (rounded down). It applies to the layers whose selector picks pages (quest); dense and
+streaming layers ignore it. A budget smaller than one block reads one block: the request's
+newest.
 
 - `validate_extra_args` runs where vLLM checks sampling params (the API server, `LLM`), so a bad
   value is the client's error (HTTP 400 / an exception from `generate`), never the engine's.
@@ -20,29 +24,39 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-BUDGET_KEY = "kvkit_budget"
-_rows: list[int | None] | None = None  # budgets of the rows of the step being built
+BUDGET_KEY = "kvkit_budget"  # tokens per KV head per layer
+BYTES_KEY = "kvkit_budget_bytes"  # K and V bytes per decode step, all selecting layers and heads
+_rows: list[tuple[str, int] | None] | None = None  # budgets of the rows of the step being built
 
 
 def validate_extra_args(extra: dict[str, Any] | None) -> None:
-    """Raise ValueError when `extra["kvkit_budget"]` is present and not an int >= 1."""
-    if not extra or BUDGET_KEY not in extra:
+    """Raise ValueError when `extra` has a kvkit budget that is not an int >= 1, or both kinds."""
+    if not extra:
         return
-    budget = extra[BUDGET_KEY]
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"extra_args[{BUDGET_KEY!r}] must be an int >= 1 (tokens per KV head per "
-                         f"layer that page selection may read), got {budget!r}")
+    given = [key for key in (BUDGET_KEY, BYTES_KEY) if key in extra]
+    if len(given) == 2:
+        raise ValueError(f"extra_args: give {BUDGET_KEY!r} (tokens) or {BYTES_KEY!r} (bytes), not both")
+    for key in given:
+        value = extra[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            unit = "tokens per KV head per layer" if key == BUDGET_KEY else "bytes of K and V per decode step"
+            raise ValueError(f"extra_args[{key!r}] must be an int >= 1 ({unit} that page selection may "
+                             f"read), got {value!r}")
 
 
-def request_budget(sampling_params) -> int | None:
-    """The budget a request asked for, or None (the policy's)."""
+def request_budget(sampling_params) -> tuple[str, int] | None:
+    """`("tokens", n)` or `("bytes", n)`: the budget a request asked for; None: the policy's."""
     extra = getattr(sampling_params, "extra_args", None) or {}
-    return extra.get(BUDGET_KEY)
+    if BUDGET_KEY in extra:
+        return "tokens", extra[BUDGET_KEY]
+    if BYTES_KEY in extra:
+        return "bytes", extra[BYTES_KEY]
+    return None
 
 
-def row_budgets() -> list[int | None] | None:
-    """Per batch row, the budget its request asked for (None: the policy's); None outside a
-    model-runner step or when no request asked."""
+def row_budgets() -> list[tuple[str, int] | None] | None:
+    """Per batch row, the budget its request asked for (`request_budget`; None: the policy's);
+    None outside a model-runner step or when no request asked."""
     return _rows
 
 

@@ -51,9 +51,9 @@ def main(args: dict) -> dict:
               enable_prefix_caching=args.get("enable_prefix_caching", False), seed=0,
               additional_config=args.get("additional_config") or {},
               kv_cache_dtype=args.get("kv_cache_dtype", "auto"), **parallel)
-    budgets = args.get("budgets") or [None] * len(args["prompts"])  # per-request kvkit_budget
-    params = [SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8),
-                             extra_args=None if b is None else {"kvkit_budget": b}) for b in budgets]
+    extra_args = args.get("extra_args") or [None] * len(args["prompts"])  # per request, e.g. kvkit_budget
+    params = [SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8), extra_args=extra)
+              for extra in extra_args]
     kv = KVAccounting(llm)
     outs = llm.generate(args["prompts"], params, use_tqdm=False)
 

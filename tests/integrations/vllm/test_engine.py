@@ -76,9 +76,13 @@ def test_quest_matches_kvkit_reference_inside_vllm(quest):
 
 
 def test_a_request_budget_overrides_the_policy_for_that_request(engine, stock, quest):
-    # the long prompt asks for 1024 tokens (all its pages), the short one keeps the policy's 96
-    asked = engine.run(**BASE, policy=QUEST, check=True, budgets=[None, 1024])
-    assert asked["tokens"][1] == stock["tokens"][1]
+    # the long prompt asks for 1024 tokens (all its pages), in tokens and again in bytes: K and V,
+    # bf16, 64 dims, 3 KV heads, the 28 layers quest selects in; the short one keeps the policy's 96
+    per_token = 2 * 64 * 2 * 3 * 28
+    prompts = [*PROMPTS, PROMPTS[1]]
+    extra = [None, {"kvkit_budget": 1024}, {"kvkit_budget_bytes": 1024 * per_token}]
+    asked = engine.run(**{**BASE, "prompts": prompts}, policy=QUEST, check=True, extra_args=extra)
+    assert asked["tokens"][1] == asked["tokens"][2] == stock["tokens"][1]
     assert asked["tokens"][0] == quest["tokens"][0]
     read = 'kvkit_pages_read_total{layer_group="all",policy="quest"}'
     assert asked["metrics"][read] > quest["metrics"][read]

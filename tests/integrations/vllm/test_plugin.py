@@ -138,13 +138,15 @@ def test_layer_index_from_vllm_layer_names():
         layer_index("lm_head")
 
 
-@pytest.mark.parametrize("budget", [0, -5, "512", 1.5, True])
-def test_a_bad_request_budget_is_the_clients_error(clean, budget):
+@pytest.mark.parametrize("extra", [{"kvkit_budget": b} for b in (0, -5, "512", 1.5, True)]
+                         + [{"kvkit_budget_bytes": 0}, {"kvkit_budget": 512, "kvkit_budget_bytes": 1 << 20}])
+def test_a_bad_request_budget_is_the_clients_error(clean, extra):
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
     clean.delenv(plugin.ENV, raising=False)
     plugin.register()
     with pytest.raises(VLLMValidationError, match="kvkit_budget"):
-        SamplingParams(extra_args={"kvkit_budget": budget})
-    assert SamplingParams(extra_args={"kvkit_budget": 512}).extra_args == {"kvkit_budget": 512}
+        SamplingParams(extra_args=extra)
+    for good in ({"kvkit_budget": 512}, {"kvkit_budget_bytes": 1 << 20}, {"other": "x"}):
+        assert SamplingParams(extra_args=good).extra_args == good
