@@ -7,8 +7,8 @@ prefix caching off) reports:
 - blocks in the pool and the KV cache groups vLLM formed;
 - the concurrency vLLM advertises for requests of `max_model_len` tokens (its start-up sizing);
 - with N requests of P-token prompts submitted at once, G tokens each: the peak of requests
-  running at once and of blocks in use, and the wall time (a shared 2-core machine: the time
-  says how the batch went, it is not a speed claim).
+  running at once and of blocks in use, and the wall time of the whole batch (one run: it says
+  how the batch went; decode speed is bench/vllm_throughput.py's question).
 
 Ratios are kvkit / stock from the same run.
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
               f"block size {BLOCK}, {args.requests} requests of {args.prompt_tokens} prompt tokens submitted at once, "
               f"{args.max_tokens} generated each, max_num_batched_tokens {args.batched_tokens}, prefix caching off. "
               "x = ratio to stock vLLM in this run. A duo block holds the KV of the 15 layers of its group, so the "
-              "pool has twice as many blocks; its full-attention layers keep every token. Wall seconds are of a 2-core machine shared with other jobs during this run: not a speed comparison.")
+              "pool has twice as many blocks; its full-attention layers keep every token. Wall seconds: the whole "
+              "batch, prefill included, one run on an idle 2-core machine.")
     write_results("vllm_capacity", {"setup": setup, "rows": rows}, "KV capacity inside vLLM: stock vs kvkit", table)
     return 0
 
