@@ -433,26 +433,32 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         if self.check and self.shadow is None:
             self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
                            torch.zeros(num_blocks * H, S, dtype=torch.bool))
+        # a few small ops per layer and step: they run at every decode step, so skip what is idle
         slots = slot_mapping.long()
         ok = slots >= 0  # padding slots are -1
-        slots = slots[ok]
-        if slots.numel() == 0:
-            return
+        padded = not bool(ok.all())
+        if padded:
+            slots = slots[ok]
+            if slots.numel() == 0:
+                return
+        written = key[: ok.shape[0]][ok] if padded else key[: slots.shape[0]]  # [T, H, D]
         blk, off = slots // S, slots % S  # [T]
         rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H] (block, KV head) pages
-        fresh = rows[(off == 0).repeat_interleave(H)]  # pages started in this write
-        flat = key[: ok.shape[0]][ok].reshape(-1, D)  # [T * H, D]
+        starts = off == 0
+        fresh = rows[starts.repeat_interleave(H)] if bool(starts.any()) else None  # pages begun now
+        flat = written.reshape(-1, D)  # [T * H, D]
         if sparse:
             self._update_bounds(flat, rows, fresh, off, num_blocks * H, S)
         if self.shadow is not None:
             sk, sv, valid = self.shadow
-            valid[fresh] = False
+            if fresh is not None:
+                valid[fresh] = False
             offs = off.repeat_interleave(H)
             sk[rows, offs] = flat.float()
-            sv[rows, offs] = value[: ok.shape[0]][ok].float().reshape(-1, D)
+            sv[rows, offs] = (value[: ok.shape[0]][ok] if padded else value[: slots.shape[0]]).float().reshape(-1, D)
             valid[rows, offs] = True
 
-    def _update_bounds(self, flat: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor,
+    def _update_bounds(self, flat: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor | None,
                        off: torch.Tensor, num_pages: int, S: int) -> None:
         """Fold the written keys `flat` `[T * H, D]` (at pages `rows`, offsets `off`) into the
         sub-pages' max/min; the sub-pages of `fresh` pages (written at offset 0) start over."""
@@ -460,8 +466,10 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             self.sub = sub_page_size(_policy(), S)
             # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
             self.bounds = empty_bounds(num_pages, S // self.sub, flat.shape[-1], flat.dtype)
+            self._empty_page = empty_bounds(1, S // self.sub, flat.shape[-1], flat.dtype)
         R, H = S // self.sub, rows.shape[0] // off.shape[0]
-        self.bounds[fresh] = empty_bounds(1, R, flat.shape[-1], flat.dtype)
+        if fresh is not None:
+            self.bounds[fresh] = self._empty_page
         per_sub = self.bounds.view(-1, 2, flat.shape[-1])  # [NB * H * R, 2, D]
         subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
         keys = flat.to(self.bounds.dtype)
