@@ -43,6 +43,7 @@ import torch
 
 from vllm import _custom_ops as ops
 from vllm import envs
+from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -55,7 +56,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kvkit import metrics
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
-from kvkit.policies.selectors.quest import QuestSelector, reduce_group, top_pages
+from kvkit.policies.selectors.quest import QuestSelector, forced_from_lengths, reduce_group, top_pages
 from kvkit.integrations.vllm import plugin, requests
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
@@ -129,24 +130,12 @@ def empty_bounds(num_pages: int, R: int, D: int, dtype: torch.dtype) -> torch.Te
     return torch.tensor([-math.inf, math.inf], dtype=dtype)[:, None].repeat(num_pages, R, 1, D)
 
 
-def forced_scores(seq_lens: torch.Tensor, P: int, S: int, sink: int, window: int) -> torch.Tensor:
-    """`[B, P]` scores that override Quest's bound: inf for pages holding one of the last
-    `window` positions, the largest float for pages holding a sink position, -inf past a
-    request's last page, 0 (use the bound) elsewhere. Page i holds positions [i * S, (i+1) * S)."""
-    idx = torch.arange(P)
-    n_pages = (seq_lens + S - 1) // S
-    newest = torch.minimum((idx[None, :] + 1) * S, seq_lens[:, None]) - 1  # [B, P]
-    forced = torch.where((idx * S < sink)[None, :], torch.finfo(torch.float32).max, 0.0)
-    forced = torch.where(newest >= (seq_lens[:, None] - window), math.inf, forced)
-    return torch.where(idx[None, :] < n_pages[:, None], forced, -math.inf)
-
-
 @dataclass
 class SelectionPlan:
     """What Quest's choice needs that all layers of a step with one selector share."""
 
     vpages: torch.Tensor  # [B, Hkv, P] virtual page ids (block * Hkv + head), -1 past the end
-    forced: torch.Tensor  # [B, Hkv, P] forced_scores
+    forced: torch.Tensor  # [B, Hkv, P] quest.forced_from_lengths
 
 
 def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -335,7 +324,7 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         vpages = stock.block_table[:nd, :P].long()[:, None, :] * H + torch.arange(H)[None, :, None]
         vpages = torch.where((torch.arange(P)[None, :] < n_pages[:, None])[:, None, :], vpages, -1)
         for sel in self.selectors:
-            forced = forced_scores(seq_lens, P, self.block_size, sel.sink, sel.window)
+            forced = forced_from_lengths(seq_lens, P, self.block_size, sel.sink, sel.window)
             md.selection[sel] = SelectionPlan(vpages, forced[:, None, :].expand(nd, H, P))
         if npf:
             pqsl = (stock.query_start_loc[nd:] - stock.query_start_loc[nd]).to(torch.int32)
@@ -386,8 +375,6 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._layer: int | None = None
         self._selector: FullSelector | QuestSelector | None = None
         self._stream: SinkWindowEvictor | None = None
-        from vllm.config import get_current_vllm_config_or_none
-
         config = get_current_vllm_config_or_none()  # vLLM builds the impl inside its layer's init
         self.model_heads = self.num_kv_heads if config is None else model_kv_heads(config)
         self.policy_name = "dense"

@@ -97,6 +97,12 @@ def check_supported(policy: Policy) -> None:
                 f"({rule}) is not supported yet")
 
 
+def frees_blocks(policy: Policy) -> bool:
+    """Whether the policy's layers free KV blocks in vLLM (sink + window: streaming.py), which
+    needs prefix caching off."""
+    return any(isinstance(c, SinkWindowEvictor) for c in policy.components())
+
+
 def active_policy() -> Policy | None:
     """The policy installed in this process, or None (vLLM runs stock)."""
     return _registered
@@ -134,7 +140,7 @@ def install(policy: Policy, source: str) -> None:
                               f"process; {source} now names {policy.name!r}. Configure kvkit once "
                               f"(${ENV} or additional_config[{CONFIG_KEY!r}])")
         return
-    if any(isinstance(c, SinkWindowEvictor) for c in policy.components()):
+    if frees_blocks(policy):
         from kvkit.integrations.vllm import streaming
 
         streaming.patch_attention_spec(policy)

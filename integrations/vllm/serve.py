@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from kvkit.errors import ConfigError
-from kvkit.integrations.vllm.plugin import ENV, ENV_ALIAS, check_supported
+from kvkit.integrations.vllm.plugin import ENV, ENV_ALIAS, check_supported, frees_blocks
 from kvkit.policies import Policy
-from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -41,11 +40,11 @@ def server_command(policy: Policy, model: str, host: str = "127.0.0.1", port: in
     """
     check_supported(policy)
     vllm_args = list(vllm_args)
-    frees_blocks = any(isinstance(c, SinkWindowEvictor) for c in policy.components())
-    if frees_blocks and "--enable-prefix-caching" in vllm_args:
+    frees = frees_blocks(policy)
+    if frees and "--enable-prefix-caching" in vllm_args:
         raise ConfigError(f"policy {policy.name!r} frees blocks between sinks and window, which vLLM's "
                           "prefix cache cannot share: drop --enable-prefix-caching")
-    if frees_blocks and "--no-enable-prefix-caching" not in vllm_args:
+    if frees and "--no-enable-prefix-caching" not in vllm_args:
         vllm_args.append("--no-enable-prefix-caching")
     env = dict(os.environ if env is None else env)
     env.pop(ENV_ALIAS, None)  # this command's policy is the one

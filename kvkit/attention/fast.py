@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvkit.policies.selectors.quest import forced_from_lengths
+
 
 def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        page_table: torch.Tensor, slot_valid: torch.Tensor | None = None,
@@ -72,17 +74,9 @@ def dense_decode_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @functools.lru_cache(maxsize=64)
 def _forced_pages(seq_lens: tuple[int, ...], P: int, S: int, sink: int, window: int, device: str) -> torch.Tensor:
-    """`[B, 1, P]` to add to page scores: +inf on window pages, float32 max on sink pages, -inf
-    past the end, 0 elsewhere. Cached: every layer of a decode step asks for the same one (it is
-    never written to)."""
-    forced = torch.zeros(len(seq_lens), 1, P)
-    sink_pages = -(-sink // S)
-    for b, n in enumerate(seq_lens):
-        used = -(-n // S)
-        forced[b, :, used:] = -math.inf
-        forced[b, :, max(0, n - window) // S:used] = math.inf
-        forced[b, :, :min(sink_pages, used)] = torch.finfo(torch.float32).max
-    return forced.to(device)
+    """`[B, 1, P]` `forced_from_lengths` on `device`. Cached: every layer of a decode step asks
+    for the same one (it is never written to)."""
+    return forced_from_lengths(torch.tensor(seq_lens), P, S, sink, window)[:, None, :].to(device)
 
 
 def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -105,6 +105,17 @@ def forced_from_positions(slot_pos: torch.Tensor, pages: torch.Tensor, lengths: 
     return torch.where(pages >= 0, out, -math.inf)
 
 
+def forced_from_lengths(lengths: torch.Tensor, P: int, S: int, sink: int, window: int) -> torch.Tensor:
+    """`forced_scores` `[B, P]` for lists whose entry i holds positions `[i*S, (i+1)*S)` (pages
+    never evicted, as serving engines keep them), from the lengths `[B]` alone."""
+    idx = torch.arange(P, device=lengths.device)
+    used = (lengths + S - 1) // S
+    newest = torch.minimum((idx[None, :] + 1) * S, lengths[:, None]) - 1  # [B, P]
+    out = torch.where((idx * S < sink)[None, :], _SINK_SCORE, 0.0)
+    out = torch.where(newest >= (lengths[:, None] - window), math.inf, out)
+    return torch.where(idx[None, :] < used[:, None], out, -math.inf)
+
+
 def quest_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor,
                  slot_pos: torch.Tensor, lengths: torch.Tensor, sink: int, window: int,
                  reduce: str = "max") -> torch.Tensor:

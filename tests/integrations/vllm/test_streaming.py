@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
                     "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
 
+from kvkit.integrations.vllm.backend import layer_index  # noqa: E402
 from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks  # noqa: E402
 from kvkit.policies import get  # noqa: E402
 
@@ -60,7 +61,7 @@ def streaming_layers(kv: dict) -> list[int]:
     """Layer indices in vLLM's streaming KV cache groups (from the engine's `kv` report)."""
     names = [n for spec, layers in zip(kv["groups"], kv["group_layers"]) if spec == "StreamingSpec"
              for n in layers]
-    return sorted(int(n.split("layers.")[1].split(".")[0]) for n in names)
+    return sorted(layer_index(n) for n in names)
 
 
 def assert_checked(report: dict, layers: list[int]) -> None:
