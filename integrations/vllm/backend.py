@@ -6,17 +6,19 @@ subclass of vLLM's CPU_ATTN class.
   pages, asks vLLM to put decode requests first in the batch and plans the *virtual batch* of
   every decode step (one plan per page budget): its lengths and the CPU kernel's scheduler
   metadata, shared by all layers of the step.
-- `KVKitCPUAttentionImpl` writes K/V as stock, keeps Quest's key min/max from the incoming keys
+- `KVKitCPUAttentionImpl` writes K/V as stock, keeps the key min/max from the incoming keys
   (vLLM's cache tensor is packed per instruction set: never read statistics from it), and at
-  decode reads only the selected pages through the stock CPU kernel.
+  decode reads only the pages Quest or LServe chose (`selection.py`) through the stock CPU
+  kernel. LServe chooses every `reuse_steps`-th step of a request and reuses its choice (kept
+  per request id and layer) in between.
 - Streaming layers (a `SinkWindowEvictor` on every KV head; their blocks between sinks and window
   are freed by `streaming.StreamingManager`) run the stock kernel on block tables the builder
   trimmed to the sink and window blocks (`streaming.trim_blocks`), prefill and decode rows alike.
 
 Sub-pages: the CPU kernel takes blocks of 32 tokens or more, and Quest's bound is loose on big
 pages (bench/results/quest_page_size.md: 8-token pages keep every needle, 16 and 32 lose some).
-So the min/max are kept per sub-page of `policy.page_size` tokens (8 for `quest`) and a block is
-scored by its best sub-page — still an upper bound of q·k over the block, and a tighter one. The
+So the min/max are kept per sub-page of `policy.page_size` tokens (8 for `quest`, and 8 for a
+policy that names none, such as `lserve`) and a block is scored by its best sub-page — still an upper bound of q·k over the block, and a tighter one. The
 block is what is read.
 
 The virtual batch (no KV copy): vLLM's CPU cache is `[NB, Hkv, S, 2D]` and keeps each (block,
@@ -56,8 +58,10 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kvkit import metrics
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
-from kvkit.policies.selectors.quest import QuestSelector, forced_from_lengths, reduce_group, top_pages
+from kvkit.policies.selectors.quest import LServeSelector, QuestSelector, forced_from_lengths, reduce_group
 from kvkit.integrations.vllm import plugin, requests
+from kvkit.integrations.vllm.selection import (SelectionPlan, block_bound_scores, choose_afresh, empty_bounds,
+                                              lserve_scores, reuse_scores, top_pages_per_row)
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
@@ -68,7 +72,8 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 # Filled when KVKIT_VLLM_CHECK=1: one row per (layer, decode step) the sparse path ran.
 CHECKS: list[dict] = []
 # Per process: which layer indices ran which path (for tests and logs).
-USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0, "streaming_calls": 0}
+USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0, "streaming_calls": 0,
+                         "lserve_refreshed_rows": 0, "lserve_reused_rows": 0}
 
 
 def _policy() -> Policy:
@@ -86,70 +91,29 @@ def layer_index(layer_name: str) -> int:
     return int(m.group(1))
 
 
-def layer_selector(policy: Policy, layer: int, num_kv_heads: int) -> FullSelector | QuestSelector:
+PageSelector = QuestSelector | LServeSelector  # the selectors the virtual batch runs
+
+
+def layer_selector(policy: Policy, layer: int, num_kv_heads: int) -> FullSelector | PageSelector:
     groups = policy.selectors(layer, num_kv_heads)
     if len(groups) != 1:  # plugin.check_supported rejects per-head selector rules
         raise NotImplementedError("kvkit's vLLM backend needs one selector per layer")
     return groups[0][0]
 
 
+SUB_PAGE = 8  # tokens per sub-page when the policy names no page size: see sub_page_size
+
+
 def sub_page_size(policy: Policy, block_size: int) -> int:
-    """Tokens per sub-page of Quest's bounds in a vLLM block: the policy's page size when it
-    divides the block size, else the whole block."""
-    sub = policy.page_size
-    if sub is None or sub >= block_size or block_size % sub:
+    """Tokens per sub-page of the key bounds in a vLLM block: the policy's page size (8 when it
+    names none) when it divides the block size, else the whole block.
+
+    8, not kvkit's default page of 16: on SmolLM2 at 7.2K tokens and a 1K budget, lserve in vLLM
+    kept 5/6 needles with 16-token sub-pages and 6/6 with 8-token ones (NOTES.md)."""
+    sub = policy.page_size or SUB_PAGE
+    if sub >= block_size or block_size % sub:
         return block_size
     return sub
-
-
-def block_bound_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor) -> torch.Tensor:
-    """`[B, Hkv, G, P]` Quest bound of each listed (block, KV head) page: the best of its
-    sub-pages' bounds, -inf at -1 pages and for sub-pages not written yet.
-
-    bounds: `[NB * Hkv, R, 2, D]`, per page its R sub-pages' key max (`[..., 0, :]`) and min
-    (`[..., 1, :]`), so one page's bounds are one contiguous row. The bound
-    `sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo` is one matmul of the gathered
-    rows with `[relu(q), min(q, 0)]`, in the bounds' dtype: in bf16 (AMX) a bound is rounded to
-    8 mantissa bits, so pages whose bounds agree that closely may swap places; it costs half of
-    the float32 path's time, which spent most of it converting and transposing the gathered rows.
-    """
-    B, H, P = vpages.shape
-    D = bounds.shape[-1]
-    rows = bounds.view(bounds.shape[0], -1).index_select(0, vpages.clamp(min=0).reshape(-1))
-    rows = rows.view(B, H, -1, 2 * D)  # [B, H, P * R, 2D]
-    qg = q.view(B, H, -1, D)
-    qq = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1).to(bounds.dtype)  # [B, H, G, 2D]
-    bound = (rows @ qq.transpose(-1, -2)).float()  # [B, H, P * R, G]
-    bound = torch.where(bound.isnan(), -math.inf, bound)  # unwritten sub-pages (0 * inf): never best
-    bound = bound.view(B, H, P, -1, bound.shape[-1]).amax(3).transpose(-1, -2)  # [B, H, G, P]
-    return bound.masked_fill((vpages < 0)[:, :, None, :], -math.inf)
-
-
-def empty_bounds(num_pages: int, R: int, D: int, dtype: torch.dtype) -> torch.Tensor:
-    """`[num_pages, R, 2, D]` bounds of unwritten sub-pages: max -inf, min +inf."""
-    return torch.tensor([-math.inf, math.inf], dtype=dtype)[:, None].repeat(num_pages, R, 1, D)
-
-
-@dataclass
-class SelectionPlan:
-    """What Quest's choice needs that all layers of a step with one selector share."""
-
-    vpages: torch.Tensor  # [B, Hkv, P] virtual page ids (block * Hkv + head), -1 past the end
-    forced: torch.Tensor  # [B, Hkv, P] quest.forced_from_lengths
-
-
-def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """`top_pages` with a budget per row (`k`: `[B]`): `[B, H, max(k)]` (at most the P listed),
-    each row's choice in list order, -1 padded at the end."""
-    K = min(int(k.max()), pages.shape[-1])
-    if bool((k == k[0]).all()):
-        return top_pages(scores, pages, K)
-    out = torch.full((*pages.shape[:2], K), -1, dtype=pages.dtype)
-    for budget in k.unique().tolist():
-        rows = (k == budget).nonzero().squeeze(1)
-        chosen = top_pages(scores[rows], pages[rows], budget)
-        out[rows, :, : chosen.shape[-1]] = chosen
-    return out
 
 
 class KVKitCPUAttentionBackend(CPUAttentionBackend):
@@ -181,7 +145,7 @@ class KVKitCPUAttentionMetadata(CPUAttentionMetadata):
     num_decode_tokens: int = 0
     decode_pages: int = 0  # pages (blocks x KV heads) a dense read of the decode rows reads
     plans: dict[int, VirtualPlan] = field(default_factory=dict)
-    selection: dict[QuestSelector, SelectionPlan] = field(default_factory=dict)
+    selection: dict[PageSelector, SelectionPlan] = field(default_factory=dict)
     # the prefill rows alone, for the stock kernel (None when the batch has no decode rows)
     prefill_query_start_loc: torch.Tensor | None = None
     prefill_seq_lens: torch.Tensor | None = None
@@ -255,13 +219,15 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             plugin.install(configured, "additional_config")  # raises if $KVKIT_POLICY differs
         self.policy = _policy()
         budgets = set()
-        self.selectors: set[QuestSelector] = set()
+        self.selectors: set[PageSelector] = set()
+        # LServe: per selector, request id -> its length when its pages were last chosen
+        self.chosen_at: dict[LServeSelector, dict[str, int]] = {}
         heads = model_kv_heads(vllm_config)
         self.streams: set[tuple[int, int]] = set()  # (sink, window) of this group's streaming layers
         partial: list[int] = []  # layers where only some KV heads stream: they keep everything
         for name in layer_names:
             sel = layer_selector(self.policy, layer_index(name), heads)
-            if isinstance(sel, QuestSelector):
+            if isinstance(sel, PageSelector):
                 budgets.add(max(1, sel.budget // self.block_size))
                 self.selectors.add(sel)
             if (ev := streaming_evictor(self.policy, layer_index(name), heads)) is not None:
@@ -273,7 +239,7 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         # what a token per KV head per layer costs a request's budget in bytes: K and V of every
         # KV head in every layer that selects pages
         num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        selecting = sum(isinstance(layer_selector(self.policy, i, heads), QuestSelector) for i in range(num_layers))
+        selecting = sum(isinstance(layer_selector(self.policy, i, heads), PageSelector) for i in range(num_layers))
         self.bytes_per_token = max(1, 2 * self.head_dim * kv_cache_spec.dtype.itemsize * heads * selecting)
         if partial:
             logger.warning("kvkit: layers %s of policy %r stream on some KV heads only; vLLM "
@@ -325,7 +291,11 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         vpages = torch.where((torch.arange(P)[None, :] < n_pages[:, None])[:, None, :], vpages, -1)
         for sel in self.selectors:
             forced = forced_from_lengths(seq_lens, P, self.block_size, sel.sink, sel.window)
-            md.selection[sel] = SelectionPlan(vpages, forced[:, None, :].expand(nd, H, P))
+            vplan = md.plans[max(1, sel.budget // self.block_size)]
+            md.selection[sel] = plan = SelectionPlan(vpages, forced[:, None, :].expand(nd, H, P),
+                                                     all_fit=bool((n_pages <= vplan.budget_pages).all()))
+            if isinstance(sel, LServeSelector):
+                self._plan_reuse(sel, plan, seq_lens, n_pages, vplan)
         if npf:
             pqsl = (stock.query_start_loc[nd:] - stock.query_start_loc[nd]).to(torch.int32)
             md.prefill_query_start_loc = pqsl
@@ -337,6 +307,19 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 causal=stock.causal, sliding_window_size=self.window_size, isa=self.isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
         return md
+
+    def _plan_reuse(self, sel: LServeSelector, plan: SelectionPlan, seq_lens: torch.Tensor,
+                    n_pages: torch.Tensor, vplan: VirtualPlan) -> None:
+        """LServe's reuse, decided once per step for all its layers (`selection.choose_afresh`)."""
+        ids = requests.row_request_ids()
+        nd = seq_lens.shape[0]
+        if ids is None:  # no request ids (the runner wrapper did not run): choose every step
+            plan.refresh = torch.ones(nd, dtype=torch.bool)
+            return
+        chosen_at = self.chosen_at.setdefault(sel, {})
+        fits = (n_pages <= vplan.budget_pages).tolist()
+        refresh = choose_afresh(chosen_at, ids[:nd], seq_lens.tolist(), fits, sel.reuse_steps)
+        plan.refresh, plan.req_ids, plan.live = torch.tensor(refresh, dtype=torch.bool), list(ids[:nd]), chosen_at
 
     def _tokens(self, budget: tuple[str, int]) -> int:
         """A request's budget in tokens per KV head per layer (`requests.request_budget`)."""
@@ -373,25 +356,28 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._layer: int | None = None
-        self._selector: FullSelector | QuestSelector | None = None
+        self._selector: FullSelector | PageSelector | None = None
         self._stream: SinkWindowEvictor | None = None
         config = get_current_vllm_config_or_none()  # vLLM builds the impl inside its layer's init
         self.model_heads = self.num_kv_heads if config is None else model_kv_heads(config)
         self.policy_name = "dense"
         self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2, D] keys' dtype: block_bound_scores
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
+        self.kept: dict[str, torch.Tensor] = {}  # LServe: request id -> its chosen list entries [Hkv, K]
+        self._refreshed: torch.Tensor | None = None  # LServe: rows that chose afresh this step (check)
+        self._check_kept: dict[str, torch.Tensor] = {}  # LServe: the check's own kept choices
         self.check = os.environ.get(CHECK_ENV, "") == "1"
         self.shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- per-layer set-up, on first use (vLLM builds the impl before it names the layer) ------
-    def _resolve(self, layer) -> FullSelector | QuestSelector:
+    def _resolve(self, layer) -> FullSelector | PageSelector:
         if self._selector is None:
             policy = _policy()
             self._layer = layer_index(layer.layer_name)
             self.policy_name = policy.name
             self._selector = layer_selector(policy, self._layer, self.model_heads)
             self._stream = streaming_evictor(policy, self._layer, self.model_heads)
-            if self._stream is not None and isinstance(self._selector, QuestSelector):
+            if self._stream is not None and isinstance(self._selector, PageSelector):
                 raise NotImplementedError(
                     f"kvkit: layer {self._layer} of policy {policy.name!r} both selects pages "
                     "(quest) and streams (sink_window); the vLLM backend runs one of them per layer")
@@ -403,11 +389,11 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._resolve(layer)
         return self._stream
 
-    def _sparse(self, layer) -> QuestSelector | None:
+    def _sparse(self, layer) -> PageSelector | None:
         if self.attn_type != AttentionType.DECODER:
             return None
         sel = self._resolve(layer)
-        return sel if isinstance(sel, QuestSelector) else None
+        return sel if isinstance(sel, PageSelector) else None
 
     # ---- KV write: stock, plus Quest's page summaries from the incoming keys ------------------
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -508,18 +494,67 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         metrics.record_decode(self.policy_name, pages_read, pages_total, pages_read * page_bytes,
                               time.perf_counter() - start, selection_seconds)
 
-    def _select(self, sel: QuestSelector, q: torch.Tensor, md: KVKitCPUAttentionMetadata,
+    def _select(self, sel: PageSelector, q: torch.Tensor, md: KVKitCPUAttentionMetadata,
                 S: int, budget: int) -> torch.Tensor:
-        """Quest's choice per (decode request, KV head): `[B, Hkv, K]` virtual page ids in
-        position order, -1 padded at the end. Per layer only the bounds, the group reduce and
-        the top-k run; the rest is the builder's `SelectionPlan`."""
+        """The choice per (decode request, KV head): `[B, Hkv, K]` virtual page ids in position
+        order, -1 padded at the end. Per layer only the bounds, the group reduce and the top-k
+        run; the rest is the builder's `SelectionPlan`."""
         plan = md.selection[sel]
+        k = md.plans[budget].budget_pages
+        if plan.all_fit:  # what top_pages would choose: every listed page, in order
+            self._refreshed = torch.ones(plan.vpages.shape[0], dtype=torch.bool)
+            return plan.vpages
+        if isinstance(sel, LServeSelector):
+            return self._select_lserve(sel, q, plan, k)
         bound = block_bound_scores(q, self.bounds, plan.vpages)
         bound = reduce_group(bound, sel.reduce, self.head_size ** -0.5)  # [B, H, P]
         scores = torch.where(plan.forced != 0, plan.forced, bound)
-        return top_pages_per_row(scores, plan.vpages, md.plans[budget].budget_pages)
+        return top_pages_per_row(scores, plan.vpages, k)
 
-    def _decode_sparse(self, sel: QuestSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
+    def _select_lserve(self, sel: LServeSelector, q: torch.Tensor, plan: SelectionPlan,
+                       k: torch.Tensor) -> torch.Tensor:
+        """LServe: rows the builder marked (or whose choice this layer does not hold) choose by
+        the two-level scores and keep their choice as list entries (a request's own blocks,
+        whatever happens to the block ids of others); the other rows read their kept entries
+        plus the sink and window pages, scoring nothing."""
+        B, H, P = plan.vpages.shape
+        refresh = plan.refresh.clone() if plan.refresh is not None else torch.ones(B, dtype=torch.bool)
+        for b in (~refresh).nonzero().squeeze(1).tolist():
+            refresh[b] = plan.req_ids[b] not in self.kept
+        self._refreshed = refresh
+        USAGE["lserve_refreshed_rows"] += int(refresh.sum())
+        USAGE["lserve_reused_rows"] += B - int(refresh.sum())
+        scores = self._lserve_scores(sel, q, self.bounds, plan, k, refresh, self.kept)
+        scores = torch.where(plan.forced != 0, plan.forced, scores)
+        entries = top_pages_per_row(scores, torch.arange(P).expand(B, H, P), k)  # list entries
+        if plan.req_ids is not None:
+            for b in refresh.nonzero().squeeze(1).tolist():
+                self.kept[plan.req_ids[b]] = entries[b].clone()
+            if len(self.kept) > len(plan.live) + B:  # requests the builder forgot
+                self.kept = {r: e for r, e in self.kept.items() if r in plan.live}
+        return torch.where(entries >= 0, plan.vpages.gather(-1, entries.clamp(min=0)), -1)
+
+    def _lserve_scores(self, sel: LServeSelector, q: torch.Tensor, bounds: torch.Tensor, plan: SelectionPlan,
+                       k: torch.Tensor, refresh: torch.Tensor, kept: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`[B, H, P]`: two-level scores on the `refresh` rows, those of their `kept` entries (request
+        id -> `[H, K]`) on the others."""
+        B, H, P = plan.vpages.shape
+        scores = torch.empty(B, H, P)
+        if not bool(refresh.all()):
+            rows = [kept[plan.req_ids[b]] for b in (~refresh).nonzero().squeeze(1).tolist()]
+            K = max(e.shape[-1] for e in rows)
+            if any(e.shape[-1] != K for e in rows):  # requests with their own budgets
+                rows = [torch.nn.functional.pad(e, (0, K - e.shape[-1]), value=-1) for e in rows]
+            kept_t = torch.stack(rows)
+            scores[~refresh] = reuse_scores(kept_t, P)
+        if bool(refresh.all()):
+            return lserve_scores(q, bounds, plan.vpages, k, sel, self.head_size ** -0.5)
+        if bool(refresh.any()):
+            scores[refresh] = lserve_scores(q[refresh], bounds, plan.vpages[refresh], k[refresh], sel,
+                                            self.head_size ** -0.5)
+        return scores
+
+    def _decode_sparse(self, sel: PageSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
                        md: KVKitCPUAttentionMetadata, output: torch.Tensor) -> tuple[int, float]:
         num_blocks, H, S, _ = kv_cache.shape
         if S != md.block_size:
@@ -540,7 +575,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             self._check(sel, q, chosen, out, md, S)
         return int((chosen >= 0).sum()), selection_seconds
 
-    def _check(self, sel: QuestSelector, q: torch.Tensor, chosen: torch.Tensor,
+    def _check(self, sel: PageSelector, q: torch.Tensor, chosen: torch.Tensor,
                out: torch.Tensor, md: KVKitCPUAttentionMetadata, S: int) -> None:
         """KVKIT_VLLM_CHECK=1 (tests): redo this step with kvkit's own pieces on an unpacked
         float32 copy of the K/V and record how far vLLM's result is from it.
@@ -548,7 +583,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         - bounds: the running key max/min equal the max/min of the copy's sub-pages;
         - selection: `block_bound_scores`, kvkit's `reduce_group`, `forced_from_positions` and
           `top_pages` (what `QuestSelector` runs, with sub-page bounds) choose the same pages
-          from the copy, slot positions and lengths;
+          from the copy, slot positions and lengths; for LServe, `lserve_scores` on the rows
+          that chose afresh and the kept entries on the others;
         - attention: `sparse_decode_ref` over the chosen pages, bf16 tolerance (2e-2, 2e-2).
         """
         from kvkit.attention.ref import sparse_decode_ref
@@ -576,10 +612,19 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         ref_bounds = torch.stack([kmax, kmin], 2).to(self.bounds.dtype)  # [NB*H, R, 2, D]
         listed = vpages[vpages >= 0]
         bounds_ok = bool(torch.equal(ref_bounds[listed], self.bounds[listed]))
-        bound = reduce_group(block_bound_scores(q, ref_bounds, vpages), sel.reduce, self.head_size ** -0.5)
+        k = md.plans[max(1, sel.budget // S)].budget_pages
+        plan = replace(md.selection[sel], vpages=vpages)
+        if isinstance(sel, LServeSelector):  # the check keeps its own choices per request
+            bound = self._lserve_scores(sel, q, ref_bounds, plan, k, self._refreshed, self._check_kept)
+        else:
+            bound = reduce_group(block_bound_scores(q, ref_bounds, vpages), sel.reduce, self.head_size ** -0.5)
         forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)
         scores = torch.where(forced != 0, forced, bound)
-        ref_chosen = top_pages_per_row(scores, vpages, md.plans[max(1, sel.budget // S)].budget_pages)
+        entries = top_pages_per_row(scores, torch.arange(P).expand(B, H, P), k)
+        ref_chosen = torch.where(entries >= 0, vpages.gather(-1, entries.clamp(min=0)), -1)
+        if isinstance(sel, LServeSelector) and plan.req_ids is not None:
+            for b in self._refreshed.nonzero().squeeze(1).tolist():
+                self._check_kept[plan.req_ids[b]] = entries[b]
         ref, _ = sparse_decode_ref(q.float(), sk, sv, chosen, valid, scale=self.scale)
         excess = (out.float() - ref).abs() - (2e-2 + 2e-2 * ref.abs())
         CHECKS.append({"layer": self._layer, "rows": B, "pages": int((chosen >= 0).sum()),

@@ -29,7 +29,7 @@ from pathlib import Path
 from kvkit.errors import ConfigError
 from kvkit.policies import FullSelector, NoEvictor, PlainCodec, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
-from kvkit.policies.selectors.quest import QuestSelector
+from kvkit.policies.selectors.quest import LServeSelector, QuestSelector
 
 logger = logging.getLogger(__name__)
 
@@ -77,18 +77,18 @@ def load_policy(value: str | None = None) -> Policy | None:
 def check_supported(policy: Policy) -> None:
     """Raise NotImplementedError for policy parts the vLLM backend cannot run yet.
 
-    Runs now: selectors `full` and `quest` (per layer: every KV head of a layer must use the same
-    selector), the `sink_window` evictor (`streaming`, DuoAttention: its blocks are freed in
+    Runs now: selectors `full`, `quest` and `lserve` (per layer: every KV head of a layer must use
+    the same selector), the `sink_window` evictor (`streaming`, DuoAttention: its blocks are freed in
     layers where every KV head streams, see streaming.py), the plain codec. Score-based eviction
     and kvkit codecs are later steps of issue 6.
     """
     for comp in policy.components():
         kind = type(comp)
-        if kind in (FullSelector, QuestSelector, NoEvictor, SinkWindowEvictor, PlainCodec):
+        if kind in (FullSelector, QuestSelector, LServeSelector, NoEvictor, SinkWindowEvictor, PlainCodec):
             continue
         raise NotImplementedError(
             f"kvkit's vLLM backend does not run {kind.__name__} (policy {policy.name!r}) yet; it "
-            "runs the selectors full and quest, the evictors none and sink_window, and the plain "
+            "runs the selectors full, quest and lserve, the evictors none and sink_window, and the plain "
             "codec")
     for rule in policy.rules:
         if rule.heads is not None and rule.selector is not None:
@@ -144,7 +144,7 @@ def install(policy: Policy, source: str) -> None:
         from kvkit.integrations.vllm import streaming
 
         streaming.patch_attention_spec(policy)
-    if any(isinstance(c, QuestSelector) for c in policy.components()):
+    if any(isinstance(c, QuestSelector | LServeSelector) for c in policy.components()):
         from kvkit.integrations.vllm import requests
 
         requests.publish_row_budgets()

@@ -14,9 +14,10 @@ newest.
 
 - `validate_extra_args` runs where vLLM checks sampling params (the API server, `LLM`), so a bad
   value is the client's error (HTTP 400 / an exception from `generate`), never the engine's.
-- `publish_row_budgets` wraps the model runner's attention-metadata step: it lists the budget of
-  each batch row (vLLM's rows are its input batch's requests, already reordered) for kvkit's
-  metadata builder, which reads it with `row_budgets()` while that step runs.
+- `publish_row_budgets` wraps the model runner's attention-metadata step: it lists the budget and
+  the request id of each batch row (vLLM's rows are its input batch's requests, already
+  reordered) for kvkit's metadata builder, which reads them with `row_budgets()` and
+  `row_request_ids()` while that step runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 BUDGET_KEY = "kvkit_budget"  # tokens per KV head per layer
 BYTES_KEY = "kvkit_budget_bytes"  # K and V bytes per decode step, all selecting layers and heads
 _rows: list[tuple[str, int] | None] | None = None  # budgets of the rows of the step being built
+_ids: list[str] | None = None  # request ids of those rows
 
 
 def validate_extra_args(extra: dict[str, Any] | None) -> None:
@@ -60,6 +62,12 @@ def row_budgets() -> list[tuple[str, int] | None] | None:
     return _rows
 
 
+def row_request_ids() -> list[str] | None:
+    """Per batch row, its request id (LServe keeps a request's choice across steps); None
+    outside a model-runner step."""
+    return _ids
+
+
 def patch_validation() -> None:
     """Check kvkit's extra args wherever vLLM verifies sampling params. Idempotent."""
     from vllm.exceptions import VLLMValidationError
@@ -82,8 +90,8 @@ def patch_validation() -> None:
 
 
 def publish_row_budgets() -> None:
-    """Wrap the model runner's `_build_attention_metadata` to publish the rows' budgets.
-    Idempotent."""
+    """Wrap the model runner's `_build_attention_metadata` to publish the rows' budgets and
+    request ids. Idempotent."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     stock = GPUModelRunner._build_attention_metadata
@@ -92,14 +100,14 @@ def publish_row_budgets() -> None:
 
     @functools.wraps(stock)
     def _build_attention_metadata(self, num_tokens: int, num_reqs: int, *args, **kwargs):
-        global _rows
-        budgets = [request_budget(getattr(self.requests.get(rid), "sampling_params", None))
-                   for rid in self.input_batch.req_ids[:num_reqs]]
+        global _rows, _ids
+        _ids = list(self.input_batch.req_ids[:num_reqs])
+        budgets = [request_budget(getattr(self.requests.get(rid), "sampling_params", None)) for rid in _ids]
         _rows = budgets if any(b is not None for b in budgets) else None
         try:
             return stock(self, num_tokens, num_reqs, *args, **kwargs)
         finally:
-            _rows = None
+            _rows = _ids = None
 
     _build_attention_metadata._kvkit = True  # type: ignore[attr-defined]
     GPUModelRunner._build_attention_metadata = _build_attention_metadata

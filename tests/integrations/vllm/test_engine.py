@@ -75,6 +75,23 @@ def test_quest_matches_kvkit_reference_inside_vllm(quest):
     assert min(c["layer"] for c in checks) == 2  # quest's first two layers read densely
 
 
+def test_lserve_reuses_its_choice_and_matches_kvkit_reference_inside_vllm(engine):
+    # 5 of 8-9 blocks per KV head: sink, window (two blocks unless the length is a multiple of 32)
+    # and 2-3 chosen every 4th decode step of a request and reused in between
+    lserve = engine.run(**BASE, policy={"name": "lserve", "params": {"budget": 160}}, check=True)
+    assert lserve["attention"] == [list(KVKIT)]
+    m = lserve["metrics"]
+    read = m['kvkit_pages_read_total{layer_group="all",policy="lserve"}']
+    assert 0 < read < 0.75 * m['kvkit_pages_dense_total{layer_group="all",policy="lserve"}']
+    usage = lserve["usage"]
+    assert usage["lserve_reused_rows"] > 0 and usage["lserve_refreshed_rows"] > 0
+    checks = lserve["checks"]
+    assert checks and any(c["pages"] < c["rows"] * 3 * 8 for c in checks)
+    bad = [c for c in checks if not (c["bounds_equal"] and c["selection_equal"] and c["within_tol"])]
+    assert not bad, f"{len(bad)}/{len(checks)} decode steps differ from kvkit's reference: {bad[:3]}"
+    assert len(lserve["tokens"][1]) == BASE["max_tokens"]
+
+
 def test_a_request_budget_overrides_the_policy_for_that_request(engine, stock, quest):
     # the long prompt asks for 1024 tokens (all its pages), in tokens and again in bytes: K and V,
     # bf16, 64 dims, 3 KV heads, the 28 layers quest selects in; the short one keeps the policy's 96

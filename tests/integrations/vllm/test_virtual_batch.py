@@ -17,8 +17,7 @@ from vllm import _custom_ops as ops  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
 from kvkit.attention.ref import sparse_decode_ref  # noqa: E402
-from kvkit.integrations.vllm.backend import plan_virtual, top_pages_per_row, virtual_decode  # noqa: E402
-from kvkit.policies.selectors.quest import top_pages  # noqa: E402
+from kvkit.integrations.vllm.backend import plan_virtual, virtual_decode  # noqa: E402
 
 # vLLM's kernel uses AMX tiles where the CPU has them; a process must ask Linux for the AMX state
 # first (the engine does so through oneDNN), else the kernel dies with SIGILL.
@@ -128,55 +127,3 @@ def test_virtual_decode_with_every_page_equals_stock_call():
         sliding_window=-1, block_table=c["block_table"], softcap=0.0,
         scheduler_metadata=sched, s_aux=None)
     torch.testing.assert_close(out.float(), stock.float(), atol=1e-2, rtol=1e-2)
-
-
-@pytest.mark.parametrize("R", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_bound_is_the_best_sub_page_bound_and_bounds_every_key(R, dtype):
-    """A block's score from sub-page max/min equals the elementwise Quest bound of its best
-    sub-page (to the bounds' dtype), is never below the true max of q·k over the block's keys,
-    and ignores sub-pages not written yet."""
-    from kvkit.integrations.vllm.backend import block_bound_scores, empty_bounds
-
-    g = torch.Generator().manual_seed(R)
-    B, H, G, P, sub, D = 2, 3, 3, 5, 8, 16
-    keys = torch.randn(B * H * P, R, sub, D, generator=g).to(dtype).float()  # page b*H*P + h*P + p
-    written = torch.ones(B * H * P, R, dtype=torch.bool)
-    written[3, R - 1] = R == 1  # one page whose last sub-page is empty (when R > 1)
-    bounds = empty_bounds(B * H * P, R, D, dtype)
-    bounds[:, :, 0] = torch.where(written[..., None], keys.amax(2), bounds[:, :, 0].float()).to(dtype)
-    bounds[:, :, 1] = torch.where(written[..., None], keys.amin(2), bounds[:, :, 1].float()).to(dtype)
-    vpages = torch.arange(B * H * P).view(B, H, P)
-    vpages[1, 2, 4] = -1  # padding
-    q = torch.randn(B, H * G, D, generator=g).to(dtype)
-    got = block_bound_scores(q, bounds, vpages)  # [B, H, G, P]
-    qg = q.float().view(B, H, G, 1, 1, D)
-    hi, lo = bounds[:, :, 0].float().view(B, H, 1, P, R, D), bounds[:, :, 1].float().view(B, H, 1, P, R, D)
-    each = torch.maximum(qg * lo, qg * hi).sum(-1)  # [B, H, G, P, R]
-    want = torch.where(written.view(B, H, 1, P, R), each, -torch.inf).amax(-1)
-    want[1, 2, :, 4] = -torch.inf
-    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (0.1, 1e-2)}[dtype]  # bf16: 8-bit mantissa
-    torch.testing.assert_close(got, want, atol=tol[0], rtol=tol[1])
-    true_max = torch.einsum("bhgd,bhprsd->bhgprs", q.float().view(B, H, G, D), keys.view(B, H, P, R, sub, D))
-    true_max = torch.where(written.view(B, H, 1, P, R, 1), true_max, -torch.inf).flatten(-2).amax(-1)
-    true_max[1, 2, :, 4] = -torch.inf  # the padding page
-    assert (got >= true_max - tol[0] - tol[1] * true_max.abs()).all()
-
-
-def test_top_pages_per_row_is_top_pages_row_by_row():
-    g = torch.Generator().manual_seed(3)
-    B, H, P = 6, 3, 12
-    scores = torch.randn(B, H, P, generator=g)
-    scores[4, :, 7:] = -float("inf")  # a short request: pages past its end
-    pages = torch.arange(B * H * P).view(B, H, P)
-    k = torch.tensor([1, 4, 4, 12, 9, 2])
-    got = top_pages_per_row(scores, pages, k)
-    assert got.shape == (B, H, 12)
-    for b in range(B):
-        want = top_pages(scores[b : b + 1], pages[b : b + 1], int(k[b]))[0]
-        assert torch.equal(got[b, :, : want.shape[-1]], want)
-        assert (got[b, :, want.shape[-1] :] == -1).all()
-        chosen = got[b][got[b] >= 0].view(H, -1)
-        assert (chosen.diff(dim=-1) > 0).all()  # list order, padding only at the end
-    same = torch.full((B,), 5)
-    assert torch.equal(top_pages_per_row(scores, pages, same), top_pages(scores, pages, 5))

@@ -1,0 +1,158 @@
+"""Which (block, KV head) pages a decode step reads in vLLM: Quest's bound per block, LServe's
+two-level choice and its reuse across steps. Plain tensor functions; the backend calls them.
+
+Pages here are vLLM blocks seen per KV head (`block * Hkv + head`, see backend.py), each with
+the key max/min of its R sub-pages (`bounds`: `[NB * Hkv, R, 2, D]`, max at `[..., 0, :]`, min at
+`[..., 1, :]`). A block is scored by its best sub-page: an upper bound of q·k over the block,
+tighter than the block's own box. This is LServe's hierarchy (arXiv:2502.14866: large physical
+pages for the kernel, small logical pages for the statistics, a physical page scored by its
+best logical page).
+
+Shapes: B decode requests, H KV heads, G query heads per KV head, P listed pages (the longest
+request's blocks), R sub-pages per block, D head_dim, L = ceil(P / group) logical pages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvkit.policies.selectors.quest import LServeSelector, reduce_group, top_pages
+
+# ranked below every real page but still read: the virtual plan counts on reading exactly
+# min(budget, listed) pages per row (LServeSelector reads fewer in the rare case its kept
+# logical pages hold fewer than the budget)
+FILL_SCORE = -torch.finfo(torch.float32).max
+
+
+@dataclass
+class SelectionPlan:
+    """What the page choice needs that all layers of a step with one selector share."""
+
+    vpages: torch.Tensor  # [B, H, P] virtual page ids (block * Hkv + head), -1 past the end
+    forced: torch.Tensor  # [B, H, P] quest.forced_from_lengths
+    all_fit: bool = False  # every row's pages fit its budget: read them all, score nothing
+    # LServe: per row, whether this step chooses afresh (True) or reuses the kept choice, and the
+    # rows' request ids (None: no ids known, every step chooses afresh)
+    refresh: torch.Tensor | None = None  # [B] bool
+    req_ids: list[str] | None = None
+    live: set[str] = field(default_factory=set)  # requests whose kept choice is still tracked
+
+
+def gather_rows(bounds: torch.Tensor, vpages: torch.Tensor) -> torch.Tensor:
+    """`[B, H, P, R, 2, D]` the listed pages' sub-page bounds (page 0's at -1 entries)."""
+    B, H, P = vpages.shape
+    rows = bounds.view(bounds.shape[0], -1).index_select(0, vpages.clamp(min=0).reshape(-1))
+    return rows.view(B, H, P, *bounds.shape[1:])
+
+
+def box_bounds(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """`[B, H, N, G]` Quest bound of q against N boxes `[B, H, N, 2, D]` (max, min).
+
+    `sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo` is one matmul of the boxes with
+    `[relu(q), min(q, 0)]`, in the boxes' dtype: in bf16 (AMX) a bound is rounded to 8 mantissa
+    bits, so boxes whose bounds agree that closely may swap places; it costs half of the float32
+    path's time, which spent most of it converting and transposing the gathered rows. Empty
+    boxes (max -inf, min +inf: 0 * inf) are -inf."""
+    B, H, N, _, D = boxes.shape
+    qg = q.view(B, H, -1, D)
+    qq = torch.cat([qg.clamp(min=0), qg.clamp(max=0)], -1).to(boxes.dtype)  # [B, H, G, 2D]
+    bound = (boxes.reshape(B, H, N, 2 * D) @ qq.transpose(-1, -2)).float()
+    return torch.where(bound.isnan(), -math.inf, bound)
+
+
+def block_bound_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, H, G, P]` Quest bound of each listed page: the best of its sub-pages' bounds, -inf at
+    -1 pages and for sub-pages not written yet. `rows`: `gather_rows(bounds, vpages)` if the
+    caller has it."""
+    B, H, P = vpages.shape
+    rows = gather_rows(bounds, vpages) if rows is None else rows
+    R = rows.shape[3]
+    bound = box_bounds(q, rows.view(B, H, P * R, 2, -1))  # [B, H, P * R, G]
+    bound = bound.view(B, H, P, R, -1).amax(3).transpose(-1, -2)  # [B, H, G, P]
+    return bound.masked_fill((vpages < 0)[:, :, None, :], -math.inf)
+
+
+def empty_bounds(num_pages: int, R: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[num_pages, R, 2, D]` bounds of unwritten sub-pages: max -inf, min +inf."""
+    return torch.tensor([-math.inf, math.inf], dtype=dtype)[:, None].repeat(num_pages, R, 1, D)
+
+
+def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`top_pages` with a budget per row (`k`: `[B]`): `[B, H, max(k)]` (at most the P listed),
+    each row's choice in list order, -1 padded at the end."""
+    K = min(int(k.max()), pages.shape[-1])
+    if bool((k == k[0]).all()):
+        return top_pages(scores, pages, K)
+    out = torch.full((*pages.shape[:2], K), -1, dtype=pages.dtype)
+    for budget in k.unique().tolist():
+        rows = (k == budget).nonzero().squeeze(1)
+        chosen = top_pages(scores[rows], pages[rows], budget)
+        out[rows, :, : chosen.shape[-1]] = chosen
+    return out
+
+
+def lserve_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor, budget_pages: torch.Tensor,
+                  sel: LServeSelector, scale: float) -> torch.Tensor:
+    """`[B, H, P]` LServe's two-level page scores (`LServeSelector._two_level_scores` on vLLM's
+    blocks): `group` consecutive listed blocks form a logical page whose box is the max/min over
+    all their sub-pages; per row the best `ceil(coarse * budget / group)` logical pages by the
+    group-reduced bound are kept, and the blocks inside them score by their own (best sub-page)
+    bound. Blocks outside score `FILL_SCORE`, padding -inf. budget_pages: `[B]`.
+
+    A -1 entry gathers page 0's bounds: vLLM's null block, never written, so empty (max -inf,
+    min +inf) and no part of any box. (Were it written, only the box of a row's last logical
+    page would widen: the choice, never what a chosen page reads.)"""
+    B, H, P = vpages.shape
+    group = sel.group
+    L = -(-P // group)
+    padded = torch.nn.functional.pad(vpages, (0, L * group - P), value=-1)
+    rows = gather_rows(bounds, padded)  # [B, H, L * group, R, 2, D], once for both levels
+    D = rows.shape[-1]
+    per_logical = rows.view(B, H, L, -1, 2, D)  # [B, H, L, group * R, 2, D]
+    boxes = torch.stack([per_logical[..., 0, :].amax(3), per_logical[..., 1, :].amin(3)], 3)  # [B, H, L, 2, D]
+    coarse = reduce_group(box_bounds(q, boxes).transpose(-1, -2), sel.reduce, scale)  # [B, H, L]
+    coarse = coarse.masked_fill(padded.view(B, H, L, group)[..., 0] < 0, -math.inf)  # past a row's end
+    keep = (-(-sel.coarse * budget_pages // group)).clamp(max=L).view(B, 1, 1)  # logical pages per row
+    order = coarse.argsort(-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L).expand_as(order).contiguous())
+    inside = (rank < keep).repeat_interleave(group, -1)[..., :P]  # [B, H, P]
+    fine = reduce_group(block_bound_scores(q, bounds, padded, rows), sel.reduce, scale)[..., :P]
+    return torch.where(vpages < 0, -math.inf, torch.where(inside, fine, FILL_SCORE))
+
+
+def reuse_scores(kept: torch.Tensor, P: int) -> torch.Tensor:
+    """`[B, H, P]` scores of a reused choice: 0 for the kept list entries (`kept`: `[B, H, K]`,
+    -1 padded), `FILL_SCORE` elsewhere; the caller puts the sink/window forcing on top, as
+    `LServeSelector` does between refreshes."""
+    B, H, _ = kept.shape
+    out = torch.full((B, H, P + 1), FILL_SCORE)
+    out.scatter_(-1, torch.where(kept >= 0, kept, P), 0.0)  # -1 entries land in a spare column
+    return out[..., :P]
+
+
+def choose_afresh(chosen_at: dict[str, int], req_ids: list[str], lengths: list[int], fits: list[bool],
+                  reuse_steps: int) -> list[bool]:
+    """Per row, whether LServe chooses its pages afresh this step, as `LServeSelector` decides:
+    when its request has no kept choice, or made it `reuse_steps` or more tokens ago (or at a
+    length above today's: a request that was preempted and recomputed). A row whose pages all
+    fit its budget (`fits`) reads them all and keeps nothing. Updates `chosen_at` (request id
+    -> length at its last choice) and forgets requests that left the batch once it holds many
+    (one that comes back chooses afresh)."""
+    refresh = []
+    for rid, n, whole in zip(req_ids, lengths, fits):
+        at = chosen_at.get(rid)
+        fresh = not whole and at is not None and 0 <= n - at < reuse_steps
+        if whole:
+            chosen_at.pop(rid, None)
+        elif not fresh:
+            chosen_at[rid] = n
+        refresh.append(not fresh)
+    if len(chosen_at) > 4 * len(req_ids) + 64:
+        batch = set(req_ids)
+        for rid in [r for r in chosen_at if r not in batch]:
+            del chosen_at[rid]
+    return refresh
