@@ -380,7 +380,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             if self._stream is not None and isinstance(self._selector, PageSelector):
                 raise NotImplementedError(
                     f"kvkit: layer {self._layer} of policy {policy.name!r} both selects pages "
-                    "(quest) and streams (sink_window); the vLLM backend runs one of them per layer")
+                    "(quest, lserve) and streams (sink_window); the vLLM backend runs one of them per layer")
         return self._selector
 
     def _streaming(self, layer) -> SinkWindowEvictor | None:
@@ -538,17 +538,15 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                        k: torch.Tensor, refresh: torch.Tensor, kept: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, H, P]`: two-level scores on the `refresh` rows, those of their `kept` entries (request
         id -> `[H, K]`) on the others."""
-        B, H, P = plan.vpages.shape
-        scores = torch.empty(B, H, P)
-        if not bool(refresh.all()):
-            rows = [kept[plan.req_ids[b]] for b in (~refresh).nonzero().squeeze(1).tolist()]
-            K = max(e.shape[-1] for e in rows)
-            if any(e.shape[-1] != K for e in rows):  # requests with their own budgets
-                rows = [torch.nn.functional.pad(e, (0, K - e.shape[-1]), value=-1) for e in rows]
-            kept_t = torch.stack(rows)
-            scores[~refresh] = reuse_scores(kept_t, P)
         if bool(refresh.all()):
             return lserve_scores(q, bounds, plan.vpages, k, sel, self.head_size ** -0.5)
+        B, H, P = plan.vpages.shape
+        scores = torch.empty(B, H, P)
+        rows = [kept[plan.req_ids[b]] for b in (~refresh).nonzero().squeeze(1).tolist()]
+        K = max(e.shape[-1] for e in rows)
+        if any(e.shape[-1] != K for e in rows):  # requests with their own budgets
+            rows = [torch.nn.functional.pad(e, (0, K - e.shape[-1]), value=-1) for e in rows]
+        scores[~refresh] = reuse_scores(torch.stack(rows), P)
         if bool(refresh.any()):
             scores[refresh] = lserve_scores(q[refresh], bounds, plan.vpages[refresh], k[refresh], sel,
                                             self.head_size ** -0.5)
