@@ -61,7 +61,7 @@ from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector, forced_from_lengths, reduce_group
 from kvkit.integrations.vllm import plugin, requests
 from kvkit.integrations.vllm.selection import (SelectionPlan, block_bound_scores, choose_afresh, empty_bounds,
-                                              lserve_scores, reuse_scores, top_pages_per_row)
+                                              lserve_scores, page_boxes, reuse_scores, top_pages_per_row)
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
@@ -363,6 +363,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self.policy_name = "dense"
         self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2, D] keys' dtype: block_bound_scores
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
+        self.boxes: torch.Tensor | None = None  # LServe: [NB * Hkv, 2, D] each page's whole box (page_boxes)
         self.kept: dict[str, torch.Tensor] = {}  # LServe: request id -> its chosen list entries [Hkv, K]
         self._refreshed: torch.Tensor | None = None  # LServe: rows that chose afresh this step (check)
         self._check_kept: dict[str, torch.Tensor] = {}  # LServe: the check's own kept choices
@@ -440,14 +441,21 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
             self.bounds = empty_bounds(num_pages, S // self.sub, flat.shape[-1], flat.dtype)
             self._empty_page = empty_bounds(1, S // self.sub, flat.shape[-1], flat.dtype)
+            if isinstance(self._selector, LServeSelector):  # its logical pages read whole boxes
+                self.boxes = self._empty_page[0, 0].repeat(num_pages, 1, 1)
         R, H = S // self.sub, rows.shape[0] // off.shape[0]
         if fresh is not None:
             self.bounds[fresh] = self._empty_page
+            if self.boxes is not None:
+                self.boxes[fresh] = self._empty_page[0, 0]
         per_sub = self.bounds.view(-1, 2, flat.shape[-1])  # [NB * H * R, 2, D]
         subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
         keys = flat.to(self.bounds.dtype)
         per_sub[:, 0].index_reduce_(0, subs, keys, "amax")
         per_sub[:, 1].index_reduce_(0, subs, keys, "amin")
+        if self.boxes is not None:
+            self.boxes[:, 0].index_reduce_(0, rows, keys, "amax")
+            self.boxes[:, 1].index_reduce_(0, rows, keys, "amin")
 
     # ---- attention -------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -524,7 +532,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._refreshed = refresh
         USAGE["lserve_refreshed_rows"] += int(refresh.sum())
         USAGE["lserve_reused_rows"] += B - int(refresh.sum())
-        scores = self._lserve_scores(sel, q, self.bounds, plan, k, refresh, self.kept)
+        scores = self._lserve_scores(sel, q, self.bounds, self.boxes, plan, k, refresh, self.kept)
         scores = torch.where(plan.forced != 0, plan.forced, scores)
         entries = top_pages_per_row(scores, torch.arange(P).expand(B, H, P), k)  # list entries
         if plan.req_ids is not None:
@@ -534,12 +542,13 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                 self.kept = {r: e for r, e in self.kept.items() if r in plan.live}
         return torch.where(entries >= 0, plan.vpages.gather(-1, entries.clamp(min=0)), -1)
 
-    def _lserve_scores(self, sel: LServeSelector, q: torch.Tensor, bounds: torch.Tensor, plan: SelectionPlan,
-                       k: torch.Tensor, refresh: torch.Tensor, kept: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _lserve_scores(self, sel: LServeSelector, q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tensor,
+                       plan: SelectionPlan, k: torch.Tensor, refresh: torch.Tensor,
+                       kept: dict[str, torch.Tensor]) -> torch.Tensor:
         """`[B, H, P]`: two-level scores on the `refresh` rows, those of their `kept` entries (request
         id -> `[H, K]`) on the others."""
         if bool(refresh.all()):
-            return lserve_scores(q, bounds, plan.vpages, k, sel, self.head_size ** -0.5)
+            return lserve_scores(q, bounds, boxes, plan.vpages, k, sel, self.head_size ** -0.5)
         B, H, P = plan.vpages.shape
         scores = torch.empty(B, H, P)
         rows = [kept[plan.req_ids[b]] for b in (~refresh).nonzero().squeeze(1).tolist()]
@@ -548,7 +557,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             rows = [torch.nn.functional.pad(e, (0, K - e.shape[-1]), value=-1) for e in rows]
         scores[~refresh] = reuse_scores(torch.stack(rows), P)
         if bool(refresh.any()):
-            scores[refresh] = lserve_scores(q[refresh], bounds, plan.vpages[refresh], k[refresh], sel,
+            scores[refresh] = lserve_scores(q[refresh], bounds, boxes, plan.vpages[refresh], k[refresh], sel,
                                             self.head_size ** -0.5)
         return scores
 
@@ -578,7 +587,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         """KVKIT_VLLM_CHECK=1 (tests): redo this step with kvkit's own pieces on an unpacked
         float32 copy of the K/V and record how far vLLM's result is from it.
 
-        - bounds: the running key max/min equal the max/min of the copy's sub-pages;
+        - bounds: the running key max/min equal the max/min of the copy's sub-pages (and LServe's
+          running page boxes those of the copy's pages);
         - selection: `block_bound_scores`, kvkit's `reduce_group`, `forced_from_positions` and
           `top_pages` (what `QuestSelector` runs, with sub-page bounds) choose the same pages
           from the copy, slot positions and lengths; for LServe, `lserve_scores` on the rows
@@ -609,11 +619,13 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         # the copy holds bf16 keys exactly, so its min/max are the running bounds' values
         ref_bounds = torch.stack([kmax, kmin], 2).to(self.bounds.dtype)  # [NB*H, R, 2, D]
         listed = vpages[vpages >= 0]
-        bounds_ok = bool(torch.equal(ref_bounds[listed], self.bounds[listed]))
+        ref_boxes = page_boxes(ref_bounds)
+        bounds_ok = bool(torch.equal(ref_bounds[listed], self.bounds[listed])) and (
+            self.boxes is None or bool(torch.equal(ref_boxes[listed], self.boxes[listed])))
         k = md.plans[max(1, sel.budget // S)].budget_pages
         plan = replace(md.selection[sel], vpages=vpages)
         if isinstance(sel, LServeSelector):  # the check keeps its own choices per request
-            bound = self._lserve_scores(sel, q, ref_bounds, plan, k, self._refreshed, self._check_kept)
+            bound = self._lserve_scores(sel, q, ref_bounds, ref_boxes, plan, k, self._refreshed, self._check_kept)
         else:
             bound = reduce_group(block_bound_scores(q, ref_bounds, vpages), sel.reduce, self.head_size ** -0.5)
         forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)

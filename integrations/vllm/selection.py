@@ -95,13 +95,22 @@ def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor
     return out
 
 
-def lserve_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor, budget_pages: torch.Tensor,
-                  sel: LServeSelector, scale: float) -> torch.Tensor:
+def page_boxes(bounds: torch.Tensor) -> torch.Tensor:
+    """`[N, 2, D]` each page's whole box (max over its sub-pages' max, min over their min) from
+    its sub-page bounds `[N, R, 2, D]`: what the backend keeps up to date at KV write."""
+    return torch.stack([bounds[:, :, 0].amax(1), bounds[:, :, 1].amin(1)], 1)
+
+
+def lserve_scores(q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tensor, vpages: torch.Tensor,
+                  budget_pages: torch.Tensor, sel: LServeSelector, scale: float) -> torch.Tensor:
     """`[B, H, P]` LServe's two-level page scores (`LServeSelector._two_level_scores` on vLLM's
     blocks): `group` consecutive listed blocks form a logical page whose box is the max/min over
-    all their sub-pages; per row the best `ceil(coarse * budget / group)` logical pages by the
-    group-reduced bound are kept, and the blocks inside them score by their own (best sub-page)
-    bound. Blocks outside score `FILL_SCORE`, padding -inf. budget_pages: `[B]`.
+    their `boxes` (`page_boxes(bounds)`); per row the best `ceil(coarse * budget / group)`
+    logical pages by the group-reduced bound are kept, and the blocks inside them score by their
+    own (best sub-page) bound. Blocks outside score `FILL_SCORE`, padding -inf. budget_pages: `[B]`.
+
+    Only the kept logical pages' sub-page bounds are gathered and scored (coarse x the budget of
+    the listed blocks): the rest of the list costs one box per block, 1/R of its bounds.
 
     A -1 entry gathers page 0's bounds: vLLM's null block, never written, so empty (max -inf,
     min +inf) and no part of any box. (Were it written, only the box of a row's last logical
@@ -109,19 +118,20 @@ def lserve_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor, b
     B, H, P = vpages.shape
     group = sel.group
     L = -(-P // group)
-    padded = torch.nn.functional.pad(vpages, (0, L * group - P), value=-1)
-    rows = gather_rows(bounds, padded)  # [B, H, L * group, R, 2, D], once for both levels
-    D = rows.shape[-1]
-    per_logical = rows.view(B, H, L, -1, 2, D)  # [B, H, L, group * R, 2, D]
-    boxes = torch.stack([per_logical[..., 0, :].amax(3), per_logical[..., 1, :].amin(3)], 3)  # [B, H, L, 2, D]
-    coarse = reduce_group(box_bounds(q, boxes).transpose(-1, -2), sel.reduce, scale)  # [B, H, L]
+    padded = torch.nn.functional.pad(vpages, (0, L * group - P), value=-1)  # [B, H, L * group]
+    D = boxes.shape[-1]
+    per_logical = boxes.index_select(0, padded.clamp(min=0).reshape(-1)).view(B, H, L, group, 2, D)
+    logical = torch.stack([per_logical[..., 0, :].amax(3), per_logical[..., 1, :].amin(3)], 3)  # [B, H, L, 2, D]
+    coarse = reduce_group(box_bounds(q, logical).transpose(-1, -2), sel.reduce, scale)  # [B, H, L]
     coarse = coarse.masked_fill(padded.view(B, H, L, group)[..., 0] < 0, -math.inf)  # past a row's end
-    keep = (-(-sel.coarse * budget_pages // group)).clamp(max=L).view(B, 1, 1)  # logical pages per row
-    order = coarse.argsort(-1, descending=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L).expand_as(order).contiguous())
-    inside = (rank < keep).repeat_interleave(group, -1)[..., :P]  # [B, H, P]
-    fine = reduce_group(block_bound_scores(q, bounds, padded, rows), sel.reduce, scale)[..., :P]
-    return torch.where(vpages < 0, -math.inf, torch.where(inside, fine, FILL_SCORE))
+    keep = (-(-sel.coarse * budget_pages // group)).clamp(max=L)  # [B] logical pages per row
+    top = coarse.topk(int(keep.max()), -1).indices  # [B, H, K] best first, as LServeSelector
+    entries = (top[..., None] * group + torch.arange(group)).flatten(-2)  # [B, H, K * group] list entries
+    fine = reduce_group(block_bound_scores(q, bounds, padded.gather(-1, entries)), sel.reduce, scale)
+    kept = (torch.arange(top.shape[-1]) < keep[:, None, None]).repeat_interleave(group, -1)  # a row's own K
+    scores = torch.full((B, H, L * group), FILL_SCORE)
+    scores.scatter_(-1, entries, torch.where(kept, fine, FILL_SCORE))
+    return scores[..., :P].masked_fill(vpages < 0, -math.inf)
 
 
 def reuse_scores(kept: torch.Tensor, P: int) -> torch.Tensor:

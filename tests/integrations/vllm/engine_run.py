@@ -55,10 +55,14 @@ def main(args: dict) -> dict:
     params = [SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8), extra_args=extra)
               for extra in extra_args]
     kv = KVAccounting(llm)
-    outs = llm.generate(args["prompts"], params, use_tqdm=False)
+    rounds = []  # the prompts again once the previous round finished: its freed blocks are reused
+    for _ in range(args.get("rounds", 1)):
+        outs = llm.generate(args["prompts"], params, use_tqdm=False)
+        rounds.append([list(o.outputs[0].token_ids) for o in outs])
 
     report = {
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "tokens": rounds[-1],
+        "rounds": rounds,
         "text": [o.outputs[0].text for o in outs],
         "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
         "attention": [list(x) for x in llm.apply_model(attention_classes)[0]],

@@ -77,8 +77,12 @@ def test_quest_matches_kvkit_reference_inside_vllm(quest):
 
 def test_lserve_reuses_its_choice_and_matches_kvkit_reference_inside_vllm(engine):
     # 5 of 8-9 blocks per KV head: sink, window (two blocks unless the length is a multiple of 32)
-    # and 2-3 chosen every 4th decode step of a request and reused in between
-    lserve = engine.run(**BASE, policy={"name": "lserve", "params": {"budget": 160}}, check=True)
+    # and 2-3 chosen every 4th decode step of a request and reused in between. A pool of 16
+    # blocks and the prompts twice: the second round writes over blocks the first one freed,
+    # whose bounds and boxes must start over.
+    lserve = engine.run(**BASE, policy={"name": "lserve", "params": {"budget": 160}}, check=True,
+                        rounds=2, kv_cache_memory_bytes=12 << 20, max_model_len=512)
+    assert lserve["kv"]["num_blocks"] <= 17 and lserve["rounds"][0] == lserve["rounds"][1]
     assert lserve["attention"] == [list(KVKIT)]
     m = lserve["metrics"]
     read = m['kvkit_pages_read_total{layer_group="all",policy="lserve"}']

@@ -14,8 +14,10 @@ import torch
 
 from kvkit import PagedKVStore
 from kvkit.integrations.vllm.selection import (FILL_SCORE, block_bound_scores, choose_afresh, empty_bounds,
-                                              lserve_scores, reuse_scores, top_pages_per_row)
-from kvkit.policies.selectors.quest import LServeSelector, forced_from_lengths, forced_scores, top_pages
+                                              lserve_scores, page_boxes, reuse_scores,
+                                              top_pages_per_row)
+from kvkit.policies.selectors.quest import (LServeSelector, forced_from_lengths, forced_scores, reduce_group,
+                                            top_pages)
 
 
 @pytest.mark.parametrize("R", [1, 4])
@@ -95,7 +97,7 @@ def test_lserve_scores_are_lserve_selectors_two_level_scores(group, coarse):
     store, seqs, pages, vpages, bounds, q = _store_case(lengths)
     sel = LServeSelector(budget=budget, sink=4, window=8, group=group, coarse=coarse)
     k = torch.full((len(lengths),), budget // 8)
-    got = lserve_scores(q, bounds, vpages, k, sel, 16 ** -0.5)
+    got = lserve_scores(q, bounds, page_boxes(bounds), vpages, k, sel, 16 ** -0.5)
     want = sel._two_level_scores(store, 0, q, pages, budget // 8)
     inside = want > -math.inf
     torch.testing.assert_close(got[inside], want[inside], atol=1e-4, rtol=1e-5)
@@ -112,11 +114,54 @@ def test_lserve_scores_take_a_budget_per_row():
     _, _, _, pages, bounds, q = _store_case(lengths, seed=1)
     sel = LServeSelector(budget=32, sink=4, window=8, group=2, coarse=1)
     k = torch.tensor([2, 6, 4])
-    both = lserve_scores(q, bounds, pages, k, sel, 0.25)
+    both = lserve_scores(q, bounds, page_boxes(bounds), pages, k, sel, 0.25)
     for b in range(3):
-        alone = lserve_scores(q[b : b + 1], bounds, pages[b : b + 1], k[b : b + 1], sel, 0.25)
-        assert torch.equal(both[b : b + 1], alone)
+        alone = lserve_scores(q[b : b + 1], bounds, page_boxes(bounds), pages[b : b + 1], k[b : b + 1], sel, 0.25)
+        assert torch.equal(both[b : b + 1] > FILL_SCORE, alone > FILL_SCORE)  # the same logical pages kept
+        torch.testing.assert_close(both[b : b + 1], alone, atol=1e-5, rtol=1e-6)  # the bounds' matmul shape differs
         assert int((both[b] > FILL_SCORE).sum(-1).max()) == int(k[b])  # ceil(coarse * k / group) * group
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lserve_scores_with_sub_pages_score_the_kept_blocks_by_their_best_sub_page(dtype):
+    """R = 4 sub-pages per block, ragged rows (one ends inside a logical page, one is a single
+    block), budgets per row: the logical pages are ranked by the Quest bound of the union of
+    their blocks' boxes, and each block inside the kept ones scores its `block_bound_scores`
+    (best sub-page), computed here over the whole list; to the bounds' dtype."""
+    g = torch.Generator().manual_seed(7)
+    B, H, G, P, R, D = 3, 2, 3, 11, 4, 16
+    N = 1 + B * H * P
+    keys = torch.randn(N, R, 8, D, generator=g) + torch.randn(N, 1, 1, D, generator=g) * 2
+    bounds = torch.stack([keys.amax(2), keys.amin(2)], 2).to(dtype)  # [N, R, 2, D]
+    bounds[0] = empty_bounds(1, R, D, dtype)[0]  # the null block
+    vpages = (1 + torch.randperm(N - 1, generator=g)).view(B, H, P)
+    vpages[1, :, 6:] = -1  # ends inside the second logical page (group 4)
+    vpages[2, :, 1:] = -1  # a single block
+    q = torch.randn(B, H * G, D, generator=g).to(dtype)
+    sel = LServeSelector(budget=64, sink=4, window=8, group=4, coarse=2)
+    k = torch.tensor([2, 3, 2])
+    got = lserve_scores(q, bounds, page_boxes(bounds), vpages, k, sel, D ** -0.5)
+    fine = reduce_group(block_bound_scores(q, bounds, vpages), "max", D ** -0.5)  # [B, H, P]
+    padded = torch.nn.functional.pad(vpages, (0, 1), value=-1).view(B, H, 3, 4)
+    hi = bounds[padded.clamp(min=0)][..., 0, :].float()  # [B, H, 3, 4, R, D]
+    lo = bounds[padded.clamp(min=0)][..., 1, :].float()
+    box_hi, box_lo = hi.amax((3, 4)), lo.amin((3, 4))  # [B, H, 3, D]
+    qg = q.float().view(B, H, G, 1, D)
+    coarse = torch.maximum(qg * box_lo[:, :, None], qg * box_hi[:, :, None]).sum(-1).amax(2)  # [B, H, 3]
+    coarse = coarse.masked_fill(padded[..., 0] < 0, -math.inf)
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # bf16: 8-bit mantissa
+    for b in range(B):
+        keep = min(3, -(-2 * int(k[b]) // 4))
+        for h in range(H):
+            inside = got[b, h] > FILL_SCORE  # the blocks of the kept logical pages
+            kept = sorted({p // 4 for p in inside.nonzero().squeeze(1).tolist()})
+            real = int((padded[b, h, :, 0] >= 0).sum())
+            assert len(kept) == min(keep, real)
+            best = coarse[b, h].sort(descending=True).values[len(kept) - 1]
+            assert all(float(coarse[b, h, i]) >= float(best) - rtol * abs(float(best)) for i in kept)
+            assert torch.equal(inside, torch.isin(torch.arange(P) // 4, torch.tensor(kept)) & (vpages[b, h] >= 0))
+            torch.testing.assert_close(got[b, h][inside], fine[b, h][inside], atol=1e-4, rtol=rtol)
+    assert (got[vpages < 0] == -math.inf).all()
 
 
 def test_lserve_fills_the_budget_when_the_kept_logical_pages_run_short():
@@ -129,7 +174,7 @@ def test_lserve_fills_the_budget_when_the_kept_logical_pages_run_short():
     bounds[5, 0, 0], bounds[5, 0, 1] = 5.0, 4.0  # page 5 (alone in logical page 1) bounds q·k high
     pages = torch.arange(1, 6).view(1, 1, 5)
     sel = LServeSelector(budget=4, sink=0, window=1, group=4, coarse=1)
-    scores = lserve_scores(torch.ones(1, 1, D), bounds, pages, torch.tensor([4]), sel, 1.0)
+    scores = lserve_scores(torch.ones(1, 1, D), bounds, page_boxes(bounds), pages, torch.tensor([4]), sel, 1.0)
     assert scores[0, 0, 4] > FILL_SCORE and (scores[0, 0, :4] == FILL_SCORE).all()
     chosen = top_pages(scores, pages, 4)
     assert (chosen >= 0).all() and 5 in chosen
