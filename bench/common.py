@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +68,26 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def timeit(fn, warmup: int, reps: int) -> dict[str, float]:
+    """Median and p90 of wall time and of this thread's CPU time (`time.thread_time`), in ms.
+
+    On a shared machine the wall time includes waiting for a core; the thread's CPU time counts
+    only the work done (with one torch thread, all of it happens on this thread)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.thread_time()
+        fn()
+        cpu.append((time.thread_time() - c) * 1e3)
+        wall.append((time.perf_counter() - t) * 1e3)
+    wall.sort()
+    cpu.sort()
+    p90 = min(reps - 1, int(0.9 * reps))
+    return {"ms_p50": statistics.median(cpu), "ms_p90": cpu[p90],
+            "wall_ms_p50": statistics.median(wall), "wall_ms_p90": wall[p90]}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import RESULTS, markdown_table, write_results  # noqa: E402
+from common import RESULTS, markdown_table, timeit, write_results  # noqa: E402
 
 from kvkit import PagedKVStore, policies  # noqa: E402
 from kvkit.attention import decode  # noqa: E402
@@ -42,26 +40,6 @@ from kvkit.attention.fast import (dense_decode_fast, lserve_select_fast, quest_d
 from kvkit.policies.selectors.quest import LServeSelector, quest_scores, top_pages  # noqa: E402
 
 HQ, HKV, D, LAYERS = 9, 3, 64, 30
-
-
-def timeit(fn, warmup: int, reps: int) -> dict[str, float]:
-    """Median and p90 of wall time and of this thread's CPU time (`time.thread_time`), in ms.
-
-    On a shared machine the wall time includes waiting for a core; the thread's CPU time counts
-    only the work done (with one torch thread, all of it happens on this thread)."""
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.thread_time()
-        fn()
-        cpu.append((time.thread_time() - c) * 1e3)
-        wall.append((time.perf_counter() - t) * 1e3)
-    wall.sort()
-    cpu.sort()
-    p90 = min(reps - 1, int(0.9 * reps))
-    return {"ms_p50": statistics.median(cpu), "ms_p90": cpu[p90],
-            "wall_ms_p50": statistics.median(wall), "wall_ms_p90": wall[p90]}
 
 
 def build(context: int, page_size: int, dtype: torch.dtype, layers: int, seed: int = 0):

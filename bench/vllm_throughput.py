@@ -17,6 +17,7 @@ Ratios are to stock vLLM at the same batch size in this run. Run it on an idle m
 else of ours running): on a 2-core box anything beside it is in the numbers.
 
     .venv-vllm/bin/python bench/vllm_throughput.py
+    .venv-vllm/bin/python bench/vllm_throughput.py --batch 8 --selectors lserve --repeats 4 --out vllm_throughput_b8
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--selectors", nargs="+", default=["quest", "lserve"], choices=["quest", "lserve"])
     ap.add_argument("--max-tokens", type=int, default=64, help="generated per request")
     ap.add_argument("--repeats", type=int, default=2, help="runs of every config, interleaved")
+    ap.add_argument("--out", default="vllm_throughput", help="results name under bench/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
               "of 4 blocks first) and reuses the choice in between. Step ms: the median decode step of each run, "
               "then the median over runs (each run listed). Attention share: kvkit's attention-layer seconds / "
               "decode wall seconds, mean over runs.")
-    write_results("vllm_throughput", {"ctx": args.ctx, "rows": rows}, "decode throughput inside vLLM: stock vs kvkit",
+    write_results(args.out, {"ctx": args.ctx, "rows": rows}, "decode throughput inside vLLM: stock vs kvkit",
                   table)
     return 0
 
