@@ -42,7 +42,8 @@ class SelectionPlan:
 
 
 def gather_rows(bounds: torch.Tensor, vpages: torch.Tensor) -> torch.Tensor:
-    """`[B, H, P, R, 2, D]` the listed pages' sub-page bounds (page 0's at -1 entries)."""
+    """`[B, H, P, ...]` the listed pages' rows of a per-page table `[N, ...]` (sub-page bounds,
+    boxes; page 0's at -1 entries)."""
     B, H, P = vpages.shape
     rows = bounds.view(bounds.shape[0], -1).index_select(0, vpages.clamp(min=0).reshape(-1))
     return rows.view(B, H, P, *bounds.shape[1:])
@@ -63,13 +64,11 @@ def box_bounds(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(bound.isnan(), -math.inf, bound)
 
 
-def block_bound_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor,
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
+def block_bound_scores(q: torch.Tensor, bounds: torch.Tensor, vpages: torch.Tensor) -> torch.Tensor:
     """`[B, H, G, P]` Quest bound of each listed page: the best of its sub-pages' bounds, -inf at
-    -1 pages and for sub-pages not written yet. `rows`: `gather_rows(bounds, vpages)` if the
-    caller has it."""
+    -1 pages and for sub-pages not written yet."""
     B, H, P = vpages.shape
-    rows = gather_rows(bounds, vpages) if rows is None else rows
+    rows = gather_rows(bounds, vpages)  # [B, H, P, R, 2, D]
     R = rows.shape[3]
     bound = box_bounds(q, rows.view(B, H, P * R, 2, -1))  # [B, H, P * R, G]
     bound = bound.view(B, H, P, R, -1).amax(3).transpose(-1, -2)  # [B, H, G, P]
@@ -120,7 +119,7 @@ def lserve_scores(q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tensor, vp
     L = -(-P // group)
     padded = torch.nn.functional.pad(vpages, (0, L * group - P), value=-1)  # [B, H, L * group]
     D = boxes.shape[-1]
-    per_logical = boxes.index_select(0, padded.clamp(min=0).reshape(-1)).view(B, H, L, group, 2, D)
+    per_logical = gather_rows(boxes, padded).view(B, H, L, group, 2, D)
     logical = torch.stack([per_logical[..., 0, :].amax(3), per_logical[..., 1, :].amin(3)], 3)  # [B, H, L, 2, D]
     coarse = reduce_group(box_bounds(q, logical).transpose(-1, -2), sel.reduce, scale)  # [B, H, L]
     coarse = coarse.masked_fill(padded.view(B, H, L, group)[..., 0] < 0, -math.inf)  # past a row's end
