@@ -77,15 +77,31 @@ def timeit(fn, warmup: int, reps: int) -> dict[str, float]:
     only the work done (with one torch thread, all of it happens on this thread)."""
     for _ in range(warmup):
         fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.thread_time()
-        fn()
-        cpu.append((time.thread_time() - c) * 1e3)
-        wall.append((time.perf_counter() - t) * 1e3)
-    wall.sort()
-    cpu.sort()
-    p90 = min(reps - 1, int(0.9 * reps))
+    return timeit_rounds({"fn": fn}, 0, reps, 1)["fn"]
+
+
+def timeit_rounds(fns: dict[str, Any], warmup: int, reps: int, rounds: int) -> dict[str, dict[str, float]]:
+    """`timeit` for several cases whose ratio is the result: each round times every case in turn
+    (`reps` calls each) and the statistics pool all rounds, so a host that slows down halfway
+    slows every case alike instead of whichever happened to run then."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(reps):
+                t, c = time.perf_counter(), time.thread_time()
+                fn()
+                cpu[name].append((time.thread_time() - c) * 1e3)
+                wall[name].append((time.perf_counter() - t) * 1e3)
+    return {name: _stats(wall[name], cpu[name]) for name in fns}
+
+
+def _stats(wall: list[float], cpu: list[float]) -> dict[str, float]:
+    wall, cpu = sorted(wall), sorted(cpu)
+    p90 = min(len(cpu) - 1, int(0.9 * len(cpu)))
     return {"ms_p50": statistics.median(cpu), "ms_p90": cpu[p90],
             "wall_ms_p50": statistics.median(wall), "wall_ms_p90": wall[p90]}
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import RESULTS, markdown_table, timeit, write_results  # noqa: E402
+from common import RESULTS, markdown_table, timeit, timeit_rounds, write_results  # noqa: E402
 
 from kvkit import PagedKVStore, policies  # noqa: E402
 from kvkit.attention import decode  # noqa: E402
@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=200, help="timed repetitions per layer case")
-    ap.add_argument("--step-reps", type=int, default=20, help="timed repetitions of a 30-layer step")
+    ap.add_argument("--step-reps", type=int, default=20,
+                    help="timed repetitions of a 30-layer step (lserve: of 4 steps), in rounds of 4 that alternate the cases")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(RESULTS / "speed"))
@@ -195,11 +196,15 @@ def main(argv=None) -> int:
         def sdpa_all():
             for k, v in dense:
                 F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, enable_gqa=True)
-        row("kernel", "dense_matmul", dtype, "step", timeit(dense_all, 3, args.step_reps))
-        row("kernel", "dense_sdpa", dtype, "step", timeit(sdpa_all, 3, args.step_reps))
-        row("kernel", "quest", dtype, "step", timeit(quest_all, 3, args.step_reps), dense_layers=2)
-        t4 = timeit(lserve_all4, 2, max(3, args.step_reps // 4))
-        row("kernel", "lserve", dtype, "step", {k2: t / lsel_step.reuse_steps for k2, t in t4.items()}, dense_layers=2)
+        # interleaved rounds: the ratios are the result, and this host's speed drifts within minutes
+        rounds = max(1, args.step_reps // 4)
+        t = timeit_rounds({"dense_matmul": dense_all, "dense_sdpa": sdpa_all, "quest": quest_all,
+                           "lserve": lserve_all4}, 2, 4, rounds)
+        row("kernel", "dense_matmul", dtype, "step", t["dense_matmul"])
+        row("kernel", "dense_sdpa", dtype, "step", t["dense_sdpa"])
+        row("kernel", "quest", dtype, "step", t["quest"], dense_layers=2)
+        row("kernel", "lserve", dtype, "step", {k2: v / lsel_step.reuse_steps for k2, v in t["lserve"].items()},
+            dense_layers=2)
         del store, dense
 
     # ---- ratios against the fastest dense of the same scope, same run ------------------------

@@ -38,16 +38,17 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
     flat = page_table.reshape(-1)
-    idx = flat.clamp(min=0)
+    padded = bool((flat < 0).any())
+    idx = flat.clamp(min=0) if padded else flat
     k = k_cache.index_select(0, idx).view(B, Hkv, P * S, D)  # one copy of the selected pages
     v = v_cache.index_select(0, idx).view(B, Hkv, P * S, D)
-    valid = (flat >= 0).view(B, Hkv, P, 1)
-    if slot_valid is not None:
-        valid = valid & slot_valid.index_select(0, idx).view(B, Hkv, P, S)
-    if slot_mask is not None:
-        valid = valid & slot_mask
     mask = None
-    if slot_valid is not None or slot_mask is not None or bool((flat < 0).any()):
+    if slot_valid is not None or slot_mask is not None or padded:  # else every listed slot is read
+        valid = (flat >= 0).view(B, Hkv, P, 1)
+        if slot_valid is not None:
+            valid = valid & slot_valid.index_select(0, idx).view(B, Hkv, P, S)
+        if slot_mask is not None:
+            valid = valid & slot_mask
         G = Hq // Hkv
         mask = valid.expand(B, Hkv, P, S).reshape(B, Hkv, 1, 1, P * S).expand(B, Hkv, G, 1, P * S)
         mask = mask.reshape(B, Hq, 1, P * S)
@@ -79,6 +80,23 @@ def _forced_pages(seq_lens: tuple[int, ...], P: int, S: int, sink: int, window: 
     return forced_from_lengths(torch.tensor(seq_lens), P, S, sink, window)[:, None, :].to(device)
 
 
+def _signed_boxes(key_min: torch.Tensor, key_max: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """The listed pages' key boxes as float32 `[n, 2D]` rows `[max | -min]`.
+
+    Both halves are maxima, so the box of a union of pages is one `amax`, and with
+    `_signed_query` Quest's bound is one matmul: sum_c max(q_c*lo_c, q_c*hi_c) =
+    relu(q)·hi + relu(-q)·(-lo). float32 because bf16 matmuls this small cost a fixed ~40 µs
+    each on this CPU, more than the widening (exact) and a float32 matmul together.
+    """
+    return torch.cat([key_max.index_select(0, entries), key_min.index_select(0, entries).neg_()], -1).float()
+
+
+def _signed_query(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """`[B, Hq, D]` -> float32 `[rows, G, 2D]` `[relu(q) | relu(-q)]`, rows = B * Hkv."""
+    qf = q.reshape(rows, -1, q.shape[-1]).float()
+    return torch.cat([qf.clamp(min=0), qf.clamp(max=0).neg_()], -1)
+
+
 def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
                       seq_lens: list[int], budget_pages: int, sink: int = 4, window: int = 32,
@@ -104,21 +122,9 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     flat = page_table.reshape(-1)
     if any(u < P for u in used):  # padded lists: -1 entries
         flat = flat.clamp(min=0)
-    # in the bounds' dtype (the store's): bf16 matmuls for a bf16 store, so the ranking can differ
-    # from QuestSelector's float32 one on near-ties; unscaled: a positive scale keeps the ranking
-    qf = q.view(B * Hkv, G, D).to(key_min.dtype)
-    # sum_c max(q_c*lo_c, q_c*hi_c) = relu(q)·hi + min(q, 0)·lo, then max over the group's heads
-    N = key_min.shape[0]
-    if 2 * flat.numel() >= N:  # the batch owns most of the pool: score every page, no gather copy
-        qa = qf.view(B * Hq, D)
-        every = torch.addmm(qa.clamp(min=0) @ key_max.T, qa.clamp(max=0), key_min.T)  # [B*Hq, N]
-        every = every.view(B * Hkv, G, N).amax(1)  # [B*Hkv, N]
-        score = every.gather(1, flat.view(B * Hkv, P)).view(B, Hkv, P)
-    else:
-        lo = key_min.index_select(0, flat).view(B * Hkv, P, D)
-        hi = key_max.index_select(0, flat).view(B * Hkv, P, D)
-        score = torch.baddbmm(torch.bmm(qf.clamp(min=0), hi.transpose(1, 2)), qf.clamp(max=0), lo.transpose(1, 2))
-        score = score.amax(1).view(B, Hkv, P)
+    # float32 as QuestSelector (see _signed_boxes); unscaled: a positive scale keeps the ranking
+    box = _signed_boxes(key_min, key_max, flat).view(B * Hkv, P, 2 * D)
+    score = torch.bmm(_signed_query(q, B * Hkv), box.transpose(1, 2)).amax(1).view(B, Hkv, P)
     score = score + _forced_pages(tuple(seq_lens), P, S, sink, window, str(q.device))
     k = min(budget_pages, P)
     top = score.topk(k, dim=-1, sorted=False).indices  # [B, Hkv, K] list entries
@@ -146,33 +152,33 @@ def lserve_select_fast(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Te
     Logical pages of `group` list entries are scored by the bound of their merged min/max box;
     the best `coarse * budget_pages / group` are kept, and inside them the entries with the best
     own bounds are read; sink and window pages always. Shapes as `quest_decode_fast`. Returns
-    the chosen pages `[B, Hkv, K]` in list order, -1 padded: what `LServeSelector` chooses on a
-    float32 store (tested), with the bounds computed in their own dtype and sinks, window and
-    validity taken from `seq_lens` instead of per-slot positions.
+    the chosen pages `[B, Hkv, K]` in list order, -1 padded: what `LServeSelector` chooses on the
+    same store (tested; both score in float32), with sinks, window and validity taken from
+    `seq_lens` instead of per-slot positions.
     """
     B, Hq, D = q.shape
     Hkv, P = page_table.shape[1], page_table.shape[2]
-    G, L = Hq // Hkv, -(-P // group)
+    L = -(-P // group)
     pad = L * group - P
-    flat = page_table.reshape(-1).clamp(min=0)
-    lo = key_min.index_select(0, flat).view(B * Hkv, P, D)
-    hi = key_max.index_select(0, flat).view(B * Hkv, P, D)
-    forced = _forced_pages(tuple(seq_lens), P, page_size, sink, window, str(q.device)).expand(B, Hkv, P)
-    if any(-(-n // page_size) < P for n in seq_lens):  # padded lists: keep -1 entries out of the boxes
-        real = (forced != -math.inf).reshape(B * Hkv, P, 1)
-        lo, hi = torch.where(real, lo, math.inf), torch.where(real, hi, -math.inf)
-    lo_l = F.pad(lo, (0, 0, 0, pad), value=math.inf).view(B * Hkv, L, group, D).amin(2)  # [B*Hkv, L, D]
-    hi_l = F.pad(hi, (0, 0, 0, pad), value=-math.inf).view(B * Hkv, L, group, D).amax(2)
-    qf = q.view(B * Hkv, G, D).to(key_min.dtype)
-    pos, neg = qf.clamp(min=0), qf.clamp(max=0)
-    upper = torch.baddbmm(torch.bmm(pos, hi_l.transpose(1, 2)), neg, lo_l.transpose(1, 2)).amax(1).float()
-    first = F.pad(forced.reshape(B * Hkv, P), (0, pad), value=-math.inf).view(B * Hkv, L, group)[..., 0]
-    upper = upper.nan_to_num(-math.inf).masked_fill(first == -math.inf, -math.inf)  # logical pages past the end
+    flat = page_table.reshape(-1)
+    padded = any(-(-n // page_size) < P for n in seq_lens)
+    if padded:
+        flat = flat.clamp(min=0)
+    box = _signed_boxes(key_min, key_max, flat).view(B, Hkv, P, 2 * D)
+    forced = _forced_pages(tuple(seq_lens), P, page_size, sink, window, str(q.device))  # [B, 1, P]
+    if padded:  # keep -1 entries out of the logical boxes
+        box = box.masked_fill((forced == -math.inf)[..., None], -math.inf)
+    box = box.view(B * Hkv, P, 2 * D)
+    qs = _signed_query(q, B * Hkv)
+    box_l = (F.pad(box, (0, 0, 0, pad), value=-math.inf) if pad else box).view(B * Hkv, L, group, 2 * D).amax(2)
+    upper = torch.bmm(qs, box_l.transpose(1, 2)).amax(1).view(B, Hkv, L)
+    if padded:  # a logical page past the end has an empty box: 0 * -inf
+        upper = upper.nan_to_num_(-math.inf)
     keep_l = min(L, -(-coarse * budget_pages // group))
-    inside = torch.zeros(B * Hkv, L, dtype=torch.bool, device=q.device)
-    inside.scatter_(1, upper.topk(keep_l, dim=-1).indices, True)
-    inside = inside.repeat_interleave(group, 1)[:, :P].view(B, Hkv, P)
-    fine = torch.baddbmm(torch.bmm(pos, hi.transpose(1, 2)), neg, lo.transpose(1, 2)).amax(1).view(B, Hkv, P)
-    score = torch.where(forced != 0, forced, torch.where(inside, fine.float(), -math.inf))
+    outside = torch.full((B, Hkv, L, 1), -math.inf, device=q.device)
+    outside.scatter_(2, upper.topk(keep_l, dim=-1).indices[..., None], 0.0)
+    fine = torch.bmm(qs, box.transpose(1, 2)).amax(1).view(B, Hkv, P)
+    fine = (F.pad(fine, (0, pad)) if pad else fine).view(B, Hkv, L, group).add_(outside).view(B, Hkv, L * group)
+    score = torch.where(forced != 0, forced, fine[..., :P])
     top = score.topk(min(budget_pages, P), dim=-1, sorted=False).indices.sort(-1).values
     return torch.where(score.gather(-1, top) > -math.inf, page_table.gather(-1, top), -1)

@@ -40,13 +40,14 @@ def test_dense_decode_fast_equals_sdpa():
 
 @pytest.mark.parametrize("length", [200, 203, 64])
 @pytest.mark.parametrize("budget", [32, 64, 4096])
-@pytest.mark.parametrize("crowded", [False, True])  # True: other pages fill the pool (the gather branch)
-def test_quest_decode_fast_matches_selector_and_ref(length, budget, crowded):
+@pytest.mark.parametrize("crowded", [False, True])  # True: other sequences' pages fill the pool
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
+def test_quest_decode_fast_matches_selector_and_ref(length, budget, crowded, dtype):
     from kvkit import PagedKVStore
     from kvkit.attention import decode
     from kvkit.policies.selectors.quest import QuestSelector
     g = torch.Generator().manual_seed(length)
-    store = PagedKVStore(1, 3, 16, page_size=8, dtype=torch.float32, key_bounds=True)
+    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
     if crowded:
         other = store.add_sequence()
         store.append(other, 0, torch.randn(3 * length, 3, 16, generator=g), torch.randn(3 * length, 3, 16, generator=g))
@@ -59,7 +60,8 @@ def test_quest_decode_fast_matches_selector_and_ref(length, budget, crowded):
     out, top = quest_decode_fast_call(store, seq, q, table, length, budget)
     chosen = table.gather(-1, top).sort(-1).values
     assert torch.equal(chosen, sel.pages.sort(-1).values)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    atol, rtol = TOL[dtype]  # the reference reads the pages in float32, the fast path in the store's dtype
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
 
 
 def quest_decode_fast_call(store, seq, q, table, length, budget):
@@ -69,15 +71,16 @@ def quest_decode_fast_call(store, seq, q, table, length, budget):
                              budget // store.page_size, sink=4, window=8)
 
 
-@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9]])
+@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9], [203, 100]])  # 100: a part-padded logical page
 @pytest.mark.parametrize("budget", [32, 64, 4096])
 @pytest.mark.parametrize("group", [1, 3, 4])
-def test_lserve_select_fast_chooses_what_the_selector_chooses(lengths, budget, group):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
+def test_lserve_select_fast_chooses_what_the_selector_chooses(lengths, budget, group, dtype):
     from kvkit import PagedKVStore
     from kvkit.attention.fast import lserve_select_fast
     from kvkit.policies.selectors.quest import LServeSelector
     g = torch.Generator().manual_seed(sum(lengths) + group)
-    store = PagedKVStore(1, 3, 16, page_size=8, dtype=torch.float32, key_bounds=True)
+    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
     seqs = []
     for n in lengths:
         seqs.append(store.add_sequence())
