@@ -118,9 +118,10 @@ def register() -> None:
     """
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from kvkit.integrations.vllm import requests
+    from kvkit.integrations.vllm import memory, requests
 
     requests.patch_validation()  # a bad extra_args["kvkit_budget"] is the client's error
+    memory.patch_memory_planning()  # page summaries count against the KV budget (a no-op unconfigured)
     policy = load_policy()
     if policy is None:
         register_backend(AttentionBackendEnum.CPU_ATTN, CONFIGURED_PATH)

@@ -24,6 +24,21 @@ def attention_classes(model) -> list[tuple[str, str]]:
     return sorted(found)
 
 
+def kv_bytes(model) -> dict[str, int]:
+    """Bytes really allocated (run in each worker): vLLM's KV pool (the storage under the layers'
+    cache views, counted once) and kvkit's page summaries (bounds, boxes)."""
+    pools, kvkit = {}, 0
+    for mod in model.modules():
+        if type(mod).__name__ != "Attention" or not hasattr(mod, "impl"):
+            continue
+        for cache in mod.kv_cache if isinstance(mod.kv_cache, (list, tuple)) else [mod.kv_cache]:
+            storage = cache.untyped_storage()
+            pools[storage.data_ptr()] = storage.nbytes()
+        kvkit += sum(t.nbytes for t in (getattr(mod.impl, "bounds", None), getattr(mod.impl, "boxes", None))
+                     if t is not None)
+    return {"pool": sum(pools.values()), "kvkit": kvkit}
+
+
 def main(args: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if args.get("check"):
@@ -68,6 +83,7 @@ def main(args: dict) -> dict:
         "attention": [list(x) for x in llm.apply_model(attention_classes)[0]],
         "metrics": {},
         "kv": kv.report(),
+        "bytes": llm.apply_model(kv_bytes)[0],
     }
     for line in metrics.exposition().decode().splitlines():
         if line.startswith(("kvkit_pages_read_total", "kvkit_pages_dense_total",

@@ -194,6 +194,19 @@ def test_kv_cache_spec_surfaces_streaming_uses():
     assert "if _REGISTRY_KVCACHESPEC_LIST:" in inspect.getsource(KVCacheSpecRegistry._ensure_registered)
 
 
+def test_memory_planning_surfaces():
+    """memory.py wraps the engine core's name for get_kv_cache_configs and sizes a block as vLLM
+    does."""
+    import vllm.v1.engine.core as core
+    from vllm.v1.core import kv_cache_utils
+
+    assert params(kv_cache_utils.get_kv_cache_configs) == ["vllm_config", "kv_cache_specs", "available_memory"]
+    assert "get_kv_cache_configs(" in inspect.getsource(core.EngineCore._initialize_kv_caches)
+    assert params(kv_cache_utils.get_kv_cache_groups)[:2] == ["vllm_config", "kv_cache_spec"]
+    assert params(kv_cache_utils._pool_bytes_per_block) == ["vllm_config", "kv_cache_groups"]
+    assert "available_memory // bytes_per_block" in inspect.getsource(kv_cache_utils.get_kv_cache_config_from_groups)
+
+
 def test_scheduler_internals_the_engine_tests_read():
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config

@@ -75,13 +75,25 @@ def test_quest_matches_kvkit_reference_inside_vllm(quest):
     assert min(c["layer"] for c in checks) == 2  # quest's first two layers read densely
 
 
+def test_page_summaries_count_against_the_kv_budget(dense, quest):
+    # engine_run's default --kv-cache-memory-bytes, 64 MiB: vLLM's pool and kvkit's bounds, as
+    # allocated, fit it together; quest gets fewer blocks than dense in the same budget
+    budget = 64 << 20
+    assert dense["bytes"]["kvkit"] == 0 and dense["bytes"]["pool"] <= budget
+    assert quest["bytes"]["kvkit"] > 0
+    assert quest["bytes"]["pool"] + quest["bytes"]["kvkit"] <= budget
+    assert quest["kv"]["num_blocks"] < dense["kv"]["num_blocks"]
+    used = quest["bytes"]["pool"] + quest["bytes"]["kvkit"]
+    assert used * (1 + 1 / quest["kv"]["num_blocks"]) > budget  # and no more held back than a block
+
+
 def test_lserve_reuses_its_choice_and_matches_kvkit_reference_inside_vllm(engine):
     # 5 of 8-9 blocks per KV head: sink, window (two blocks unless the length is a multiple of 32)
     # and 2-3 chosen every 4th decode step of a request and reused in between. A pool of 16
-    # blocks and the prompts twice: the second round writes over blocks the first one freed,
-    # whose bounds and boxes must start over.
+    # blocks (14 MiB less lserve's bounds and boxes) and the prompts twice: the second round
+    # writes over blocks the first one freed, whose bounds and boxes must start over.
     lserve = engine.run(**BASE, policy={"name": "lserve", "params": {"budget": 160}}, check=True,
-                        rounds=2, kv_cache_memory_bytes=12 << 20, max_model_len=512)
+                        rounds=2, kv_cache_memory_bytes=14 << 20, max_model_len=512)
     assert lserve["kv"]["num_blocks"] <= 17 and lserve["rounds"][0] == lserve["rounds"][1]
     assert lserve["attention"] == [list(KVKIT)]
     m = lserve["metrics"]

@@ -150,3 +150,25 @@ def test_a_bad_request_budget_is_the_clients_error(clean, extra):
         SamplingParams(extra_args=extra)
     for good in ({"kvkit_budget": 512}, {"kvkit_budget_bytes": 1 << 20}, {"other": "x"}):
         assert SamplingParams(extra_args=good).extra_args == good
+
+
+@pytest.mark.parametrize("name, boxes", [("quest", False), ("lserve", True)])
+def test_memory_planning_counts_what_the_backend_allocates(name, boxes):
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvkit.integrations.vllm.memory import extra_bytes_per_block, scaled_memory
+    from kvkit.integrations.vllm.selection import empty_bounds
+
+    policy = plugin.load_policy(name)  # dense layers 0-1, page selection from layer 2
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+    # what KVKitCPUAttentionImpl._update_bounds allocates per block (3 KV heads): 8-token sub-pages
+    bounds = empty_bounds(3, 32 // 8, 64, torch.bfloat16)
+    want = bounds.nbytes + (bounds[:, 0].nbytes if boxes else 0)
+    assert extra_bytes_per_block(policy, "model.layers.2.self_attn.attn", spec, 3, 2) == want
+    assert extra_bytes_per_block(policy, "model.layers.1.self_attn.attn", spec, 3, 2) == 0
+    assert extra_bytes_per_block(plugin.load_policy("dense"), "model.layers.2.self_attn.attn", spec, 3, 2) == 0
+    per_block, extra = spec.page_size_bytes * 30, want * 28
+    blocks = scaled_memory(64 << 20, per_block, extra) // per_block
+    assert blocks * (per_block + extra) <= 64 << 20 < (blocks + 1) * (per_block + extra)
+    assert scaled_memory(64 << 20, per_block, 0) == 64 << 20
