@@ -1,11 +1,13 @@
 """`decode(q, store, seqs, layer, selection)`: one decode step over whatever the policy selected.
 
 It reads only the selected pages through the layer's storage (so quantized or low-rank pages
-are decoded for those pages only), masks empty slots, and runs the reference. The Triton kernels
-of `kvkit.kernels` plug in here on CUDA: `backend` (or the environment variable
-KVKIT_ATTENTION_BACKEND) is "auto" (Triton for CUDA tensors, reference elsewhere), "ref" or
-"triton". The kernels read plain (DenseStorage) and int8 (Int8Codec) pages in place; other
-storages, and `return_stats`, use the reference under "auto" and raise under "triton".
+are decoded for those pages only), masks empty slots, and runs the reference. Faster paths plug
+in here: `backend` (or the environment variable KVKIT_ATTENTION_BACKEND) is "auto", "ref" or
+"triton". Under "auto", CUDA tensors run the Triton kernels of `kvkit.kernels`, and plain
+(DenseStorage) pages on the CPU run `kvkit.attention.fast.sparse_decode_fast` (one SDPA in the
+pages' dtype: the reference's float32 upcast of every gathered key costs more than the
+attention); everything else, and `return_stats`, the reference. The kernels read plain and int8
+(Int8Codec) pages in place; what they do not cover raises under "triton".
 `kvkit.kernels` is imported only when a kernel runs, so TRITON_INTERPRET set later still works.
 """
 
@@ -17,7 +19,7 @@ from typing import Sequence
 import torch
 
 from kvkit.attention.ref import AttentionStats, attend_pages
-from kvkit.store import PagedKVStore, Selection
+from kvkit.store import DenseStorage, PagedKVStore, Selection
 
 
 def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int,
@@ -41,10 +43,15 @@ def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int
         out = _decode_triton(q, store, layer, selection, scale, return_stats, forced=backend == "triton")
         if out is not None:
             return out, None
+    st = store.storage(layer)
+    if backend == "auto" and not return_stats and not q.is_cuda and type(st) is DenseStorage:
+        from kvkit.attention.fast import sparse_decode_fast  # here: fast.py imports the policies, which import this
+        valid = store.slot_positions(layer) >= 0
+        return sparse_decode_fast(q, st.k, st.v, selection.pages, valid, scale, selection.slot_mask), None
     pages = selection.pages
     P = pages.shape[-1]
     flat = pages.clamp(min=0).reshape(-1)
-    k, v = store.storage(layer).read(flat)  # [B*Hkv*P, S, D]
+    k, v = st.read(flat)  # [B*Hkv*P, S, D]
     shape = (B, store.num_kv_heads, P, store.page_size, D)
     valid = (store.slot_positions(layer)[flat] >= 0).view(shape[:-1]) & (pages >= 0)[..., None]
     if selection.slot_mask is not None:

@@ -94,3 +94,40 @@ def test_lserve_select_fast_chooses_what_the_selector_chooses(lengths, budget, g
         assert torch.equal(want.pages, table)
         return
     assert torch.equal(got, want.pages)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["all", "masked", "padded", "empty"])
+def test_decode_auto_on_cpu_runs_the_fast_path_for_plain_pages(dtype, case, monkeypatch):
+    import kvkit.attention.fast as fast
+    from kvkit import PagedKVStore, Selection
+    from kvkit.attention import decode
+    from kvkit.policies.codecs.quant import Int8Codec
+    g = torch.Generator().manual_seed(7)
+    store = PagedKVStore(1, 3, 64, page_size=16, dtype=dtype)
+    quant = PagedKVStore(1, 3, 64, page_size=16, dtype=dtype, page_format=Int8Codec(group_size=32))
+    seqs = []
+    for st in (store, quant):
+        seqs = [st.add_sequence() for _ in range(2)]
+        for s, n in zip(seqs, (75, 30)):  # ragged, with a part-filled last page
+            st.append(s, 0, torch.randn(n, 3, 64, generator=g), torch.randn(n, 3, 64, generator=g))
+        st.evict(seqs[0], 0, 2, range(10, 50))  # holes: slots that hold no token
+    q = torch.randn(2, 9, 64, generator=g).to(dtype)
+    table = store.page_tables(seqs, 0)
+    sel = {"all": Selection(table),
+           "masked": Selection(table[..., [0, 2]], slot_mask=torch.rand(2, 3, 2, 16, generator=g) > 0.3),
+           "padded": Selection(torch.where(torch.arange(table.shape[-1]) < 2, table, -1)),
+           "empty": Selection(torch.full_like(table, -1))}[case]
+    calls = []
+    real = fast.sparse_decode_fast
+    monkeypatch.setattr(fast, "sparse_decode_fast", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, _ = decode(q, store, seqs, 0, sel)
+    want, _ = decode(q, store, seqs, 0, sel, backend="ref")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    if case == "empty":
+        assert not got.any()
+    assert calls == [1]
+    decode(q, quant, seqs, 0, Selection(quant.page_tables(seqs, 0)))  # int8 pages: the reference
+    decode(q, store, seqs, 0, sel, return_stats=True)  # evictors' stats: the reference
+    assert calls == [1]

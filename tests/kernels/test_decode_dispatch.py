@@ -1,5 +1,5 @@
 """kvkit.attention.decode dispatches to the kernels: backend="triton" (here through the
-interpreter on CPU) gives the reference's result; "auto" keeps the reference off CUDA."""
+interpreter on CPU) gives the reference's result; "auto" keeps Triton off CUDA."""
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ def test_decode_env_var_and_auto(monkeypatch, device):
     calls = []
     real = kvkit.kernels.sparse_decode
     monkeypatch.setattr(kvkit.kernels, "sparse_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    decode(q, store, seqs, 0, sel)                                  # auto on CPU: the reference
+    decode(q, store, seqs, 0, sel)                                  # auto on CPU: no Triton
     assert calls == []
     monkeypatch.setenv("KVKIT_ATTENTION_BACKEND", "triton")
     decode(q, store, seqs, 0, sel)
