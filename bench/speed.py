@@ -12,8 +12,9 @@ Two paths are timed for the selectors:
   `kvkit.attention.fast.sparse_decode_fast` over the store's own page pool. The dense baseline is the fastest of plain matmul-softmax (fp32,
   bf16) and SDPA (fp32, bf16) over contiguous K/V.
 - `library`: `policy.select(store, ...)` + `kvkit.attention.decode` exactly as KVKitCache runs
-  them (page tables built from Python lists, float32 reference attention), against
-  `FullSelector` + the same decode. Reported for transparency.
+  them (page tables built from Python lists, decode's CPU path for plain pages), against
+  `FullSelector` + the same decode (and, as `dense_ref`, + decode's float32 reference, what
+  every CPU decode ran before the CPU path). Reported for transparency.
 
     OMP_NUM_THREADS=1 python bench/speed.py --context 8192 --budget 1024
     OMP_NUM_THREADS=1 python bench/speed.py --page-size 8 --out bench/results/speed_page8
@@ -151,12 +152,13 @@ def main(argv=None) -> int:
 
     # ---- one layer, library path (bf16 store, as KVKitCache with a bf16 model) ----------------
     store, seq, _ = build(ctx, S, torch.bfloat16, 1)
-    for name, pol in (("dense", policies.get("dense")),
-                      ("quest", policies.get("quest", budget=args.budget, dense_layers=0)),
-                      ("lserve", policies.get("lserve", budget=args.budget, dense_layers=0))):
-        def lib_step(pol=pol):
+    for name, pol, backend in (("dense", policies.get("dense"), None),
+                               ("dense_ref", policies.get("dense"), "ref"),  # decode's float32 reference
+                               ("quest", policies.get("quest", budget=args.budget, dense_layers=0), None),
+                               ("lserve", policies.get("lserve", budget=args.budget, dense_layers=0), None)):
+        def lib_step(pol=pol, backend=backend):
             sel = pol.select(store, [seq], 0, q)
-            return decode(q.to(torch.bfloat16), store, [seq], 0, sel)
+            return decode(q.to(torch.bfloat16), store, [seq], 0, sel, backend=backend)
         row("library", name, torch.bfloat16, "layer", timeit(lib_step, 3, max(10, args.reps // 10)))
 
     # ---- one decode step over 30 layers, kernel path, bf16 and fp32 -----------------------------
