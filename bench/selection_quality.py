@@ -133,8 +133,8 @@ def write(out: Path, rows: list[dict]) -> None:
     table += ("\n\nMethod: " + METHOD + "\nDefaults: quest reads dense in layers 0-1 with 8-token pages, sink 4 + "
               "window 32 tokens from the budget, GQA bound reduced by max; lserve (16-token pages) groups 4 pages, keeps "
               "2x budget at level 1, reuses for 4 steps; tidal selects in layers 2 and 14 (full attention there), "
-              "dense before layer 2. Decode ms/token is the mean wall time of kvkit's reference decode path (float32), "
-              "not a speed measure: see bench/results/speed.md.")
+              "dense before layer 2. Decode ms/token is the mean wall time of KVKitCache's decode steps (float32; "
+              "append, selection, attention and eviction), not a speed measure: see bench/results/speed.md.")
     write_results(out.name, {"method": METHOD, "model": "SmolLM2-135M-Instruct (float32, transformers, KVKitCache)",
                              "rows": rows}, "passkey retrieval through page/token selection, SmolLM2-135M float32",
                   table, out.parent)
