@@ -1,12 +1,12 @@
-"""A fast CPU decode path over a dense page pool: one gather, two matmuls, no per-slot copies.
+"""A fast CPU decode path over a dense page pool: one gather, one attention, no per-slot copies.
 
-`kvkit.attention.decode` reads pages through the layer's storage (any codec) and runs the
-float32 reference; that is the definition, but at one query per head the per-op overhead and
-the float32 upcast of every gathered key cost more than the attention itself. This path takes
-the pool tensors of a plain (dense) storage directly, gathers the selected pages with one
-`index_select` per K and V, and computes in the pool's dtype (bf16 matmuls are the fastest
-dense decode on this CPU, see FACTS.md) with a float32 softmax. It is tested against
-`kvkit.attention.ref.sparse_decode_ref`.
+`kvkit.attention.ref` is the definition: pages read through the layer's storage (any codec),
+then float32 attention; at one query per head its per-op overhead and the float32 upcast of
+every gathered key cost more than the attention itself. This path takes the pool tensors of a
+plain (dense) storage directly, gathers the selected pages with one `index_select` per K and V,
+and attends in the pool's dtype (`_attend`: SDPA for bf16, matmul-softmax for float32, the
+faster of the two for each on this CPU). `kvkit.attention.decode` runs it for plain pages on the
+CPU. It is tested against `kvkit.attention.ref.sparse_decode_ref`.
 
 Shapes: B sequences, Hq/Hkv query/KV heads, G = Hq // Hkv, P pages per list, S page_size,
 D head_dim, N pages in the pool, T tokens per list.
@@ -42,21 +42,38 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     idx = flat.clamp(min=0) if padded else flat
     k = k_cache.index_select(0, idx).view(B, Hkv, P * S, D)  # one copy of the selected pages
     v = v_cache.index_select(0, idx).view(B, Hkv, P * S, D)
-    mask = None
+    valid = None
     if slot_valid is not None or slot_mask is not None or padded:  # else every listed slot is read
         valid = (flat >= 0).view(B, Hkv, P, 1)
         if slot_valid is not None:
             valid = valid & slot_valid.index_select(0, idx).view(B, Hkv, P, S)
         if slot_mask is not None:
             valid = valid & slot_mask
-        G = Hq // Hkv
-        mask = valid.expand(B, Hkv, P, S).reshape(B, Hkv, 1, 1, P * S).expand(B, Hkv, G, 1, P * S)
-        mask = mask.reshape(B, Hq, 1, P * S)
-    out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(k.dtype), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)  # one fused op: see quest_decode_fast
-    if mask is not None:
-        out = out.nan_to_num_(0.0)  # a row with nothing selected -> 0, as sparse_decode_ref
-    return out.view(B, Hq, D).to(q.dtype)
+        valid = valid.expand(B, Hkv, P, S).reshape(B, Hkv, P * S)
+    return _attend(q, k, v, valid, scale)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """One query per head over gathered K/V `[B, Hkv, T, D]`, in their dtype; valid: `[B, Hkv, T]`
+    bool, None when every token is read. Returns `[B, Hq, D]` in q's dtype, zeros for a row with
+    nothing valid (as `sparse_decode_ref`). bf16/fp16: one fused SDPA; float32: matmul-softmax,
+    which this CPU runs faster than float32 SDPA (bench/speed.py's dense_* rows)."""
+    B, Hq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    if k.dtype == torch.float32:
+        scores = (q.view(B, Hkv, G, D).float() * scale) @ k.transpose(-1, -2)  # [B, Hkv, G, T]
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, :, None, :], -math.inf)
+        out = torch.softmax(scores, dim=-1) @ v
+    else:
+        mask = None if valid is None else valid[:, :, None, None, :].expand(B, Hkv, G, 1, T).reshape(B, Hq, 1, T)
+        out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(k.dtype), k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+    if valid is not None:
+        out = out.nan_to_num_(0.0)  # nothing valid: softmax of -inf only
+    return out.reshape(B, Hq, D).to(q.dtype)
 
 
 def dense_decode_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -115,7 +132,6 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     B, Hq, D = q.shape
     Hkv, P = page_table.shape[1], page_table.shape[2]
     S = k_cache.shape[1]
-    G = Hq // Hkv
     scale = scale if scale is not None else D ** -0.5
     # Few, fused torch ops: at one query per head the per-op overhead is what costs.
     used = [-(-n // S) for n in seq_lens]
@@ -131,16 +147,12 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     pages = page_table.gather(-1, top).view(-1)
     kk = k_cache.index_select(0, pages).view(B, Hkv, k * S, D)
     vv = v_cache.index_select(0, pages).view(B, Hkv, k * S, D)
-    mask = None
+    valid = None
     if any(n % S or u < k for n, u in zip(seq_lens, used)):  # a partial newest page, or padding picked
         pos = (top * S)[..., None] + torch.arange(S, device=q.device)  # [B, Hkv, K, S] positions
         lens = torch.tensor(seq_lens, device=q.device).view(B, 1, 1, 1)
-        mask = (pos < lens).view(B, Hkv, 1, 1, k * S).expand(B, Hkv, G, 1, k * S).reshape(B, Hq, 1, k * S)
-    # one fused SDPA call over the gathered pages: fewer ops than matmul-softmax-matmul, and
-    # the fastest attention over a few K tokens on this CPU (bench/speed.py)
-    out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(kk.dtype), kk, vv, attn_mask=mask,
-                                         scale=scale, enable_gqa=True).view(B, Hq, D).to(q.dtype)
-    return out, top
+        valid = (pos < lens).view(B, Hkv, k * S)
+    return _attend(q, kk, vv, valid, scale), top
 
 
 def lserve_select_fast(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
