@@ -66,9 +66,10 @@ def patch_memory_planning() -> None:
         if policy is not None:
             model = vllm_config.model_config
             key_itemsize = model.dtype.itemsize  # the bounds keep the incoming keys' dtype
+            model_heads = model.get_total_num_kv_heads()
             scaled = []
             for specs, avail in zip(kv_cache_specs, available_memory):
-                extra = sum(extra_bytes_per_block(policy, name, spec, model.get_total_num_kv_heads(), key_itemsize)
+                extra = sum(extra_bytes_per_block(policy, name, spec, model_heads, key_itemsize)
                             for name, spec in specs.items())
                 groups = kv_cache_utils.get_kv_cache_groups(vllm_config, dict(specs)) if extra else []
                 per_block = kv_cache_utils._pool_bytes_per_block(vllm_config, groups) if groups else 0

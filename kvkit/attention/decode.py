@@ -4,7 +4,7 @@ It reads only the selected pages through the layer's storage (so quantized or lo
 are decoded for those pages only), masks empty slots, and runs the reference. Faster paths plug
 in here: `backend` (or the environment variable KVKIT_ATTENTION_BACKEND) is "auto", "ref" or
 "triton". Under "auto", CUDA tensors run the Triton kernels of `kvkit.kernels`, and plain
-(DenseStorage) pages on the CPU run `kvkit.attention.fast.sparse_decode_fast` (one SDPA in the
+(DenseStorage) pages on the CPU run `kvkit.attention.fast.sparse_decode_fast` (attention in the
 pages' dtype: the reference's float32 upcast of every gathered key costs more than the
 attention); everything else, and `return_stats`, the reference. The kernels read plain and int8
 (Int8Codec) pages in place; what they do not cover raises under "triton".
@@ -43,19 +43,19 @@ def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int
         out = _decode_triton(q, store, layer, selection, scale, return_stats, forced=backend == "triton")
         if out is not None:
             return out, None
-    st = store.storage(layer)
-    if backend == "auto" and not return_stats and not q.is_cuda and type(st) is DenseStorage:
-        from kvkit.attention.fast import sparse_decode_fast  # here: fast.py imports the policies, which import this
-        valid = store.slot_positions(layer) >= 0
-        return sparse_decode_fast(q, st.k, st.v, selection.pages, valid, scale, selection.slot_mask), None
     pages = selection.pages
     P = pages.shape[-1]
     flat = pages.clamp(min=0).reshape(-1)
-    k, v = st.read(flat)  # [B*Hkv*P, S, D]
     shape = (B, store.num_kv_heads, P, store.page_size, D)
-    valid = (store.slot_positions(layer)[flat] >= 0).view(shape[:-1]) & (pages >= 0)[..., None]
+    valid = (store.slot_positions(layer).index_select(0, flat) >= 0).view(shape[:-1])  # the selected pages' slots only
     if selection.slot_mask is not None:
         valid = valid & selection.slot_mask
+    st = store.storage(layer)
+    if backend == "auto" and not return_stats and not q.is_cuda and type(st) is DenseStorage:
+        from kvkit.attention.fast import sparse_decode_fast  # here: fast.py imports the policies, which import this
+        return sparse_decode_fast(q, st.k, st.v, pages, scale=scale, slot_mask=valid), None
+    valid = valid & (pages >= 0)[..., None]
+    k, v = st.read(flat)  # [B*Hkv*P, S, D]
     if return_stats:
         out, _, probs = attend_pages(q, k.view(shape), v.view(shape), valid, scale, return_probs=True)
         return out, AttentionStats(pages, probs)
