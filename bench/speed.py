@@ -36,9 +36,8 @@ from common import RESULTS, markdown_table, timeit, timeit_rounds, write_results
 
 from kvkit import PagedKVStore, policies  # noqa: E402
 from kvkit.attention import decode  # noqa: E402
-from kvkit.attention.fast import (dense_decode_fast, lserve_select_fast, quest_decode_fast,  # noqa: E402
-                                 sparse_decode_fast)
-from kvkit.policies.selectors.quest import LServeSelector, quest_scores, top_pages  # noqa: E402
+from kvkit.attention.fast import dense_decode_fast, quest_decode_fast, sparse_decode_fast  # noqa: E402
+from kvkit.policies.selectors.quest import LServeSelector, lserve_select_fast, quest_scores, top_pages  # noqa: E402
 
 HQ, HKV, D, LAYERS = 9, 3, 64, 30
 
@@ -152,14 +151,25 @@ def main(argv=None) -> int:
 
     # ---- one layer, library path (bf16 store, as KVKitCache with a bf16 model) ----------------
     store, seq, _ = build(ctx, S, torch.bfloat16, 1)
+    lib_reps = max(10, args.reps // 10)
     for name, pol, backend in (("dense", policies.get("dense"), None),
                                ("dense_ref", policies.get("dense"), "ref"),  # decode's float32 reference
                                ("quest", policies.get("quest", budget=args.budget, dense_layers=0), None),
                                ("lserve", policies.get("lserve", budget=args.budget, dense_layers=0), None)):
-        def lib_step(pol=pol, backend=backend):
+        def lib_step(pol=pol, backend=backend, refresh=False):
+            if refresh:  # forget the kept choice: this step chooses afresh
+                store.policy_state(seq).clear()
             sel = pol.select(store, [seq], 0, q)
             return decode(q.to(torch.bfloat16), store, [seq], 0, sel, backend=backend)
-        row("library", name, torch.bfloat16, "layer", timeit(lib_step, 3, max(10, args.reps // 10)))
+        if name != "lserve":
+            row("library", name, torch.bfloat16, "layer", timeit(lib_step, 3, lib_reps))
+            continue
+        # the length stays put here, so without the reset every step after the first would reuse
+        t_ref = timeit(lambda: lib_step(refresh=True), 3, lib_reps)
+        t_reuse = timeit(lib_step, 3, lib_reps)
+        n = pol.selector.reuse_steps
+        row("library", name, torch.bfloat16, "layer", {k2: (t_ref[k2] + (n - 1) * t_reuse[k2]) / n for k2 in t_ref},
+            refresh_ms_p50=round(t_ref["ms_p50"], 4), reuse_ms_p50=round(t_reuse["ms_p50"], 4), reuse_steps=n)
 
     # ---- one decode step over 30 layers, kernel path, bf16 and fp32 -----------------------------
     for dtype in (torch.float32, torch.bfloat16):

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from kvkit.errors import OutOfPages, UnknownSequence
@@ -428,11 +429,23 @@ class PagedKVStore:
         heads = range(self.num_kv_heads) if heads is None else heads
         rows = [[self._head(s, layer, h).pages for h in heads] for s in seqs]
         width = max((len(p) for r in rows for p in r), default=0)
-        out = torch.full((len(rows), len(heads), width), -1, dtype=torch.int64)
+        out = np.full((len(rows), len(heads), width), -1, dtype=np.int64)  # numpy takes lists ~3x faster
         for b, r in enumerate(rows):
             for h, p in enumerate(r):
-                out[b, h, :len(p)] = torch.tensor(p, dtype=torch.int64)
-        return out.to(self.device)
+                out[b, h, :len(p)] = p
+        return torch.from_numpy(out).to(self.device)
+
+    def nothing_evicted(self, seqs: Sequence[int], layer: int, heads: Sequence[int] | None = None) -> bool:
+        """Whether every listed (seq, KV head) of `layer` still holds every position appended to
+        it. Then entry j of its page table holds positions `j*S .. j*S+S-1` (appends fill free
+        slots in order, copy-on-write keeps slot offsets), so selectors can work from the lengths
+        alone instead of per-slot positions."""
+        heads = range(self.num_kv_heads) if heads is None else heads
+        for s in seqs:
+            sl = self._seq(s)[self._check_layer(layer)]
+            if any(sl.heads[h].resident(self.page_size) != sl.length for h in heads):
+                return False
+        return True
 
     def num_resident(self, seq: int, layer: int, head: int) -> int:
         """Tokens (seq, layer, head) holds now."""

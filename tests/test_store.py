@@ -244,6 +244,21 @@ class StoreMachine(RuleBasedStateMachine):
         assert sorted(pool.free_pages) == [p for p in range(pool.capacity) if p not in owners]
 
     @invariant()
+    def nothing_evicted_means_positions_in_place(self):
+        for seq, heads in self.model.items():
+            length = self.store.length(seq, 0)
+            whole = all(len(heads[h]) == length for h in range(H))
+            assert self.store.nothing_evicted([seq], 0) == whole
+            if not whole:
+                continue
+            for h in range(H):  # entry j holds positions j*S .. j*S+S-1, in slot order
+                table = torch.tensor(self.store.page_table(seq, 0, h), dtype=torch.int64)
+                if table.numel():
+                    sp = self.store.slot_positions(0)[table].reshape(-1)
+                    assert torch.equal(sp[:length], torch.arange(length, dtype=sp.dtype))
+                    assert (sp[length:] == -1).all()
+
+    @invariant()
     def tokens_read_back(self):
         for seq, heads in self.model.items():
             for h, tokens in heads.items():

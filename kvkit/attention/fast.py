@@ -14,13 +14,12 @@ D head_dim, N pages in the pool, T tokens per list.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from kvkit.policies.selectors.quest import forced_from_lengths
+from kvkit.policies.selectors.quest import quest_scores_fast
 
 
 def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -90,30 +89,6 @@ def dense_decode_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(probs.to(v.dtype), v).view(B, Hq, D).to(q.dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _forced_pages(seq_lens: tuple[int, ...], P: int, S: int, sink: int, window: int, device: str) -> torch.Tensor:
-    """`[B, 1, P]` `forced_from_lengths` on `device`. Cached: every layer of a decode step asks
-    for the same one (it is never written to)."""
-    return forced_from_lengths(torch.tensor(seq_lens), P, S, sink, window)[:, None, :].to(device)
-
-
-def _signed_boxes(key_min: torch.Tensor, key_max: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
-    """The listed pages' key boxes as float32 `[n, 2D]` rows `[max | -min]`.
-
-    Both halves are maxima, so the box of a union of pages is one `amax`, and with
-    `_signed_query` Quest's bound is one matmul: sum_c max(q_c*lo_c, q_c*hi_c) =
-    relu(q)·hi + relu(-q)·(-lo). float32 because bf16 matmuls this small cost a fixed ~40 µs
-    each on this CPU, more than the widening (exact) and a float32 matmul together.
-    """
-    return torch.cat([key_max.index_select(0, entries), key_min.index_select(0, entries).neg_()], -1).float()
-
-
-def _signed_query(q: torch.Tensor, rows: int) -> torch.Tensor:
-    """`[B, Hq, D]` -> float32 `[rows, G, 2D]` `[relu(q) | relu(-q)]`, rows = B * Hkv."""
-    qf = q.reshape(rows, -1, q.shape[-1]).float()
-    return torch.cat([qf.clamp(min=0), qf.clamp(max=0).neg_()], -1)
-
-
 def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
                       seq_lens: list[int], budget_pages: int, sink: int = 4, window: int = 32,
@@ -133,18 +108,11 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     Hkv, P = page_table.shape[1], page_table.shape[2]
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
-    # Few, fused torch ops: at one query per head the per-op overhead is what costs.
     used = [-(-n // S) for n in seq_lens]
-    flat = page_table.reshape(-1)
-    if any(u < P for u in used):  # padded lists: -1 entries
-        flat = flat.clamp(min=0)
-    # float32 as QuestSelector (see _signed_boxes); unscaled: a positive scale keeps the ranking
-    box = _signed_boxes(key_min, key_max, flat).view(B * Hkv, P, 2 * D)
-    score = torch.bmm(_signed_query(q, B * Hkv), box.transpose(1, 2)).amax(1).view(B, Hkv, P)
-    score = score + _forced_pages(tuple(seq_lens), P, S, sink, window, str(q.device))
+    score = quest_scores_fast(q, key_min, key_max, page_table, seq_lens, S, sink, window)
     k = min(budget_pages, P)
     top = score.topk(k, dim=-1, sorted=False).indices  # [B, Hkv, K] list entries
-    pages = page_table.gather(-1, top).view(-1)
+    pages = page_table.gather(-1, top).view(-1).clamp(min=0)  # a short row's padding: masked below
     kk = k_cache.index_select(0, pages).view(B, Hkv, k * S, D)
     vv = v_cache.index_select(0, pages).view(B, Hkv, k * S, D)
     valid = None
@@ -153,44 +121,3 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         lens = torch.tensor(seq_lens, device=q.device).view(B, 1, 1, 1)
         valid = (pos < lens).view(B, Hkv, k * S)
     return _attend(q, kk, vv, valid, scale), top
-
-
-def lserve_select_fast(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
-                       seq_lens: list[int], page_size: int, budget_pages: int, group: int = 4, coarse: int = 2,
-                       sink: int = 4, window: int = 32) -> torch.Tensor:
-    """LServe's two-level page selection (reduce="max") in one lean pass, for pages that were
-    never evicted (entry j of a list holds positions j*S .. j*S+S-1).
-
-    Logical pages of `group` list entries are scored by the bound of their merged min/max box;
-    the best `coarse * budget_pages / group` are kept, and inside them the entries with the best
-    own bounds are read; sink and window pages always. Shapes as `quest_decode_fast`. Returns
-    the chosen pages `[B, Hkv, K]` in list order, -1 padded: what `LServeSelector` chooses on the
-    same store (tested; both score in float32), with sinks, window and validity taken from
-    `seq_lens` instead of per-slot positions.
-    """
-    B, Hq, D = q.shape
-    Hkv, P = page_table.shape[1], page_table.shape[2]
-    L = -(-P // group)
-    pad = L * group - P
-    flat = page_table.reshape(-1)
-    padded = any(-(-n // page_size) < P for n in seq_lens)
-    if padded:
-        flat = flat.clamp(min=0)
-    box = _signed_boxes(key_min, key_max, flat).view(B, Hkv, P, 2 * D)
-    forced = _forced_pages(tuple(seq_lens), P, page_size, sink, window, str(q.device))  # [B, 1, P]
-    if padded:  # keep -1 entries out of the logical boxes
-        box = box.masked_fill((forced == -math.inf)[..., None], -math.inf)
-    box = box.view(B * Hkv, P, 2 * D)
-    qs = _signed_query(q, B * Hkv)
-    box_l = (F.pad(box, (0, 0, 0, pad), value=-math.inf) if pad else box).view(B * Hkv, L, group, 2 * D).amax(2)
-    upper = torch.bmm(qs, box_l.transpose(1, 2)).amax(1).view(B, Hkv, L)
-    if padded:  # a logical page past the end has an empty box: 0 * -inf
-        upper = upper.nan_to_num_(-math.inf)
-    keep_l = min(L, -(-coarse * budget_pages // group))
-    outside = torch.full((B, Hkv, L, 1), -math.inf, device=q.device)
-    outside.scatter_(2, upper.topk(keep_l, dim=-1).indices[..., None], 0.0)
-    fine = torch.bmm(qs, box.transpose(1, 2)).amax(1).view(B, Hkv, P)
-    fine = (F.pad(fine, (0, pad)) if pad else fine).view(B, Hkv, L, group).add_(outside).view(B, Hkv, L * group)
-    score = torch.where(forced != 0, forced, fine[..., :P])
-    top = score.topk(min(budget_pages, P), dim=-1, sorted=False).indices.sort(-1).values
-    return torch.where(score.gather(-1, top) > -math.inf, page_table.gather(-1, top), -1)

@@ -42,10 +42,10 @@ def test_dense_decode_fast_equals_sdpa():
 @pytest.mark.parametrize("budget", [32, 64, 4096])
 @pytest.mark.parametrize("crowded", [False, True])  # True: other sequences' pages fill the pool
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
-def test_quest_decode_fast_matches_selector_and_ref(length, budget, crowded, dtype):
-    from kvkit import PagedKVStore
+def test_quest_decode_fast_matches_the_general_selection_and_ref(length, budget, crowded, dtype):
+    from kvkit import PagedKVStore, Selection
     from kvkit.attention import decode
-    from kvkit.policies.selectors.quest import QuestSelector
+    from kvkit.policies.selectors.quest import QuestSelector, top_pages
     g = torch.Generator().manual_seed(length)
     store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
     if crowded:
@@ -54,9 +54,10 @@ def test_quest_decode_fast_matches_selector_and_ref(length, budget, crowded, dty
     seq = store.add_sequence()
     store.append(seq, 0, torch.randn(length, 3, 16, generator=g), torch.randn(length, 3, 16, generator=g))
     q = torch.randn(1, 9, 16, generator=g)
-    sel = QuestSelector(budget=budget, sink=4, window=8).select(store, [seq], 0, q, [0, 1, 2])
-    want, _ = decode(q, store, [seq], 0, sel)
     table = store.page_tables([seq], 0)
+    selector = QuestSelector(budget=budget, sink=4, window=8)  # its general path: per-slot positions
+    sel = Selection(top_pages(selector.scores(store, [seq], 0, q, table), table, budget // 8))
+    want, _ = decode(q, store, [seq], 0, sel, backend="ref")
     out, top = quest_decode_fast_call(store, seq, q, table, length, budget)
     chosen = table.gather(-1, top).sort(-1).values
     assert torch.equal(chosen, sel.pages.sort(-1).values)
@@ -69,31 +70,6 @@ def quest_decode_fast_call(store, seq, q, table, length, budget):
     kmin, kmax = store.key_bounds(0)
     return quest_decode_fast(q, store.storage(0).k, store.storage(0).v, kmin, kmax, table, [length],
                              budget // store.page_size, sink=4, window=8)
-
-
-@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9], [203, 100]])  # 100: a part-padded logical page
-@pytest.mark.parametrize("budget", [32, 64, 4096])
-@pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
-def test_lserve_select_fast_chooses_what_the_selector_chooses(lengths, budget, group, dtype):
-    from kvkit import PagedKVStore
-    from kvkit.attention.fast import lserve_select_fast
-    from kvkit.policies.selectors.quest import LServeSelector
-    g = torch.Generator().manual_seed(sum(lengths) + group)
-    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
-    seqs = []
-    for n in lengths:
-        seqs.append(store.add_sequence())
-        store.append(seqs[-1], 0, torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g))
-    q = torch.randn(len(lengths), 9, 16, generator=g)
-    want = LServeSelector(budget=budget, sink=4, window=8, group=group, coarse=2).select(store, seqs, 0, q, [0, 1, 2])
-    kmin, kmax = store.key_bounds(0)
-    table = store.page_tables(seqs, 0)
-    got = lserve_select_fast(q, kmin, kmax, table, lengths, 8, budget // 8, group=group, coarse=2, sink=4, window=8)
-    if table.shape[-1] <= budget // 8:  # the selector reads everything when it fits
-        assert torch.equal(want.pages, table)
-        return
-    assert torch.equal(got, want.pages)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -157,3 +157,64 @@ def test_a_short_sequence_scores_the_same_alone_and_in_a_ragged_batch(name, redu
     P = single.shape[-1]
     assert torch.isinf(scores[1, :, P:]).all() and (scores[1, :, P:] < 0).all()
     torch.testing.assert_close(scores[1:, :, :P], single)
+
+
+def general_choice(sel, store, seqs, q, budget_pages):
+    """What LServeSelector chooses from per-slot positions (its path for evicted lists)."""
+    from kvkit.policies.selectors.quest import forced_scores, top_pages
+    table = store.page_tables(seqs, 0)
+    forced = forced_scores(store, seqs, 0, table, sel.sink, sel.window)
+    scores = sel._two_level_scores(store, 0, q, table, budget_pages)
+    return top_pages(torch.where(forced != 0, forced, scores), table, budget_pages)
+
+
+@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9], [203, 100]])  # 100: a part-padded logical page
+@pytest.mark.parametrize("budget", [32, 64])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
+def test_lean_path_chooses_what_the_general_path_chooses(lengths, budget, group, dtype):
+    from kvkit import PagedKVStore
+    from kvkit.policies.selectors.quest import lserve_select_fast
+    g = torch.Generator().manual_seed(sum(lengths) + group)
+    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
+    seqs = []
+    for n in lengths:
+        seqs.append(store.add_sequence())
+        store.append(seqs[-1], 0, torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g))
+    q = torch.randn(len(lengths), 9, 16, generator=g)
+    sel = LServeSelector(budget=budget, sink=4, window=8, group=group, coarse=2)
+    want = general_choice(sel, store, seqs, q, budget // 8)
+    kmin, kmax = store.key_bounds(0)
+    got = lserve_select_fast(q, kmin, kmax, store.page_tables(seqs, 0), lengths, 8, budget // 8, group=group,
+                             coarse=2, sink=4, window=8)
+    assert torch.equal(got, want)
+    assert store.nothing_evicted(seqs, 0)  # so the selector itself takes the lean path
+    assert torch.equal(sel.select(store, seqs, 0, q, [0, 1, 2]).pages, want)
+
+
+def test_lean_reuse_drops_a_page_a_fork_copied_on_write():
+    """A fork shares its parent's last page; the child's next append copies it to a new page,
+    so the kept choice names a page the child no longer lists. The reuse must not read it."""
+    store, (parent,) = make_store([203], seed=6)
+    sel = LServeSelector(budget=48, sink=4, window=8, reuse_steps=8)
+    sel.select(store, [parent], 0, torch.randn(1, 9, 16), [0, 1, 2])
+    child = store.fork(parent)
+    old_last = store.page_table(child, 0, 0)[-1]
+    append_one(store, [child], 0)
+    new_last = store.page_table(child, 0, 0)[-1]
+    assert new_last != old_last and store.nothing_evicted([child], 0)
+    again = sel.select(store, [child], 0, torch.randn(1, 9, 16), [0, 1, 2])
+    assert store.policy_state(child)[("lserve", 0, (0, 1, 2))][0] == 203  # reused, not refreshed
+    assert new_last in chosen(again) and old_last not in chosen(again)
+    assert set(chosen(again)) <= set(store.page_table(child, 0, 0))
+
+
+def test_is_listed_matches_a_plain_comparison():
+    from kvkit.policies.selectors.quest import is_listed
+    g = torch.Generator().manual_seed(0)
+    pages = torch.randint(0, 40, (2, 3, 25), generator=g)
+    pages[1, :, 20:] = -1
+    kept = torch.randint(-1, 40, (2, 3, 7), generator=g)
+    want = (pages[..., :, None] == kept[..., None, :]).any(-1) & (pages >= 0)
+    assert torch.equal(is_listed(pages, kept), want)
+    assert not is_listed(pages, torch.full((2, 3, 1), -1)).any()

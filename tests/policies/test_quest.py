@@ -137,3 +137,34 @@ def test_smollm2_passkey_at_small_budgets(fraction):
     results = passkey(model, tok, policies.get("quest", budget=int(2400 * fraction)), context_tokens=2400,
                       depths=(0.25, 0.75), progress=False)
     assert all(r.correct for r in results), [(r.key, r.answer) for r in results]
+
+
+@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_scores_choose_what_the_general_path_chooses(lengths, dtype):
+    """On lists never evicted the selector scores from the lengths (`quest_scores_fast`); it must
+    choose what the per-slot-position path (`QuestSelector.scores`) chooses, and fall back to
+    that path once something is evicted."""
+    from kvkit import PagedKVStore
+    from kvkit.policies.selectors.quest import quest_scores_fast, top_pages
+    g = torch.Generator().manual_seed(sum(lengths))
+    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
+    seqs = []
+    for n in lengths:
+        seqs.append(store.add_sequence())
+        store.append(seqs[-1], 0, torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g))
+    q = torch.randn(len(lengths), 9, 16, generator=g)
+    sel = QuestSelector(budget=48, sink=4, window=8)
+    table = store.page_tables(seqs, 0)
+    want = top_pages(sel.scores(store, seqs, 0, q, table), table, 6)
+    kmin, kmax = store.key_bounds(0)
+    lean = quest_scores_fast(q, kmin, kmax, table, lengths, 8, 4, 8)
+    assert torch.equal(top_pages(lean, table, 6), want)
+    assert torch.equal(sel.select(store, seqs, 0, q, [0, 1, 2]).pages, want)
+    # its first page goes: entry j now holds positions 8j+8.., and the row is shorter than its
+    # length says (the lean path would read past it: IndexError)
+    store.evict(seqs[0], 0, 1, range(8))
+    assert not store.nothing_evicted(seqs, 0)
+    table = store.page_tables(seqs, 0)
+    want = top_pages(sel.scores(store, seqs, 0, q, table), table, 6)
+    assert torch.equal(sel.select(store, seqs, 0, q, [0, 1, 2]).pages, want)

@@ -15,6 +15,7 @@ What makes it work on a small GQA model (SmolLM2-135M, 9:3 heads, 30 layers): se
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -116,6 +117,85 @@ def forced_from_lengths(lengths: torch.Tensor, P: int, S: int, sink: int, window
     return torch.where(idx[None, :] < used[:, None], out, -math.inf)
 
 
+@functools.lru_cache(maxsize=64)
+def forced_pages(seq_lens: tuple[int, ...], P: int, S: int, sink: int, window: int, device: str) -> torch.Tensor:
+    """`[B, 1, P]` `forced_from_lengths` on `device`. Cached: every layer of a decode step asks
+    for the same one (it is never written to)."""
+    return forced_from_lengths(torch.tensor(seq_lens), P, S, sink, window)[:, None, :].to(device)
+
+
+def signed_boxes(key_min: torch.Tensor, key_max: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+    """The listed pages' key boxes as float32 `[n, 2D]` rows `[max | -min]`.
+
+    Both halves are maxima, so the box of a union of pages is one `amax`, and with
+    `signed_query` Quest's bound is one matmul: sum_c max(q_c*lo_c, q_c*hi_c) =
+    relu(q)·hi + relu(-q)·(-lo). float32 because bf16 matmuls this small cost a fixed ~40 µs
+    each on this CPU, more than the widening (exact) and a float32 matmul together.
+    """
+    return torch.cat([key_max.index_select(0, entries), key_min.index_select(0, entries).neg_()], -1).float()
+
+
+def signed_query(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """`[B, Hq, D]` -> float32 `[rows, G, 2D]` `[relu(q) | relu(-q)]`, rows = B * Hkv."""
+    qf = q.reshape(rows, -1, q.shape[-1]).float()
+    return torch.cat([qf.clamp(min=0), qf.clamp(max=0).neg_()], -1)
+
+
+def quest_scores_fast(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                      seq_lens: list[int], page_size: int, sink: int, window: int) -> torch.Tensor:
+    """`quest_scores(reduce="max")` `[B, Hkv, P]` in a few fused ops, for lists never evicted
+    (`PagedKVStore.nothing_evicted`): sinks, window and padding follow from `seq_lens` (on the
+    host, as serving engines keep them) instead of per-slot positions. Unscaled: a positive
+    scale keeps the ranking. Chooses the pages `quest_scores` chooses (tested)."""
+    B, Hkv, P = page_table.shape
+    flat = page_table.reshape(-1)
+    if any(-(-n // page_size) < P for n in seq_lens):  # padded lists: -1 entries
+        flat = flat.clamp(min=0)
+    box = signed_boxes(key_min, key_max, flat).view(B * Hkv, P, -1)
+    score = torch.bmm(signed_query(q, B * Hkv), box.transpose(1, 2)).amax(1).view(B, Hkv, P)
+    return score + forced_pages(tuple(seq_lens), P, page_size, sink, window, str(q.device))
+
+
+def lserve_select_fast(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
+                       seq_lens: list[int], page_size: int, budget_pages: int, group: int = 4, coarse: int = 2,
+                       sink: int = 4, window: int = 32) -> torch.Tensor:
+    """LServe's two-level page selection (reduce="max") in one lean pass, for lists never
+    evicted (`PagedKVStore.nothing_evicted`: entry j holds positions j*S .. j*S+S-1).
+
+    Logical pages of `group` list entries are scored by the bound of their merged min/max box;
+    the best `coarse * budget_pages / group` are kept, and inside them the entries with the best
+    own bounds are read; sink and window pages always. q: `[B, Hq, D]`; key_min, key_max:
+    `[N, D]`; page_table: `[B, Hkv, P]` (row b valid for its first ceil(seq_lens[b] / S)
+    entries). Returns the chosen pages `[B, Hkv, K]` in list order, -1 padded: what
+    `LServeSelector` chooses from per-slot positions (tested; both score in float32).
+    """
+    B, Hq, D = q.shape
+    Hkv, P = page_table.shape[1], page_table.shape[2]
+    L = -(-P // group)
+    pad = L * group - P
+    flat = page_table.reshape(-1)
+    padded = any(-(-n // page_size) < P for n in seq_lens)
+    if padded:
+        flat = flat.clamp(min=0)
+    box = signed_boxes(key_min, key_max, flat).view(B, Hkv, P, 2 * D)
+    forced = forced_pages(tuple(seq_lens), P, page_size, sink, window, str(q.device))  # [B, 1, P]
+    if padded:  # keep -1 entries out of the logical boxes
+        box = box.masked_fill((forced == -math.inf)[..., None], -math.inf)
+    box = box.view(B * Hkv, P, 2 * D)
+    qs = signed_query(q, B * Hkv)
+    box_l = (F.pad(box, (0, 0, 0, pad), value=-math.inf) if pad else box).view(B * Hkv, L, group, 2 * D).amax(2)
+    upper = torch.bmm(qs, box_l.transpose(1, 2)).amax(1).view(B, Hkv, L)
+    if padded:  # a logical page past the end has an empty box: 0 * -inf
+        upper = upper.nan_to_num_(-math.inf)
+    keep_l = min(L, -(-coarse * budget_pages // group))
+    outside = torch.full((B, Hkv, L, 1), -math.inf, device=q.device)
+    outside.scatter_(2, upper.topk(keep_l, dim=-1).indices[..., None], 0.0)
+    fine = torch.bmm(qs, box.transpose(1, 2)).amax(1).view(B, Hkv, P)
+    fine = (F.pad(fine, (0, pad)) if pad else fine).view(B, Hkv, L, group).add_(outside).view(B, Hkv, L * group)
+    score = torch.where(forced != 0, forced, fine[..., :P])
+    return top_pages(score, page_table, budget_pages)
+
+
 def quest_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor,
                  slot_pos: torch.Tensor, lengths: torch.Tensor, sink: int, window: int,
                  reduce: str = "max") -> torch.Tensor:
@@ -132,6 +212,14 @@ def top_pages(scores: torch.Tensor, pages: torch.Tensor, k: int) -> torch.Tensor
     top = scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values
     chosen = pages.gather(-1, top)
     return torch.where(scores.gather(-1, top) > -math.inf, chosen, -1)
+
+
+def is_listed(pages: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`[B, Hh, P]` bool: which entries of `pages` (`[B, Hh, P]`, -1 padded) appear in the same
+    row of `kept` (`[B, Hh, K]`, -1 padded). A sorted search, not a `[P, K]` comparison."""
+    ks = kept.sort(-1).values.contiguous()
+    at = torch.searchsorted(ks, pages.contiguous()).clamp_(max=ks.shape[-1] - 1)
+    return (ks.gather(-1, at) == pages) & (pages >= 0)
 
 
 def _check_common(cls: str, budget: int, sink: int, window: int, reduce: str) -> None:
@@ -183,6 +271,9 @@ class QuestSelector(Selector):
     Limits: the bound is an upper bound, not the score; heads whose keys spread widely over a
     channel get loose bounds everywhere. The score is computed over every page each step (no
     reuse: see `LServeSelector`).
+
+    With reduce="max" on lists nothing was evicted from (`PagedKVStore.nothing_evicted`, the
+    usual case), the scores come from `quest_scores_fast`: the same choice from fewer ops.
     """
 
     budget: int = 1024   # tokens read per KV head per step, sink and window included
@@ -209,7 +300,13 @@ class QuestSelector(Selector):
         budget_pages = max(1, self.budget // store.page_size)
         if pages.shape[-1] <= budget_pages:
             return Selection(pages)
-        return Selection(top_pages(self.scores(store, seqs, layer, q, pages), pages, budget_pages))
+        if self.reduce == "max" and store.nothing_evicted(seqs, layer, heads):  # the same choice, fewer ops
+            key_min, key_max = store.key_bounds(layer)
+            lengths = [store.length(s, layer) for s in seqs]
+            scores = quest_scores_fast(q, key_min, key_max, pages, lengths, store.page_size, self.sink, self.window)
+        else:
+            scores = self.scores(store, seqs, layer, q, pages)
+        return Selection(top_pages(scores, pages, budget_pages))
 
 
 # ---- LServe --------------------------------------------------------------------------------
@@ -238,6 +335,10 @@ class LServeSelector(Selector):
     selection made at the first decoded token, whose query points at the needle, serves the
     next digits (ablation in bench/results/selection_quality_page16.md). The price of reuse is
     perplexity at small budgets: +16% at 1/8 on GPL-3 (quest: +3%; quality_read_codec_budgets.md).
+
+    With reduce="max" on lists nothing was evicted from (`PagedKVStore.nothing_evicted`), a
+    fresh choice runs `lserve_select_fast` and sinks/window follow from the lengths: the same
+    pages from fewer ops.
     """
 
     budget: int = 1024
@@ -266,21 +367,31 @@ class LServeSelector(Selector):
         budget_pages = max(1, self.budget // store.page_size)
         if pages.shape[-1] <= budget_pages:
             return Selection(pages)
-        forced = forced_scores(store, seqs, layer, pages, self.sink, self.window)
         key = self._key(layer, heads)
         states = [store.policy_state(s).get(key) for s in seqs]
         lengths = [store.length(s, layer) for s in seqs]
         fresh = all(st is not None and 0 <= n - st[0] < self.reuse_steps and st[1].shape[0] == len(heads)
                     for st, n in zip(states, lengths))
+        # lists never evicted: sinks and window follow from the lengths, and the choice takes the
+        # lean path (the same pages, fewer ops)
+        lean = self.reduce == "max" and store.nothing_evicted(seqs, layer, heads)
+        if lean:
+            forced = forced_pages(tuple(lengths), pages.shape[-1], store.page_size, self.sink, self.window,
+                                  str(pages.device))  # [B, 1, P]
+        else:
+            forced = forced_scores(store, seqs, layer, pages, self.sink, self.window)
         if fresh:  # reuse: the kept pages that are still listed, plus sink and window pages
             kept = torch.nn.utils.rnn.pad_sequence([st[1].T for st in states], padding_value=-1)
-            kept = kept.permute(1, 2, 0)  # [B, Hh, K]
-            listed = (pages[..., :, None] == kept[..., None, :]).any(-1) & (pages >= 0)  # [B, Hh, P]
+            listed = is_listed(pages, kept.permute(1, 2, 0))  # [B, Hh, P]
             scores = torch.where(forced != 0, forced, torch.where(listed, 0.0, -math.inf))
             return Selection(top_pages(scores, pages, budget_pages))
-        scores = self._two_level_scores(store, layer, q, pages, budget_pages)
-        scores = torch.where(forced != 0, forced, scores)
-        chosen = top_pages(scores, pages, budget_pages)  # [B, Hh, K]
+        if lean:
+            key_min, key_max = store.key_bounds(layer)
+            chosen = lserve_select_fast(q, key_min, key_max, pages, lengths, store.page_size, budget_pages,
+                                        self.group, self.coarse, self.sink, self.window)
+        else:
+            scores = self._two_level_scores(store, layer, q, pages, budget_pages)
+            chosen = top_pages(torch.where(forced != 0, forced, scores), pages, budget_pages)  # [B, Hh, K]
         for b, (s, n) in enumerate(zip(seqs, lengths)):
             store.policy_state(s)[key] = (n, chosen[b])
         return Selection(chosen)
