@@ -59,6 +59,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
     nothing valid (as `sparse_decode_ref`). bf16/fp16: one fused SDPA; float32: matmul-softmax,
     which this CPU runs faster than float32 SDPA (bench/speed.py's dense_* rows)."""
     B, Hq, D = q.shape
+    n = _valid_prefix(valid) if valid is not None else None
+    if n is not None:  # every row reads its first n tokens: a slice costs less than a mask
+        k, v, valid = k[:, :, :n], v[:, :, :n], None
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     if k.dtype == torch.float32:
@@ -73,6 +76,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
     if valid is not None:
         out = out.nan_to_num_(0.0)  # nothing valid: softmax of -inf only
     return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def _valid_prefix(valid: torch.Tensor) -> int | None:
+    """n > 0 when every row of `valid` `[B, Hkv, T]` is n Trues then Falses, else None. The
+    usual decode step: the pages in list order, the newest one partly filled and listed last."""
+    counts = valid.sum(-1)
+    n = int(counts.amax())
+    if n == 0 or int(counts.amin()) != n or not bool(valid[..., :n].all()):
+        return None
+    return n
 
 
 def dense_decode_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

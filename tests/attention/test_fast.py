@@ -107,3 +107,40 @@ def test_decode_auto_on_cpu_runs_the_fast_path_for_plain_pages(dtype, case, monk
     decode(q, quant, seqs, 0, Selection(quant.page_tables(seqs, 0)))  # int8 pages: the reference
     decode(q, store, seqs, 0, sel, return_stats=True)  # evictors' stats: the reference
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[75], [75, 75], [64], [75, 30]])  # [75, 30]: rows differ, the mask stays
+def test_decode_slices_a_valid_prefix_instead_of_masking(dtype, lengths, monkeypatch):
+    """Nothing evicted, pages in list order: each row reads its first `length` slots, so the fast
+    path reads a slice (no mask); rows of different lengths keep the mask. Both match the reference."""
+    import kvkit.attention.fast as fast
+    from kvkit import PagedKVStore, Selection
+    from kvkit.attention import decode
+    g = torch.Generator().manual_seed(len(lengths))
+    store = PagedKVStore(1, 3, 64, page_size=16, dtype=dtype)
+    seqs = [store.add_sequence() for _ in lengths]
+    for s, n in zip(seqs, lengths):
+        store.append(s, 0, torch.randn(n, 3, 64, generator=g), torch.randn(n, 3, 64, generator=g))
+    q = torch.randn(len(lengths), 9, 64, generator=g).to(dtype)
+    prefixes = []
+    real = fast._valid_prefix
+    monkeypatch.setattr(fast, "_valid_prefix", lambda valid: prefixes.append(real(valid)) or prefixes[-1])
+    got, _ = decode(q, store, seqs, 0, Selection(store.page_tables(seqs, 0)))
+    want, _ = decode(q, store, seqs, 0, Selection(store.page_tables(seqs, 0)), backend="ref")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert prefixes == [lengths[0] if len(set(lengths)) == 1 else None]
+
+
+def test_valid_prefix_only_for_equal_true_prefixes():
+    from kvkit.attention.fast import _valid_prefix
+    rows = torch.zeros(2, 3, 8, dtype=torch.bool)
+    rows[..., :5] = True
+    assert _valid_prefix(rows) == 5
+    rows[1, 2, 4] = False  # one row shorter
+    assert _valid_prefix(rows) is None
+    rows[1, 2, 4], rows[0, 0, 1], rows[0, 0, 5] = True, False, True  # same count, a hole
+    assert _valid_prefix(rows) is None
+    assert _valid_prefix(torch.zeros(1, 3, 8, dtype=torch.bool)) is None  # nothing to read: the mask path's zeros
+    assert _valid_prefix(torch.ones(1, 1, 4, dtype=torch.bool)) == 4
