@@ -35,9 +35,16 @@ class TidalSelector(Selector):
 
     The choice lives in `store.policy_state(seq)` and is used only in the decode step that made
     it (a stale or missing one makes the layer select for itself). TidalDecode's reference
-    picks tokens from the selection layer's attention scores and shares them across heads
-    (`shared=True`). Limits: a selection layer costs a full read (2 of 30 layers by default);
-    the reuse assumes the layers between attend like the selection layer.
+    (github.com/DerrickYLJ/TidalDecode, `src/tidal_build/modify_llama.py`) takes the top tokens
+    of each query head's q·k logits in the selection layer and masks each head to its own in
+    the layers after; here a KV head's pages serve all its query heads, so the choice is one
+    token set per KV head (`shared=False`) or one for the layer (`shared=True`, the default).
+    On SmolLM2 it misses one of 12 passkey depths at 4.6K and 7.2K tokens (one digit wrong, at
+    1/8 and 1/4 of the context; bench/results/selection_quality.md). On that sample neither
+    `shared` setting, nor ranking tokens by the group's max probability or by each query head's
+    best rank, finds the needle at 1/4 (a one-off check, not kept in bench/).
+    Limits: a selection layer costs a full read (2 of 30 layers by default); the reuse assumes
+    the layers between attend like the selection layer.
     """
 
     budget: int = 1024
