@@ -57,6 +57,14 @@ def build(context: int, page_size: int, dtype: torch.dtype, layers: int, seed: i
     return store, seq, dense
 
 
+def fastest_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A dense layer of the sparse steps: the faster dense path for the dtype on this CPU (the
+    dense_* rows: matmul-softmax in float32, SDPA in bf16), as `kvkit.attention.decode` picks."""
+    if k.dtype == torch.float32:
+        return dense_decode_fast(q, k, v)
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=int, default=8192)
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
     load_at_start = os.getloadavg()[0]
     ctx, S = args.context, args.page_size
     budget_pages = args.budget // S
-    q = torch.randn(1, HQ, D)
+    q32 = torch.randn(1, HQ, D)  # each case gets it in the pool's dtype, as a model of that dtype makes it
     lengths = torch.tensor([ctx])
     sink, window = 4, 32
     rows: list[dict] = []
@@ -92,6 +100,7 @@ def main(argv=None) -> int:
 
     # ---- one layer, kernel path ------------------------------------------------------------
     for dtype in (torch.float32, torch.bfloat16):
+        q = q32.to(dtype)
         store, seq, dense = build(ctx, S, dtype, 1)
         k, v = dense[0][0].to(dtype), dense[0][1].to(dtype)
         kp, vp = store.storage(0).k, store.storage(0).v
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
 
         row("kernel", "dense_matmul", dtype, "layer", timeit(lambda: dense_decode_fast(q, k, v), args.warmup, args.reps))
         row("kernel", "dense_sdpa", dtype, "layer", timeit(
-            lambda: F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, enable_gqa=True), args.warmup, args.reps))
+            lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True), args.warmup, args.reps))
 
         def quest_step():  # the lean fused path (same pages as QuestSelector, tested)
             return quest_decode_fast(q, kp, vp, kmin, kmax, table, [ctx], budget_pages, sink, window)
@@ -151,6 +160,7 @@ def main(argv=None) -> int:
 
     # ---- one layer, library path (bf16 store, as KVKitCache with a bf16 model) ----------------
     store, seq, _ = build(ctx, S, torch.bfloat16, 1)
+    q = q32.to(torch.bfloat16)
     lib_reps = max(10, args.reps // 10)
     for name, pol, backend in (("dense", policies.get("dense"), None),
                                ("dense_ref", policies.get("dense"), "ref"),  # decode's float32 reference
@@ -160,7 +170,7 @@ def main(argv=None) -> int:
             if refresh:  # forget the kept choice: this step chooses afresh
                 store.policy_state(seq).clear()
             sel = pol.select(store, [seq], 0, q)
-            return decode(q.to(torch.bfloat16), store, [seq], 0, sel, backend=backend)
+            return decode(q, store, [seq], 0, sel, backend=backend)
         if name != "lserve":
             row("library", name, torch.bfloat16, "layer", timeit(lib_step, 3, lib_reps))
             continue
@@ -173,6 +183,7 @@ def main(argv=None) -> int:
 
     # ---- one decode step over 30 layers, kernel path, bf16 and fp32 -----------------------------
     for dtype in (torch.float32, torch.bfloat16):
+        q = q32.to(dtype)
         store, seq, dense = build(ctx, S, dtype, LAYERS, seed=1)
         dense = [(k.to(dtype), v.to(dtype)) for k, v in dense]
         tables = [store.page_tables([seq], layer) for layer in range(LAYERS)]
@@ -186,7 +197,7 @@ def main(argv=None) -> int:
         def quest_all(dense_layers=2):
             for layer in range(LAYERS):
                 if layer < dense_layers:
-                    dense_decode_fast(q, *dense[layer])
+                    fastest_dense(q, *dense[layer])
                     continue
                 kp, vp, _ = pools[layer]
                 quest_decode_fast(q, kp, vp, *bounds[layer], tables[layer], [ctx], budget_pages, sink, window)
@@ -197,7 +208,7 @@ def main(argv=None) -> int:
             for step in range(lsel_step.reuse_steps):
                 for layer in range(LAYERS):
                     if layer < dense_layers:
-                        dense_decode_fast(q, *dense[layer])
+                        fastest_dense(q, *dense[layer])
                         continue
                     kp, vp, _ = pools[layer]
                     if step == 0:
@@ -207,7 +218,7 @@ def main(argv=None) -> int:
 
         def sdpa_all():
             for k, v in dense:
-                F.scaled_dot_product_attention(q[:, :, None].to(dtype), k, v, enable_gqa=True)
+                F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
         # interleaved rounds: the ratios are the result, and this host's speed drifts within minutes
         rounds = max(1, args.step_reps // 4)
         t = timeit_rounds({"dense_matmul": dense_all, "dense_sdpa": sdpa_all, "quest": quest_all,
@@ -245,8 +256,9 @@ def main(argv=None) -> int:
     table += ("\n\nTimes are this thread's CPU time (`time.thread_time`, one torch thread), which leaves out time "
               "spent waiting for a core; wall times are beside them. The fastest dense is the fastest of "
               "matmul-softmax and SDPA in fp32 and bf16 over contiguous K/V.\n"
-              "`layer`: one layer; `step`: 30 layers (quest, lserve: first 2 dense; lserve: 4 steps / 4). `library` rows compare against the "
-              "library's own dense path (FullSelector + kvkit.attention.decode), not the fastest dense. "
+              "`layer`: one layer; `step`: 30 layers (quest, lserve: first 2 dense, by the faster dense path of the "
+              "dtype; lserve: 4 steps / 4). Queries come in the pool's dtype, as a model of that dtype makes "
+              "them. `library` rows compare against the library's own dense path (FullSelector + kvkit.attention.decode), not the fastest dense. "
               "lserve = (one refresh + 3 reuse steps) / 4; tidal_select = a selection layer (full attention + "
               "top-K), tidal_reuse = a layer reading the chosen 1K tokens.")
     write_results(Path(args.out).name, {
