@@ -52,12 +52,12 @@ def random_paged_case(seq_len: int, num_qo_heads: int, num_kv_heads: int, head_d
 
 
 def random_store(lengths, num_kv_heads: int = 3, head_dim: int = 16, page_size: int = 8, seed: int = 0,
-                 scale: float = 0.1):
-    """A one-layer float32 store with key bounds holding one random sequence per entry of
+                 scale: float = 0.1, dtype: torch.dtype = torch.float32):
+    """A one-layer store (of `dtype`) with key bounds holding one random sequence per entry of
     `lengths` (keys scaled by `scale`); returns (store, seq ids). For selector tests."""
     from kvkit.store import PagedKVStore
     g = torch.Generator().manual_seed(seed)
-    store = PagedKVStore(1, num_kv_heads, head_dim, page_size=page_size, dtype=torch.float32, key_bounds=True)
+    store = PagedKVStore(1, num_kv_heads, head_dim, page_size=page_size, dtype=dtype, key_bounds=True)
     seqs = []
     for n in lengths:
         seq = store.add_sequence()

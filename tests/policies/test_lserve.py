@@ -173,15 +173,9 @@ def general_choice(sel, store, seqs, q, budget_pages):
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
 def test_lean_path_chooses_what_the_general_path_chooses(lengths, budget, group, dtype):
-    from kvkit import PagedKVStore
     from kvkit.policies.selectors.quest import lserve_select_fast
-    g = torch.Generator().manual_seed(sum(lengths) + group)
-    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
-    seqs = []
-    for n in lengths:
-        seqs.append(store.add_sequence())
-        store.append(seqs[-1], 0, torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g))
-    q = torch.randn(len(lengths), 9, 16, generator=g)
+    store, seqs = make_store(lengths, seed=sum(lengths) + group, scale=1.0, dtype=dtype)
+    q = torch.randn(len(lengths), 9, 16, generator=torch.Generator().manual_seed(group))
     sel = LServeSelector(budget=budget, sink=4, window=8, group=group, coarse=2)
     want = general_choice(sel, store, seqs, q, budget // 8)
     kmin, kmax = store.key_bounds(0)

@@ -145,15 +145,9 @@ def test_lean_scores_choose_what_the_general_path_chooses(lengths, dtype):
     """On lists never evicted the selector scores from the lengths (`quest_scores_fast`); it must
     choose what the per-slot-position path (`QuestSelector.scores`) chooses, and fall back to
     that path once something is evicted."""
-    from kvkit import PagedKVStore
     from kvkit.policies.selectors.quest import quest_scores_fast, top_pages
-    g = torch.Generator().manual_seed(sum(lengths))
-    store = PagedKVStore(1, 3, 16, page_size=8, dtype=dtype, key_bounds=True)
-    seqs = []
-    for n in lengths:
-        seqs.append(store.add_sequence())
-        store.append(seqs[-1], 0, torch.randn(n, 3, 16, generator=g), torch.randn(n, 3, 16, generator=g))
-    q = torch.randn(len(lengths), 9, 16, generator=g)
+    store, seqs = make_store(lengths, seed=sum(lengths), scale=1.0, dtype=dtype)
+    q = torch.randn(len(lengths), 9, 16, generator=torch.Generator().manual_seed(1))
     sel = QuestSelector(budget=48, sink=4, window=8)
     table = store.page_tables(seqs, 0)
     want = top_pages(sel.scores(store, seqs, 0, q, table), table, 6)
