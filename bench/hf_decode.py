@@ -42,9 +42,7 @@ def run(model, ids: torch.Tensor, name: str, budget: int, new_tokens: int) -> di
         cache = KVKitCache(model, policies.get(name) if name == "dense" else policies.get(name, budget=budget))
     start = time.perf_counter()
     token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-    prefill_s = time.perf_counter() - start
-    if name != "dynamic":
-        cache.decode_seconds = 0.0  # count decode steps only
+    prefill_s = time.perf_counter() - start  # KVKitCache.decode_seconds counts one-token steps only
     tokens, steps = [int(token)], []
     for _ in range(new_tokens):
         start = time.perf_counter()

@@ -258,7 +258,8 @@ def main(argv=None) -> int:
               "matmul-softmax and SDPA in fp32 and bf16 over contiguous K/V.\n"
               "`layer`: one layer; `step`: 30 layers (quest, lserve: first 2 dense, by the faster dense path of the "
               "dtype; lserve: 4 steps / 4). Queries come in the pool's dtype, as a model of that dtype makes "
-              "them. `library` rows compare against the library's own dense path (FullSelector + kvkit.attention.decode), not the fastest dense. "
+              "them. `library` rows compare against the library's own dense path (FullSelector + "
+              "kvkit.attention.decode), not the fastest dense. "
               "lserve = (one refresh + 3 reuse steps) / 4; tidal_select = a selection layer (full attention + "
               "top-K), tidal_reuse = a layer reading the chosen 1K tokens.")
     write_results(Path(args.out).name, {
