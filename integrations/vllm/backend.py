@@ -73,7 +73,7 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 CHECKS: list[dict] = []
 # Per process: which layer indices ran which path (for tests and logs).
 USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0, "streaming_calls": 0,
-                         "lserve_refreshed_rows": 0, "lserve_reused_rows": 0}
+                         "lserve_refreshed_rows": 0, "lserve_reused_rows": 0, "lserve_as_kept_rows": 0}
 
 
 def _policy() -> Policy:
@@ -210,6 +210,53 @@ def virtual_decode(query: torch.Tensor, kv_cache: torch.Tensor, pages: torch.Ten
         output.copy_(out.view(B, Hq, D))
 
 
+@dataclass
+class KeyWrites:
+    """Where one step's incoming keys land, as (block, KV head) pages. Every layer of a KV cache
+    group gets the same `slot_mapping` tensor, so the first layer's KV write works this out and
+    the others reuse it (a dozen small ops per layer were ~0.1 ms of every decode step each)."""
+
+    source: torch.Tensor  # the slot_mapping it was computed from (compared by identity)
+    version: int  # source._version then: an in-place refill of the same tensor recomputes
+    shape: tuple[int, int, int]  # (S, H, sub) it was computed for
+    real: torch.Tensor | None  # [T'] bool: rows of `key` that are real tokens; None: the first `count`
+    count: int  # T real tokens
+    rows: torch.Tensor  # [T * H] pages (block * H + head)
+    offs: torch.Tensor  # [T * H] offsets in the page
+    subs: torch.Tensor  # [T * H] sub-page rows (page * R + offset // sub)
+    fresh: torch.Tensor | None  # pages written at offset 0 now: they start over
+
+
+_KEY_WRITES: dict[int, KeyWrites] = {}  # id(slot_mapping) -> its KeyWrites, a few steps' worth
+
+
+def key_writes(slot_mapping: torch.Tensor, S: int, H: int, sub: int) -> KeyWrites | None:
+    """`KeyWrites` of this slot mapping (cached while it is the same tensor, unchanged), or None
+    when it writes nothing (all padding)."""
+    w = _KEY_WRITES.get(id(slot_mapping))
+    if (w is not None and w.source is slot_mapping and w.version == slot_mapping._version
+            and w.shape == (S, H, sub)):
+        return w
+    slots = slot_mapping.long()
+    real = slots >= 0  # padding slots are -1
+    if bool(real.all()):
+        real = None
+    else:
+        slots = slots[real]
+        if slots.numel() == 0:
+            return None
+    blk, off = slots // S, slots % S  # [T]
+    rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)
+    offs = off.repeat_interleave(H)
+    starts = offs == 0
+    w = KeyWrites(slot_mapping, slot_mapping._version, (S, H, sub), real, slots.shape[0], rows, offs,
+                  rows * (S // sub) + offs // sub, rows[starts] if bool(starts.any()) else None)
+    if len(_KEY_WRITES) >= 8:
+        _KEY_WRITES.clear()
+    _KEY_WRITES[id(slot_mapping)] = w
+    return w
+
+
 class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     """Stock CPU metadata plus the decode/prefill split and the virtual-batch plans."""
 
@@ -314,12 +361,18 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         ids = requests.row_request_ids()
         nd = seq_lens.shape[0]
         if ids is None:  # no request ids (the runner wrapper did not run): choose every step
-            plan.refresh = torch.ones(nd, dtype=torch.bool)
+            plan.refresh = [True] * nd
             return
         chosen_at = self.chosen_at.setdefault(sel, {})
         fits = (n_pages <= vplan.budget_pages).tolist()
         refresh = choose_afresh(chosen_at, ids[:nd], seq_lens.tolist(), fits, sel.reuse_steps)
-        plan.refresh, plan.req_ids, plan.live = torch.tensor(refresh, dtype=torch.bool), list(ids[:nd]), chosen_at
+        plan.refresh, plan.req_ids, plan.live = refresh, list(ids[:nd]), chosen_at
+        # A reused choice holds the forced pages of its step (when they fit the budget); the
+        # forcing only gains pages when a new page starts, so without one it reads as kept.
+        S = self.block_size
+        forced_fit = ((plan.forced[:, 0] != 0).sum(-1) <= vplan.budget_pages).tolist()
+        plan.as_kept = [not r and f and -(-chosen_at[rid] // S) == n
+                        for r, f, rid, n in zip(refresh, forced_fit, plan.req_ids, n_pages.tolist())]
 
     def _tokens(self, budget: tuple[str, int]) -> int:
         """A request's budget in tokens per KV head per layer (`requests.request_budget`)."""
@@ -364,9 +417,10 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2, D] keys' dtype: block_bound_scores
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
         self.boxes: torch.Tensor | None = None  # LServe: [NB * Hkv, 2, D] each page's whole box (page_boxes)
-        self.kept: dict[str, torch.Tensor] = {}  # LServe: request id -> its chosen list entries [Hkv, K]
-        self._refreshed: torch.Tensor | None = None  # LServe: rows that chose afresh this step (check)
-        self._check_kept: dict[str, torch.Tensor] = {}  # LServe: the check's own kept choices
+        # LServe: request id -> its choice: list entries and the pages they name, each [Hkv, K]
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._refreshed: list[bool] = []  # LServe: rows that chose afresh this step (check)
+        self._check_kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # LServe: the check's own choices
         self.check = os.environ.get(CHECK_ENV, "") == "1"
         self.shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -407,55 +461,43 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         if self.check and self.shadow is None:
             self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
                            torch.zeros(num_blocks * H, S, dtype=torch.bool))
-        # a few small ops per layer and step: they run at every decode step, so skip what is idle
-        slots = slot_mapping.long()
-        ok = slots >= 0  # padding slots are -1
-        padded = not bool(ok.all())
-        if padded:
-            slots = slots[ok]
-            if slots.numel() == 0:
-                return
-        written = key[: ok.shape[0]][ok] if padded else key[: slots.shape[0]]  # [T, H, D]
-        blk, off = slots // S, slots % S  # [T]
-        rows = (blk[:, None] * H + torch.arange(H)).reshape(-1)  # [T * H] (block, KV head) pages
-        starts = off == 0
-        fresh = rows[starts.repeat_interleave(H)] if bool(starts.any()) else None  # pages begun now
-        flat = written.reshape(-1, D)  # [T * H, D]
+        if not self.sub:
+            self.sub = sub_page_size(_policy(), S)
+        w = key_writes(slot_mapping, S, H, self.sub)
+        if w is None:
+            return
+        flat = (key[: w.real.shape[0]][w.real] if w.real is not None else key[: w.count]).reshape(-1, D)  # [T * H, D]
         if sparse:
-            self._update_bounds(flat, rows, fresh, off, num_blocks * H, S)
+            self._update_bounds(flat, w, num_blocks * H, S)
         if self.shadow is not None:
             sk, sv, valid = self.shadow
-            if fresh is not None:
-                valid[fresh] = False
-            offs = off.repeat_interleave(H)
-            sk[rows, offs] = flat.float()
-            sv[rows, offs] = (value[: ok.shape[0]][ok] if padded else value[: slots.shape[0]]).float().reshape(-1, D)
-            valid[rows, offs] = True
+            if w.fresh is not None:
+                valid[w.fresh] = False
+            sk[w.rows, w.offs] = flat.float()
+            v = value[: w.real.shape[0]][w.real] if w.real is not None else value[: w.count]
+            sv[w.rows, w.offs] = v.float().reshape(-1, D)
+            valid[w.rows, w.offs] = True
 
-    def _update_bounds(self, flat: torch.Tensor, rows: torch.Tensor, fresh: torch.Tensor | None,
-                       off: torch.Tensor, num_pages: int, S: int) -> None:
-        """Fold the written keys `flat` `[T * H, D]` (at pages `rows`, offsets `off`) into the
-        sub-pages' max/min; the sub-pages of `fresh` pages (written at offset 0) start over."""
+    def _update_bounds(self, flat: torch.Tensor, w: KeyWrites, num_pages: int, S: int) -> None:
+        """Fold the written keys `flat` `[T * H, D]` (where `w` says) into the sub-pages'
+        max/min; the sub-pages of pages begun now (written at offset 0) start over."""
         if self.bounds is None:
-            self.sub = sub_page_size(_policy(), S)
             # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
             self.bounds = empty_bounds(num_pages, S // self.sub, flat.shape[-1], flat.dtype)
             self._empty_page = empty_bounds(1, S // self.sub, flat.shape[-1], flat.dtype)
             if isinstance(self._selector, LServeSelector):  # its logical pages read whole boxes
                 self.boxes = self._empty_page[0, 0].repeat(num_pages, 1, 1)
-        R, H = S // self.sub, rows.shape[0] // off.shape[0]
-        if fresh is not None:
-            self.bounds[fresh] = self._empty_page
+        if w.fresh is not None:
+            self.bounds[w.fresh] = self._empty_page
             if self.boxes is not None:
-                self.boxes[fresh] = self._empty_page[0, 0]
+                self.boxes[w.fresh] = self._empty_page[0, 0]
         per_sub = self.bounds.view(-1, 2, flat.shape[-1])  # [NB * H * R, 2, D]
-        subs = rows * R + (off // self.sub).repeat_interleave(H)  # [T * H]
         keys = flat.to(self.bounds.dtype)
-        per_sub[:, 0].index_reduce_(0, subs, keys, "amax")
-        per_sub[:, 1].index_reduce_(0, subs, keys, "amin")
+        per_sub[:, 0].index_reduce_(0, w.subs, keys, "amax")
+        per_sub[:, 1].index_reduce_(0, w.subs, keys, "amin")
         if self.boxes is not None:
-            self.boxes[:, 0].index_reduce_(0, rows, keys, "amax")
-            self.boxes[:, 1].index_reduce_(0, rows, keys, "amin")
+            self.boxes[:, 0].index_reduce_(0, w.rows, keys, "amax")
+            self.boxes[:, 1].index_reduce_(0, w.rows, keys, "amin")
 
     # ---- attention -------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -510,7 +552,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         plan = md.selection[sel]
         k = md.plans[budget].budget_pages
         if plan.all_fit:  # what top_pages would choose: every listed page, in order
-            self._refreshed = torch.ones(plan.vpages.shape[0], dtype=torch.bool)
+            self._refreshed = [True] * plan.vpages.shape[0]
             return plan.vpages
         if isinstance(sel, LServeSelector):
             return self._select_lserve(sel, q, plan, k)
@@ -522,43 +564,65 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     def _select_lserve(self, sel: LServeSelector, q: torch.Tensor, plan: SelectionPlan,
                        k: torch.Tensor) -> torch.Tensor:
         """LServe: rows the builder marked (or whose choice this layer does not hold) choose by
-        the two-level scores and keep their choice as list entries (a request's own blocks,
-        whatever happens to the block ids of others); the other rows read their kept entries
-        plus the sink and window pages, scoring nothing."""
+        the two-level scores and keep their choice (list entries: a request's own blocks,
+        whatever happens to the block ids of others, and the pages they name); the other rows
+        read their kept pages, plus the sink and window pages that started since (scored by
+        `reuse_scores`; rows with none new read the kept pages as they are, scoring nothing)."""
         B, H, P = plan.vpages.shape
-        refresh = plan.refresh.clone() if plan.refresh is not None else torch.ones(B, dtype=torch.bool)
-        for b in (~refresh).nonzero().squeeze(1).tolist():
-            refresh[b] = plan.req_ids[b] not in self.kept
+        ids, kept = plan.req_ids, self.kept
+        if ids is None:
+            refresh, as_kept = [True] * B, [False] * B
+        else:
+            refresh = [r or rid not in kept for r, rid in zip(plan.refresh, ids)]
+            as_kept = [a and not r for a, r in zip(plan.as_kept, refresh)]
         self._refreshed = refresh
-        USAGE["lserve_refreshed_rows"] += int(refresh.sum())
-        USAGE["lserve_reused_rows"] += B - int(refresh.sum())
-        scores = self._lserve_scores(sel, q, self.bounds, self.boxes, plan, k, refresh, self.kept)
-        scores = torch.where(plan.forced != 0, plan.forced, scores)
-        entries = top_pages_per_row(scores, torch.arange(P).expand(B, H, P), k)  # list entries
-        if plan.req_ids is not None:
-            for b in refresh.nonzero().squeeze(1).tolist():
-                self.kept[plan.req_ids[b]] = entries[b].clone()
-            if len(self.kept) > len(plan.live) + B:  # requests the builder forgot
-                self.kept = {r: e for r, e in self.kept.items() if r in plan.live}
-        return torch.where(entries >= 0, plan.vpages.gather(-1, entries.clamp(min=0)), -1)
+        scored = [b for b in range(B) if not as_kept[b]]
+        n_fresh = sum(refresh)
+        USAGE["lserve_refreshed_rows"] += n_fresh
+        USAGE["lserve_reused_rows"] += B - n_fresh
+        USAGE["lserve_as_kept_rows"] += B - len(scored)
+        K = min(int(k.max()), P)
+        rows: list[torch.Tensor | None] = [kept[ids[b]][1] if a else None for b, a in enumerate(as_kept)]
+        if scored:
+            idx = torch.tensor(scored)
+            sub = replace(plan, vpages=plan.vpages[idx], forced=plan.forced[idx],
+                          req_ids=None if ids is None else [ids[b] for b in scored])
+            scores = self._lserve_scores(sel, q[idx], self.bounds, self.boxes, sub, k[idx],
+                                         [refresh[b] for b in scored], kept)
+            scores = torch.where(sub.forced != 0, sub.forced, scores)
+            entries = top_pages_per_row(scores, torch.arange(P).expand(len(scored), H, P), k[idx])
+            picked = torch.where(entries >= 0, sub.vpages.gather(-1, entries.clamp(min=0)), -1)
+            for i, b in enumerate(scored):
+                rows[b] = picked[i]
+                if ids is not None and refresh[b]:
+                    kept[ids[b]] = (entries[i], picked[i])
+        if ids is not None and len(kept) > len(plan.live) + B:  # requests the builder forgot
+            self.kept = {r: e for r, e in kept.items() if r in plan.live}
+        if len(scored) == B:
+            return picked
+        if any(r.shape[-1] != K for r in rows):  # rows with smaller budgets of their own
+            rows = [torch.nn.functional.pad(r, (0, K - r.shape[-1]), value=-1) for r in rows]
+        return torch.stack(rows)
 
     def _lserve_scores(self, sel: LServeSelector, q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tensor,
-                       plan: SelectionPlan, k: torch.Tensor, refresh: torch.Tensor,
-                       kept: dict[str, torch.Tensor]) -> torch.Tensor:
+                       plan: SelectionPlan, k: torch.Tensor, refresh: list[bool],
+                       kept: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """`[B, H, P]`: two-level scores on the `refresh` rows, those of their `kept` entries (request
-        id -> `[H, K]`) on the others."""
-        if bool(refresh.all()):
+        id -> (entries `[H, K]`, pages)) on the others."""
+        if all(refresh):
             return lserve_scores(q, bounds, boxes, plan.vpages, k, sel, self.head_size ** -0.5)
         B, H, P = plan.vpages.shape
-        scores = torch.empty(B, H, P)
-        rows = [kept[plan.req_ids[b]] for b in (~refresh).nonzero().squeeze(1).tolist()]
+        rows = [kept[plan.req_ids[b]][0] for b, r in enumerate(refresh) if not r]
         K = max(e.shape[-1] for e in rows)
         if any(e.shape[-1] != K for e in rows):  # requests with their own budgets
             rows = [torch.nn.functional.pad(e, (0, K - e.shape[-1]), value=-1) for e in rows]
-        scores[~refresh] = reuse_scores(torch.stack(rows), P)
-        if bool(refresh.any()):
-            scores[refresh] = lserve_scores(q[refresh], bounds, boxes, plan.vpages[refresh], k[refresh], sel,
-                                            self.head_size ** -0.5)
+        if not any(refresh):
+            return reuse_scores(torch.stack(rows), P)
+        fresh = torch.tensor(refresh)
+        scores = torch.empty(B, H, P)
+        scores[~fresh] = reuse_scores(torch.stack(rows), P)
+        scores[fresh] = lserve_scores(q[fresh], bounds, boxes, plan.vpages[fresh], k[fresh], sel,
+                                      self.head_size ** -0.5)
         return scores
 
     def _decode_sparse(self, sel: PageSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
@@ -633,8 +697,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         entries = top_pages_per_row(scores, torch.arange(P).expand(B, H, P), k)
         ref_chosen = torch.where(entries >= 0, vpages.gather(-1, entries.clamp(min=0)), -1)
         if isinstance(sel, LServeSelector) and plan.req_ids is not None:
-            for b in self._refreshed.nonzero().squeeze(1).tolist():
-                self._check_kept[plan.req_ids[b]] = entries[b]
+            for b in [b for b, r in enumerate(self._refreshed) if r]:
+                self._check_kept[plan.req_ids[b]] = (entries[b], ref_chosen[b])
         ref, _ = sparse_decode_ref(q.float(), sk, sv, chosen, valid, scale=self.scale)
         excess = (out.float() - ref).abs() - (2e-2 + 2e-2 * ref.abs())
         CHECKS.append({"layer": self._layer, "rows": B, "pages": int((chosen >= 0).sum()),

@@ -36,8 +36,11 @@ class SelectionPlan:
     all_fit: bool = False  # every row's pages fit its budget: read them all, score nothing
     # LServe: per row, whether this step chooses afresh (True) or reuses the kept choice, and the
     # rows' request ids (None: no ids known, every step chooses afresh)
-    refresh: torch.Tensor | None = None  # [B] bool
+    refresh: list[bool] | None = None
     req_ids: list[str] | None = None
+    # per row: it reuses a choice made at its current page count, with the choice's sink and
+    # window pages still all it forces, so it reads the kept pages exactly as they were chosen
+    as_kept: list[bool] | None = None
     live: set[str] = field(default_factory=set)  # requests whose kept choice is still tracked
 
 
@@ -145,16 +148,22 @@ def reuse_scores(kept: torch.Tensor, P: int) -> torch.Tensor:
 
 def choose_afresh(chosen_at: dict[str, int], req_ids: list[str], lengths: list[int], fits: list[bool],
                   reuse_steps: int) -> list[bool]:
-    """Per row, whether LServe chooses its pages afresh this step, as `LServeSelector` decides:
-    when its request has no kept choice, or made it `reuse_steps` or more tokens ago (or at a
-    length above today's: a request that was preempted and recomputed). A row whose pages all
-    fit its budget (`fits`) reads them all and keeps nothing. Updates `chosen_at` (request id
-    -> length at its last choice) and forgets requests that left the batch once it holds many
-    (one that comes back chooses afresh)."""
+    """Per row, whether LServe chooses its pages afresh this step: when its request has no kept
+    choice, or made it `reuse_steps` or more tokens ago (or at a length above today's: a request
+    that was preempted and recomputed), as `LServeSelector` decides; and, when any row's choice
+    is that old, every row whose choice is a step old or more. The batch then chooses together
+    (one scoring call per layer every `reuse_steps` steps, not a few rows on most steps, which
+    costs ~2x on this CPU) and no choice serves more than `reuse_steps` steps.
+
+    A row whose pages all fit its budget (`fits`) reads them all and keeps nothing. Updates
+    `chosen_at` (request id -> length at its last choice) and forgets requests that left the
+    batch once it holds many (one that comes back chooses afresh)."""
+    ages = [None if whole or (at := chosen_at.get(rid)) is None else n - at
+            for rid, n, whole in zip(req_ids, lengths, fits)]
+    due = any(a is not None and not 0 <= a < reuse_steps for a in ages)
     refresh = []
-    for rid, n, whole in zip(req_ids, lengths, fits):
-        at = chosen_at.get(rid)
-        fresh = not whole and at is not None and 0 <= n - at < reuse_steps
+    for rid, n, whole, age in zip(req_ids, lengths, fits, ages):
+        fresh = age is not None and 0 <= age < reuse_steps and not (due and age >= 1)
         if whole:
             chosen_at.pop(rid, None)
         elif not fresh:

@@ -92,8 +92,13 @@ def test_lserve_reuses_its_choice_and_matches_kvkit_reference_inside_vllm(engine
     # and 2-3 chosen every 4th decode step of a request and reused in between. A pool of 16
     # blocks (14 MiB less lserve's bounds and boxes) and the prompts twice: the second round
     # writes over blocks the first one freed, whose bounds and boxes must start over.
-    lserve = engine.run(**BASE, policy={"name": "lserve", "params": {"budget": 160}}, check=True,
-                        rounds=2, kv_cache_memory_bytes=14 << 20, max_model_len=512)
+    # 32 tokens, not 12: the long prompt (226 tokens) then decodes at 227 to 257 tokens, choosing
+    # at 227, 231, ..., 255, so the choice made at 255 (8 pages) is reused at 257 (9 pages). The
+    # long prompt again, with a budget of its own (3 pages), makes the rows' choices differ in width.
+    lserve = engine.run(**{**BASE, "max_tokens": 32, "prompts": [*PROMPTS, PROMPTS[1]]},
+                        extra_args=[None, None, {"kvkit_budget": 96}],
+                        policy={"name": "lserve", "params": {"budget": 160}},
+                        check=True, rounds=2, kv_cache_memory_bytes=14 << 20, max_model_len=512)
     assert lserve["kv"]["num_blocks"] <= 17 and lserve["rounds"][0] == lserve["rounds"][1]
     assert lserve["attention"] == [list(KVKIT)]
     m = lserve["metrics"]
@@ -101,11 +106,13 @@ def test_lserve_reuses_its_choice_and_matches_kvkit_reference_inside_vllm(engine
     assert 0 < read < 0.75 * m['kvkit_pages_dense_total{layer_group="all",policy="lserve"}']
     usage = lserve["usage"]
     assert usage["lserve_reused_rows"] > 0 and usage["lserve_refreshed_rows"] > 0
+    # most reused rows read their kept pages as they are; the others gained a page since
+    assert 0 < usage["lserve_as_kept_rows"] < usage["lserve_reused_rows"]
     checks = lserve["checks"]
     assert checks and any(c["pages"] < c["rows"] * 3 * 8 for c in checks)
     bad = [c for c in checks if not (c["bounds_equal"] and c["selection_equal"] and c["within_tol"])]
     assert not bad, f"{len(bad)}/{len(checks)} decode steps differ from kvkit's reference: {bad[:3]}"
-    assert len(lserve["tokens"][1]) == BASE["max_tokens"]
+    assert len(lserve["tokens"][1]) == 32
 
 
 def test_a_request_budget_overrides_the_policy_for_that_request(engine, stock, quest):

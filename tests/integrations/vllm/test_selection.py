@@ -193,7 +193,7 @@ def test_reuse_scores_keep_the_kept_entries_and_the_forcing_adds_the_window():
     assert chosen[0, 1, -1] == 7 and set(chosen[0, 1, :2].tolist()) < {0, 1, 6}
 
 
-def test_choose_afresh_every_reuse_steps_tokens_per_request():
+def test_choose_afresh_every_reuse_steps_tokens_and_the_batch_together():
     chosen_at: dict[str, int] = {}
     seen = []
     for n in range(100, 110):  # two requests decoding side by side, "b" joins 2 steps late
@@ -202,7 +202,8 @@ def test_choose_afresh_every_reuse_steps_tokens_per_request():
     a = [row[0] for row in seen]
     b = [row[1] for row in seen[2:]]
     assert a == [True, False, False, False] * 2 + [True, False]
-    assert b == [True, False, False, False, True, False, False, False]
+    # "b" chooses on joining, then with "a" when a's choice is 4 tokens old (b's is 2)
+    assert b == [True, False, True, False, False, False, True, False]
     # a request whose pages fit its budget keeps nothing: the next step chooses afresh
     assert choose_afresh(chosen_at, ["a"], [111], [True], 4) == [True] and "a" not in chosen_at
     assert choose_afresh(chosen_at, ["a"], [112], [False], 4) == [True]
