@@ -74,8 +74,8 @@ def child(args: dict) -> dict:
     ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(depths, keys)]
     extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
     max_model_len = min(args["ctx"] + args["max_tokens"] + 64, 8192)  # SmolLM2's positions end at 8192
-    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=not args.get("compile", False), max_model_len=max_model_len,
-              block_size=BLOCK, kv_cache_memory_bytes=2 << 30, max_num_seqs=B, max_num_batched_tokens=2048,
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=not args.get("compile", False),
+              max_model_len=max_model_len, block_size=BLOCK, kv_cache_memory_bytes=2 << 30, max_num_seqs=B, max_num_batched_tokens=2048,
               enable_prefix_caching=False, seed=0, **extra)
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)

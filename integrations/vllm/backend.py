@@ -61,7 +61,8 @@ from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector, forced_from_lengths, reduce_group
 from kvkit.integrations.vllm import plugin, requests
 from kvkit.integrations.vllm.selection import (SelectionPlan, block_bound_scores, choose_afresh, empty_bounds,
-                                              lserve_scores, page_boxes, reuse_scores, top_pages_per_row)
+                                              lserve_scores, page_boxes, reuse_scores, stack_padded,
+                                              top_pages_per_row)
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,10 @@ class KeyWrites:
     offs: torch.Tensor  # [T * H] offsets in the page
     subs: torch.Tensor  # [T * H] sub-page rows (page * R + offset // sub)
     fresh: torch.Tensor | None  # pages written at offset 0 now: they start over
+
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The real tokens' rows of a per-token tensor (`key`, `value`): `[T, ...]`."""
+        return t[: self.real.shape[0]][self.real] if self.real is not None else t[: self.count]
 
 
 _KEY_WRITES: dict[int, KeyWrites] = {}  # id(slot_mapping) -> its KeyWrites, a few steps' worth
@@ -466,7 +471,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         w = key_writes(slot_mapping, S, H, self.sub)
         if w is None:
             return
-        flat = (key[: w.real.shape[0]][w.real] if w.real is not None else key[: w.count]).reshape(-1, D)  # [T * H, D]
+        flat = w.tokens(key).reshape(-1, D)  # [T * H, D]
         if sparse:
             self._update_bounds(flat, w, num_blocks * H, S)
         if self.shadow is not None:
@@ -474,8 +479,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             if w.fresh is not None:
                 valid[w.fresh] = False
             sk[w.rows, w.offs] = flat.float()
-            v = value[: w.real.shape[0]][w.real] if w.real is not None else value[: w.count]
-            sv[w.rows, w.offs] = v.float().reshape(-1, D)
+            sv[w.rows, w.offs] = w.tokens(value).float().reshape(-1, D)
             valid[w.rows, w.offs] = True
 
     def _update_bounds(self, flat: torch.Tensor, w: KeyWrites, num_pages: int, S: int) -> None:
@@ -598,11 +602,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                     kept[ids[b]] = (entries[i], picked[i])
         if ids is not None and len(kept) > len(plan.live) + B:  # requests the builder forgot
             self.kept = {r: e for r, e in kept.items() if r in plan.live}
-        if len(scored) == B:
-            return picked
-        if any(r.shape[-1] != K for r in rows):  # rows with smaller budgets of their own
-            rows = [torch.nn.functional.pad(r, (0, K - r.shape[-1]), value=-1) for r in rows]
-        return torch.stack(rows)
+        return picked if len(scored) == B else stack_padded(rows, K)
 
     def _lserve_scores(self, sel: LServeSelector, q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tensor,
                        plan: SelectionPlan, k: torch.Tensor, refresh: list[bool],
@@ -613,14 +613,12 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             return lserve_scores(q, bounds, boxes, plan.vpages, k, sel, self.head_size ** -0.5)
         B, H, P = plan.vpages.shape
         rows = [kept[plan.req_ids[b]][0] for b, r in enumerate(refresh) if not r]
-        K = max(e.shape[-1] for e in rows)
-        if any(e.shape[-1] != K for e in rows):  # requests with their own budgets
-            rows = [torch.nn.functional.pad(e, (0, K - e.shape[-1]), value=-1) for e in rows]
+        reused = reuse_scores(stack_padded(rows, max(e.shape[-1] for e in rows)), P)
         if not any(refresh):
-            return reuse_scores(torch.stack(rows), P)
+            return reused
         fresh = torch.tensor(refresh)
         scores = torch.empty(B, H, P)
-        scores[~fresh] = reuse_scores(torch.stack(rows), P)
+        scores[~fresh] = reused
         scores[fresh] = lserve_scores(q[fresh], bounds, boxes, plan.vpages[fresh], k[fresh], sel,
                                       self.head_size ** -0.5)
         return scores

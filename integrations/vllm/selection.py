@@ -97,6 +97,14 @@ def top_pages_per_row(scores: torch.Tensor, pages: torch.Tensor, k: torch.Tensor
     return out
 
 
+def stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """`[n, H, width]` from n choices `[H, K_i]` (list entries or pages), each -1 padded at the
+    end: requests with budgets of their own choose different numbers of pages."""
+    if any(r.shape[-1] != width for r in rows):
+        rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=-1) for r in rows]
+    return torch.stack(rows)
+
+
 def page_boxes(bounds: torch.Tensor) -> torch.Tensor:
     """`[N, 2, D]` each page's whole box (max over its sub-pages' max, min over their min) from
     its sub-page bounds `[N, R, 2, D]`: what the backend keeps up to date at KV write."""
