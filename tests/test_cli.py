@@ -78,10 +78,28 @@ def test_serve_command_sets_the_policy_safely(tmp_path):
     quest_argv, _ = server_command(policies.get("quest"), "org/model-id", vllm_args=[],
                                    env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     assert "--no-enable-prefix-caching" not in quest_argv and "org/model-id" in quest_argv
+    assert "--kv-transfer-config" not in quest_argv
+
+
+def test_serve_command_adds_kvkits_connector_for_score_eviction(tmp_path):
+    from kvkit import policies
+    from kvkit.integrations.vllm.serve import server_command
+
+    argv, _ = server_command(policies.get("a2sf", budget=512), "org/model-id", vllm_args=[],
+                             env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert "--no-enable-prefix-caching" in argv  # it frees blocks
+    connector = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert connector == {"kv_connector": "KVKitEvictionConnector",
+                         "kv_connector_module_path": "kvkit.integrations.vllm.eviction", "kv_role": "kv_both"}
+    own = ["--kv-transfer-config", "{}"]  # the user's own is left as it is (the engine checks it)
+    argv, _ = server_command(policies.get("h2o"), "org/model-id", vllm_args=own,
+                             env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert argv.count("--kv-transfer-config") == 1 and argv[argv.index("--kv-transfer-config") + 1] == "{}"
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["serve", "--policy", "h2o"], "does not run H2OEvictor"),
+    (["serve", "--policy", "gear"], "does not run GearCodec"),
+    (["serve", "--policy", "h2o", "--", "--enable-prefix-caching"], "drop --enable-prefix-caching"),
     (["serve", "--policy", "streaming", "--", "--enable-prefix-caching"], "drop --enable-prefix-caching"),
     (["serve", "--policy", "qeust"], "unknown policy"),
 ])

@@ -34,12 +34,14 @@ page), D head_dim, P pages of the longest request, K pages read.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import time
 from dataclasses import dataclass, field, fields, replace
+from typing import Callable
 
 import torch
 
@@ -56,10 +58,12 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvkit import metrics
+from kvkit.errors import ConfigError
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector, forced_from_lengths, reduce_group
-from kvkit.integrations.vllm import plugin, requests
+from kvkit.integrations.vllm import eviction, plugin, requests
+from kvkit.integrations.vllm.eviction import STATE, block_mass, score_evictor, unpack_keys
 from kvkit.integrations.vllm.selection import (SelectionPlan, block_bound_scores, choose_afresh, empty_bounds,
                                               lserve_scores, page_boxes, reuse_scores, stack_padded,
                                               top_pages_per_row)
@@ -74,7 +78,8 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 CHECKS: list[dict] = []
 # Per process: which layer indices ran which path (for tests and logs).
 USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0, "streaming_calls": 0,
-                         "lserve_refreshed_rows": 0, "lserve_reused_rows": 0, "lserve_as_kept_rows": 0}
+                         "lserve_refreshed_rows": 0, "lserve_reused_rows": 0, "lserve_as_kept_rows": 0,
+                         "evict_calls": 0}
 
 
 def _policy() -> Policy:
@@ -156,6 +161,17 @@ class KVKitCPUAttentionMetadata(CPUAttentionMetadata):
     # pages (blocks x KV heads) its decode rows read
     streams: dict[tuple[int, int], CPUAttentionMetadata] = field(default_factory=dict)
     stream_decode_pages: dict[tuple[int, int], int] = field(default_factory=dict)
+    # score eviction (eviction.py): the stock metadata with decode rows on their kept blocks
+    evict: EvictStep | None = None
+
+
+@dataclass
+class EvictStep:
+    md: CPUAttentionMetadata  # block tables without the evicted blocks
+    kept: list[torch.Tensor]  # per row: the block indices read, in position order
+    req_ids: list[str]
+    decode_pages: int  # pages (blocks x KV heads) the decode rows read
+    forgetting_factor: float
 
 
 def plan_virtual(seq_lens: torch.Tensor, block_size: int, budget_pages: int | torch.Tensor,
@@ -288,11 +304,16 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                      for e, _ in self.policy.evictors(layer_index(name), heads)):
                 partial.append(layer_index(name))
         self.budget_pages = sorted(budgets)
-        # what a token per KV head per layer costs a request's budget in bytes: K and V of every
-        # KV head in every layer that selects pages
         num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        selecting = sum(isinstance(layer_selector(self.policy, i, heads), PageSelector) for i in range(num_layers))
-        self.bytes_per_token = max(1, 2 * self.head_dim * kv_cache_spec.dtype.itemsize * heads * selecting)
+        self.evictor = score_evictor(self.policy, num_layers, heads)
+        if self.evictor is not None:
+            _check_eviction_config(vllm_config, self.policy.name)
+        # what a token per KV head per layer costs a request's budget in bytes: K and V of every
+        # KV head in every layer that selects pages (or keeps them, for score eviction)
+        counted = sum(isinstance(layer_selector(self.policy, i, heads), PageSelector) for i in range(num_layers))
+        if self.evictor is not None:
+            counted = num_layers
+        self.bytes_per_token = max(1, 2 * self.head_dim * kv_cache_spec.dtype.itemsize * heads * counted)
         if partial:
             logger.warning("kvkit: layers %s of policy %r stream on some KV heads only; vLLM "
                            "allocates whole layers, so they keep and read all their KV",
@@ -325,6 +346,8 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         md.num_decodes, md.num_decode_tokens, md.block_size = nd, nd_tok, self.block_size
         if self.streams and stock.dynamic_causal is None and stock.causal:
             self._build_streams(md, stock, cm)
+        if self.evictor is not None and stock.dynamic_causal is None and stock.causal:
+            self._build_evict(md, stock, cm)
         if nd == 0:
             return md
         seq_lens = cm.seq_lens[:nd].long()  # [B]
@@ -392,20 +415,54 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         q_lens = cm.query_start_loc_cpu[1 : n + 1] - cm.query_start_loc_cpu[:n]
         is_dec = q_lens == 1
         for sink, window in sorted(self.streams):
-            table, lens = stock.block_table.clone(), stock.seq_lens.clone()
-            table[:n], lens[:n] = trim_blocks(stock.block_table[:n], stock.seq_lens[:n], q_lens, S,
-                                              sink, window)
-            sched = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=n, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_dim, seq_lens=lens, dtype=self.dtype,
-                query_start_loc=stock.query_start_loc, causal=True,
-                sliding_window_size=self.window_size, isa=self.isa,
-                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
-            md.streams[(sink, window)] = replace(stock, block_table=table, seq_lens=lens,
-                                                 max_seq_len=int(lens[:n].max()) if n else 0,
-                                                 scheduler_metadata=sched)
+            table, lens = trim_blocks(stock.block_table[:n], stock.seq_lens[:n], q_lens, S, sink, window)
+            md.streams[(sink, window)] = self._stock_on(stock, table, lens, n)
             md.stream_decode_pages[(sink, window)] = int(
-                ((lens[:n][is_dec] + S - 1) // S).sum()) * self.num_kv_heads
+                ((lens[is_dec] + S - 1) // S).sum()) * self.num_kv_heads
+
+    def _build_evict(self, md: KVKitCPUAttentionMetadata, stock: CPUAttentionMetadata,
+                     cm: CommonAttentionMetadata) -> None:
+        """Score eviction: the stock metadata on each row's blocks less its evicted ones, and the
+        step's rows for `EvictionState.end_step`."""
+        ids = requests.row_request_ids()
+        if ids is None:  # a warm-up or profiling batch: no requests to keep state for
+            return
+        n, S = cm.num_reqs, self.block_size
+        q_lens = (cm.query_start_loc_cpu[1 : n + 1] - cm.query_start_loc_cpu[:n]).tolist()
+        table, lens, kept = STATE.compact(stock.block_table[:n], stock.seq_lens[:n], ids[:n], S)
+        is_dec = [q == 1 for q in q_lens]
+        asked = requests.row_budgets() or [None] * n
+        STATE.this_step = eviction.StepRows(
+            list(ids[:n]), stock.seq_lens[:n].tolist(), is_dec,
+            [self.evictor.budget if b is None else self._tokens(b) for b in asked[:n]],
+            self.evictor, S, self.policy.name)
+        md.evict = EvictStep(self._stock_on(stock, table, lens, n), kept, list(ids[:n]),
+                             sum(len(k) for k, d in zip(kept, is_dec) if d) * self.num_kv_heads,
+                             self.evictor.forgetting_factor)
+
+    def _stock_on(self, stock: CPUAttentionMetadata, table: torch.Tensor, lens: torch.Tensor,
+                  n: int) -> CPUAttentionMetadata:
+        """The stock metadata with rows [0, n) on other block tables and lengths."""
+        full_table, full_lens = stock.block_table.clone(), stock.seq_lens.clone()
+        full_table[:n], full_lens[:n] = table, lens
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=n, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=full_lens, dtype=self.dtype,
+            query_start_loc=stock.query_start_loc, causal=True,
+            sliding_window_size=self.window_size, isa=self.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype)
+        return replace(stock, block_table=full_table, seq_lens=full_lens,
+                       max_seq_len=int(full_lens[:n].max()) if n else 0, scheduler_metadata=sched)
+
+
+def _check_eviction_config(vllm_config, policy_name: str) -> None:
+    """Score eviction needs kvkit's KV connector (it carries the evictions to the scheduler)."""
+    ktc = vllm_config.kv_transfer_config
+    if ktc is None or ktc.kv_connector != eviction.CONNECTOR:
+        raise ConfigError(
+            f"kvkit: policy {policy_name!r} evicts blocks, which needs kvkit's KV connector: start vLLM "
+            f"with --kv-transfer-config '{json.dumps(eviction.kv_transfer_config())}' (offline: "
+            "LLM(..., kv_transfer_config=kvkit.integrations.vllm.eviction.kv_transfer_config()))")
 
 
 class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -459,7 +516,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         sparse = self._sparse(layer) is not None
-        if not sparse and not (self.check and self._streaming(layer) is not None):
+        if not sparse and not (self.check and (self._streaming(layer) is not None
+                                               or plugin.scores_blocks(_policy()))):
             return
         num_blocks, H, S, _ = kv_cache.shape
         D = self.head_size
@@ -521,7 +579,21 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                 self._record(md.stream_decode_pages[(stream.sink, stream.window)], md.decode_pages,
                              kv_cache, start, 0.0)
             if self.shadow is not None:
-                self._check_streaming(stream, query, output, md, kv_cache.shape[2])
+                self._check_read(query, output, md, kv_cache.shape[2],
+                                 _stream_positions(stream.sink, stream.window, kv_cache.shape[2]))
+            return out
+        if md.evict is not None:
+            USAGE["evict_calls"] += 1
+            out = super().forward(layer, query, key, value, kv_cache, md.evict.md, output,
+                                  output_scale, output_block_scale)
+            scoring = time.perf_counter()
+            self._score_blocks(layer, query, kv_cache, md)
+            if md.decode_pages:  # the scoring is this path's "selection" overhead
+                self._record(md.evict.decode_pages, md.decode_pages, kv_cache, start,
+                             time.perf_counter() - scoring)
+            if self.shadow is not None:
+                self._check_read(query, output, md, kv_cache.shape[2],
+                                 _kept_positions(md.evict.kept, kv_cache.shape[2]))
             return out
         sel = self._sparse(layer)
         if sel is None or md.num_decodes == 0:
@@ -540,6 +612,34 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             USAGE["prefill_rows_calls"] += 1
             self._prefill_rows(layer, query, kv_cache, md, output)
         return output
+
+    def _score_blocks(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, md: KVKitCPUAttentionMetadata) -> None:
+        """Add this layer's attention mass per kept block to each row's step (eviction.py):
+        decode rows together, each prefill row by its last `OBSERVED` queries."""
+        num_blocks, H, S, _ = kv_cache.shape
+        D = self.head_size
+        keys = kv_cache.view(num_blocks, H, 2 * S, D)[:, :, :S]  # packed per ISA: unpack_keys
+        e, qsl = md.evict, md.query_start_loc.tolist()
+        f = e.forgetting_factor
+        dec = [b for b in range(len(e.kept)) if qsl[b + 1] - qsl[b] == 1]
+        groups = [dec] if dec else []
+        groups += [[b] for b in range(len(e.kept)) if qsl[b + 1] - qsl[b] > 1]
+        for rows in groups:
+            T = min(qsl[rows[0] + 1] - qsl[rows[0]], eviction.OBSERVED)
+            M = max(len(e.kept[b]) for b in rows)
+            q = torch.stack([query[qsl[b + 1] - T : qsl[b + 1]] for b in rows])  # [B, T, Hq, D]
+            table = e.md.block_table[rows, :M].long()
+            k = unpack_keys(keys[table], layer.isa)  # [B, M, H, S, D]
+            weights = f ** torch.arange(T - 1, -1, -1, dtype=torch.float32)
+            mass = block_mass(q, k, e.md.seq_lens[rows].long(), self.scale, weights)
+            for i, b in enumerate(rows):
+                n = len(e.kept[b])
+                STATE.add_mass(e.req_ids[b], e.kept[b], mass[i, :n], int(e.kept[b][-1]) + 1)
+            if self.shadow is not None:  # the same mass from the float32 copy of the written keys
+                ref = block_mass(q, self.shadow[0].view(num_blocks, H, S, D)[table], e.md.seq_lens[rows].long(),
+                                 self.scale, weights)
+                CHECKS.append({"layer": self._layer, "rows": len(rows), "mass_check": True,
+                               "mass_equal": bool(torch.allclose(mass, ref, rtol=1e-4, atol=1e-5))})
 
     def _record(self, pages_read: int, pages_total: int, kv_cache: torch.Tensor, start: float,
                 selection_seconds: float) -> None:
@@ -705,29 +805,25 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                        "max_abs_err": float((out.float() - ref).abs().max()),
                        "within_tol": bool((excess <= 0).all())})
 
-    def _check_streaming(self, stream: SinkWindowEvictor, query: torch.Tensor, output: torch.Tensor,
-                         md: KVKitCPUAttentionMetadata, S: int) -> None:
+    def _check_read(self, query: torch.Tensor, output: torch.Tensor, md: KVKitCPUAttentionMetadata,
+                    S: int, kept_positions: Callable[[int, int, int], torch.Tensor]) -> None:
         """KVKIT_VLLM_CHECK=1 (tests): every query of this step against a float32 causal
-        attention over the unpacked copy of its sequence, restricted to the positions a
-        streaming layer reads: those in the sink blocks and in the blocks from the one holding
-        the window start of the row's first query on. Kept positions must hold written K/V in
-        blocks no other row reads (never a freed block). bf16 tolerance (2e-2, 2e-2)."""
+        attention over the unpacked copy of its sequence, restricted to the positions the layer
+        reads: `kept_positions(row, first query position, length)`. Kept positions must hold
+        written K/V in blocks no other row reads (never a freed block). bf16 tolerance (2e-2, 2e-2)."""
         from kvkit.attention.ref import causal_prefill_ref
 
         sk, sv, valid = self.shadow
         H, D = self.num_kv_heads, self.head_size
         n = min(md.seq_lens.shape[0], md.query_start_loc.shape[0] - 1)  # requests (rows)
         qsl = md.query_start_loc.long()
-        sink_blocks = -(-stream.sink // S)
         worst, ok, all_written, kept_blocks = 0.0, True, True, []
         for b in range(n):
             lo, hi, length = int(qsl[b]), int(qsl[b + 1]), int(md.seq_lens[b])
             if hi == lo:
                 continue
             first = length - (hi - lo)
-            window_block = max(sink_blocks, max(0, first - stream.window + 1) // S)
-            pos = torch.arange(length)
-            pos = pos[(pos // S < sink_blocks) | (pos // S >= window_block)]
+            pos = kept_positions(b, first, length)
             blocks = md.block_table[b, pos // S].long()  # [L]
             kept_blocks.append(blocks.unique())
             rows = blocks[:, None] * H + torch.arange(H)  # [L, H]
@@ -740,7 +836,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             worst = max(worst, float((got - ref).abs().max()))
             ok &= bool(((got - ref).abs() <= 2e-2 + 2e-2 * ref.abs()).all())
         kept = torch.cat(kept_blocks) if kept_blocks else torch.zeros(0, dtype=torch.long)
-        CHECKS.append({"layer": self._layer, "rows": n, "streaming": True, "kept_written": all_written,
+        CHECKS.append({"layer": self._layer, "rows": n, "read_check": True, "kept_written": all_written,
                        # a block freed (null block 0) or handed to another request would repeat
                        "kept_blocks_distinct": bool(kept.unique().numel() == kept.numel()
                                                     and not (kept == 0).any()),
@@ -761,3 +857,23 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             scheduler_metadata=md.prefill_scheduler_metadata, s_aux=self.sinks,
             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype)
+
+
+def _stream_positions(sink: int, window: int, S: int) -> Callable[[int, int, int], torch.Tensor]:
+    """A streaming layer's read (for `_check_read`): the sink blocks and the blocks from the one
+    holding the window start of the row's first query on."""
+    sink_blocks = -(-sink // S)
+
+    def positions(row: int, first: int, length: int) -> torch.Tensor:
+        window_block = max(sink_blocks, max(0, first - window + 1) // S)
+        pos = torch.arange(length)
+        return pos[(pos // S < sink_blocks) | (pos // S >= window_block)]
+    return positions
+
+
+def _kept_positions(kept: list[torch.Tensor], S: int) -> Callable[[int, int, int], torch.Tensor]:
+    """A score-evicting layer's read (for `_check_read`): the row's blocks not evicted."""
+    def positions(row: int, first: int, length: int) -> torch.Tensor:
+        pos = torch.arange(length)
+        return pos[torch.isin(pos // S, kept[row])]
+    return positions

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kvkit.errors import ConfigError
 from kvkit.policies import FullSelector, NoEvictor, PlainCodec, Policy
+from kvkit.policies.evictors.h2o import A2SFEvictor, H2OEvictor
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector
 
@@ -79,28 +80,51 @@ def check_supported(policy: Policy) -> None:
 
     Runs now: selectors `full`, `quest` and `lserve` (per layer: every KV head of a layer must use
     the same selector), the `sink_window` evictor (`streaming`, DuoAttention: its blocks are freed in
-    layers where every KV head streams, see streaming.py), the plain codec. Score-based eviction
-    and kvkit codecs are later steps of issue 6.
+    layers where every KV head streams, see streaming.py), the `h2o`/`a2sf` evictors on every
+    layer and head with the full selector (whole blocks, through kvkit's KV connector: see
+    eviction.py), the plain codec. kvkit codecs are a later step of issue 6.
     """
     for comp in policy.components():
         kind = type(comp)
-        if kind in (FullSelector, QuestSelector, LServeSelector, NoEvictor, SinkWindowEvictor, PlainCodec):
+        if kind in (FullSelector, QuestSelector, LServeSelector, NoEvictor, SinkWindowEvictor, PlainCodec,
+                    A2SFEvictor, H2OEvictor):
             continue
         raise NotImplementedError(
             f"kvkit's vLLM backend does not run {kind.__name__} (policy {policy.name!r}) yet; it "
-            "runs the selectors full, quest and lserve, the evictors none and sink_window, and the plain "
-            "codec")
+            "runs the selectors full, quest and lserve, the evictors none, sink_window, h2o and a2sf, "
+            "and the plain codec")
     for rule in policy.rules:
         if rule.heads is not None and rule.selector is not None:
             raise NotImplementedError(
                 "kvkit's vLLM backend selects per layer: a rule with `heads` and a selector "
                 f"({rule}) is not supported yet")
+    for comp in policy.components():
+        if isinstance(comp, A2SFEvictor) and comp.prefill != "end":
+            raise NotImplementedError(
+                f"kvkit's vLLM backend scores the prompt at its end and evicts at decode only; "
+                f"{type(comp).__name__}(prefill={comp.prefill!r}) is not supported, use prefill='end'")
+    if scores_blocks(policy) and any(not isinstance(c, (FullSelector, A2SFEvictor, PlainCodec))
+                                     for c in policy.components() if c is not None):
+        raise NotImplementedError(
+            f"kvkit's vLLM backend evicts whole blocks of every layer and KV head: policy "
+            f"{policy.name!r} must combine h2o/a2sf with the full selector and no other evictor")
+
+
+# `--kv-transfer-config` for score eviction: kvkit's KV connector (eviction.py) carries the
+# evicted blocks from the workers to the scheduler
+EVICTION_CONNECTOR = {"kv_connector": "KVKitEvictionConnector",
+                      "kv_connector_module_path": "kvkit.integrations.vllm.eviction", "kv_role": "kv_both"}
+
+
+def scores_blocks(policy: Policy) -> bool:
+    """Whether the policy evicts blocks by score (h2o, a2sf), which needs kvkit's KV connector."""
+    return any(isinstance(c, A2SFEvictor) for c in policy.components())
 
 
 def frees_blocks(policy: Policy) -> bool:
-    """Whether the policy's layers free KV blocks in vLLM (sink + window: streaming.py), which
-    needs prefix caching off."""
-    return any(isinstance(c, SinkWindowEvictor) for c in policy.components())
+    """Whether the policy's layers free KV blocks in vLLM (sink + window: streaming.py; h2o/a2sf:
+    eviction.py), which needs prefix caching off."""
+    return scores_blocks(policy) or any(isinstance(c, SinkWindowEvictor) for c in policy.components())
 
 
 def active_policy() -> Policy | None:
@@ -141,11 +165,11 @@ def install(policy: Policy, source: str) -> None:
                               f"process; {source} now names {policy.name!r}. Configure kvkit once "
                               f"(${ENV} or additional_config[{CONFIG_KEY!r}])")
         return
-    if frees_blocks(policy):
+    if any(isinstance(c, SinkWindowEvictor) for c in policy.components()):
         from kvkit.integrations.vllm import streaming
 
         streaming.patch_attention_spec(policy)
-    if any(isinstance(c, QuestSelector | LServeSelector) for c in policy.components()):
+    if scores_blocks(policy) or any(isinstance(c, QuestSelector | LServeSelector) for c in policy.components()):
         from kvkit.integrations.vllm import requests
 
         requests.publish_row_budgets()

@@ -8,9 +8,11 @@ params, falling back to the configured policy's, in tokens or in bytes:
 
 `kvkit_budget_bytes` is what one decode step of the request may read of K and V in the layers
 that select pages, all KV heads of all those layers together; it becomes tokens per KV head per
-layer (rounded down). It applies to the layers whose selector picks pages (quest); dense and
+layer (rounded down). It applies to the layers whose selector picks pages (quest, lserve); dense and
 streaming layers ignore it. A budget smaller than one block reads one block: the request's
-newest.
+newest. Under score eviction (h2o, a2sf: eviction.py) it is what the request keeps instead: tokens
+per KV head per layer, or K and V bytes over all layers and KV heads; the sink and window blocks
+are kept whatever the budget.
 
 - `validate_extra_args` runs where vLLM checks sampling params (the API server, `LLM`), so a bad
   value is the client's error (HTTP 400 / an exception from `generate`), never the engine's.
@@ -43,7 +45,7 @@ def validate_extra_args(extra: dict[str, Any] | None) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             unit = "tokens per KV head per layer" if key == BUDGET_KEY else "bytes of K and V per decode step"
             raise ValueError(f"extra_args[{key!r}] must be an int >= 1 ({unit} that page selection may "
-                             f"read), got {value!r}")
+                             f"read, or score eviction keep), got {value!r}")
 
 
 def request_budget(sampling_params) -> tuple[str, int] | None:

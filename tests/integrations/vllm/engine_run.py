@@ -65,7 +65,8 @@ def main(args: dict) -> dict:
               max_num_batched_tokens=args.get("max_num_batched_tokens", 2048),
               enable_prefix_caching=args.get("enable_prefix_caching", False), seed=0,
               additional_config=args.get("additional_config") or {},
-              kv_cache_dtype=args.get("kv_cache_dtype", "auto"), **parallel)
+              kv_cache_dtype=args.get("kv_cache_dtype", "auto"),
+              kv_transfer_config=args.get("kv_transfer_config"), **parallel)
     extra_args = args.get("extra_args") or [None] * len(args["prompts"])  # per request, e.g. kvkit_budget
     params = [SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 8), extra_args=extra)
               for extra in extra_args]
@@ -87,13 +88,17 @@ def main(args: dict) -> dict:
     }
     for line in metrics.exposition().decode().splitlines():
         if line.startswith(("kvkit_pages_read_total", "kvkit_pages_dense_total",
-                            "kvkit_bytes_read_total")):
+                            "kvkit_bytes_read_total", "kvkit_evicted_tokens_total")):
             name, value = line.rsplit(" ", 1)
             report["metrics"][name] = float(value)
     if args.get("policy") is not None or args.get("additional_config"):
         from kvkit.integrations.vllm import backend
         report["usage"] = dict(backend.USAGE)
         report["checks"] = backend.CHECKS
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
+    if connector is not None:  # kvkit's eviction connector: blocks the scheduler freed
+        from kvkit.integrations.vllm.eviction import STATE
+        report["eviction"] = {"freed_blocks": connector.freed_blocks, "evicted_blocks": STATE.evicted_total}
     return report
 
 

@@ -231,3 +231,49 @@ def test_model_runner_rows_kvkit_reads():
 
     assert params(GPUModelRunner._build_attention_metadata)[:3] == ["self", "num_tokens", "num_reqs"]
     assert isinstance(inspect.getattr_static(InputBatch, "req_ids"), property)
+
+
+@pytest.mark.parametrize("isa, block_size, dtype", [("amx", 32, "bfloat16"), ("amx", 64, "bfloat16"),
+                                                    ("vec", 32, "bfloat16"), ("vec", 32, "float32"),
+                                                    ("vec16", 16, "bfloat16"), ("vec16", 16, "float32")])
+def test_packed_key_layout_score_eviction_unpacks(isa, block_size, dtype):
+    # eviction.unpack_keys reads keys back from the cache in the CPU kernel's packed layout
+    import torch
+    from vllm import _custom_ops as ops
+
+    from kvkit.integrations.vllm.eviction import unpack_keys
+
+    if isa == "amx":
+        if not torch.cpu._is_amx_tile_supported():
+            pytest.skip("no AMX on this CPU")
+        torch.cpu._init_amx()
+    S, H, D, dt = block_size, 3, 64, getattr(torch, dtype)
+    kv = torch.zeros(4, H, S, 2 * D, dtype=dt)
+    key_cache, value_cache = kv.view(4, H, 2 * S, D).chunk(2, dim=2)
+    key, value = torch.randn(2 * S, H, D).to(dt), torch.randn(2 * S, H, D).to(dt)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.arange(2 * S) + S, isa,
+                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")  # blocks 1, 2
+    assert torch.equal(unpack_keys(key_cache[1:3], isa), key.view(2, S, H, D).transpose(1, 2))
+
+
+def test_kv_connector_surfaces_score_eviction_uses():
+    # eviction.KVKitEvictionConnector: worker -> scheduler metadata, the scheduler's KV cache
+    # manager (frees blocks as the sliding-window manager does), and the step's request sets
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+    from vllm.v1.core import single_type_kv_cache_manager as stm
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+
+    assert callable(base.KVConnectorBase_V1.build_connector_worker_meta)
+    assert "self._kv_cache_manager = kv_cache_manager" in inspect.getsource(
+        base.KVConnectorBase_V1.bind_kv_cache_manager)
+    assert params(base.KVConnectorBase_V1.__init__) == ["self", "vllm_config", "role", "kv_cache_config"]
+    assert "kv_connector_worker_meta" in {f.name for f in dataclasses.fields(KVConnectorOutput)}
+    out = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"scheduled_new_reqs", "scheduled_cached_reqs", "finished_req_ids", "preempted_req_ids"} <= out
+    assert "resumed_req_ids" in {f.name for f in dataclasses.fields(CachedRequestData)}
+    src = inspect.getsource(stm.SingleTypeKVCacheManager._remove_blocks_in_range)
+    assert "blocks[i] = self._null_block" in src and "self.block_pool.free_blocks(freed)" in src
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+
+    assert "self.single_type_managers = tuple(" in inspect.getsource(KVCacheCoordinator.__init__)

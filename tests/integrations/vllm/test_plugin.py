@@ -125,7 +125,8 @@ def test_load_policy_reads_a_file(tmp_path):
     ("qeust", ConfigError, "unknown policy 'qeust'"),
     ("{not json", ConfigError, "KVKIT_POLICY is not valid JSON"),
     ('{"name": "quest", "params": {"budgt": 1}}', ConfigError, "budgt"),
-    ("h2o", NotImplementedError, "does not run H2OEvictor"),
+    ("gear", NotImplementedError, "does not run GearCodec"),
+    ('{"name": "h2o", "params": {"prefill": "chunk"}}', NotImplementedError, "prefill=.end."),
 ])
 def test_load_policy_rejects_bad_or_unsupported(value, err, match):
     with pytest.raises(err, match=match):

@@ -65,7 +65,7 @@ def streaming_layers(kv: dict) -> list[int]:
 
 
 def assert_checked(report: dict, layers: list[int]) -> None:
-    checks = [c for c in report["checks"] if c.get("streaming")]
+    checks = [c for c in report["checks"] if c.get("read_check")]
     assert sorted({c["layer"] for c in checks}) == layers
     bad = [c for c in checks if not (c["within_tol"] and c["kept_written"] and c["kept_blocks_distinct"])]
     assert not bad, bad[:3]
