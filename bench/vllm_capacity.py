@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               "x = ratio to stock vLLM in this run. A duo block holds the KV of the 15 layers of its group, so the "
               "pool has twice as many blocks; its full-attention layers keep every token. h2o: vLLM admits a request "
               "by its whole prompt; once it decodes, the blocks past its budget go back to the pool. Wall seconds: the whole "
-              "batch, prefill included, one run on an idle 2-core machine.")
+              "batch, prefill included, one run on a shared 2-core machine.")
     write_results("vllm_capacity", {"setup": setup, "rows": rows}, "KV capacity inside vLLM: stock vs kvkit", table)
     return 0
 
