@@ -63,7 +63,7 @@ from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector, forced_from_lengths, reduce_group
 from kvkit.integrations.vllm import eviction, plugin, requests
-from kvkit.integrations.vllm.eviction import STATE, block_mass, score_evictor, unpack_keys
+from kvkit.integrations.vllm.eviction import STATE, block_mass, gather_keys, score_evictor
 from kvkit.integrations.vllm.selection import (SelectionPlan, block_bound_scores, choose_afresh, empty_bounds,
                                               lserve_scores, page_boxes, reuse_scores, stack_padded,
                                               top_pages_per_row)
@@ -617,8 +617,6 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         """Add this layer's attention mass per kept block to each row's step (eviction.py):
         decode rows together, each prefill row by its last `OBSERVED` queries."""
         num_blocks, H, S, _ = kv_cache.shape
-        D = self.head_size
-        keys = kv_cache.view(num_blocks, H, 2 * S, D)[:, :, :S]  # packed per ISA: unpack_keys
         e, qsl = md.evict, md.query_start_loc.tolist()
         f = e.forgetting_factor
         dec = [b for b in range(len(e.kept)) if qsl[b + 1] - qsl[b] == 1]
@@ -629,15 +627,15 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             M = max(len(e.kept[b]) for b in rows)
             q = torch.stack([query[qsl[b + 1] - T : qsl[b + 1]] for b in rows])  # [B, T, Hq, D]
             table = e.md.block_table[rows, :M].long()
-            k = unpack_keys(keys[table], layer.isa)  # [B, M, H, S, D]
             weights = f ** torch.arange(T - 1, -1, -1, dtype=torch.float32)
-            mass = block_mass(q, k, e.md.seq_lens[rows].long(), self.scale, weights)
+            lengths = e.md.seq_lens[rows].long()
+            mass = block_mass(q, gather_keys(kv_cache, table, layer.isa), lengths, self.scale, weights, S)
             for i, b in enumerate(rows):
                 n = len(e.kept[b])
                 STATE.add_mass(e.req_ids[b], e.kept[b], mass[i, :n], int(e.kept[b][-1]) + 1)
             if self.shadow is not None:  # the same mass from the float32 copy of the written keys
-                ref = block_mass(q, self.shadow[0].view(num_blocks, H, S, D)[table], e.md.seq_lens[rows].long(),
-                                 self.scale, weights)
+                copy = self.shadow[0].view(num_blocks, H, S, -1).transpose(0, 1)[:, table]  # [H, B, M, S, D]
+                ref = block_mass(q, copy.flatten(2, 3), lengths, self.scale, weights, S)
                 CHECKS.append({"layer": self._layer, "rows": len(rows), "mass_check": True,
                                "mass_equal": bool(torch.allclose(mass, ref, rtol=1e-4, atol=1e-5))})
 

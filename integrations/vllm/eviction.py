@@ -8,7 +8,7 @@ layers and query heads, decayed once per step by A2SF's forgetting factor (1 for
 
 Where each part runs:
 - the backend (worker) adds each layer's mass per row (`block_mass`, from the keys in vLLM's
-  cache, unpacked from the CPU kernel's layout by `unpack_keys`), and its decode rows read only
+  cache, unpacked from the CPU kernel's layout by `gather_keys`), and its decode rows read only
   the blocks not evicted (`EvictionState.compact`);
 - after the step, `KVKitEvictionConnector.build_connector_worker_meta` (worker) folds the scores and,
   for each decode row holding more than its budget, evicts its lowest-score blocks outside the
@@ -55,7 +55,7 @@ CONNECTOR = EVICTION_CONNECTOR["kv_connector"]
 OBSERVED = 32  # the prompt's last queries that score it
 
 __all__ = ["CONNECTOR", "EvictedBlocks", "EvictionState", "KVKitEvictionConnector", "STATE", "block_mass",
-           "kv_transfer_config", "score_evictor", "unpack_keys"]
+           "gather_keys", "kv_transfer_config", "score_evictor"]
 
 
 def kv_transfer_config() -> dict[str, str]:
@@ -78,40 +78,50 @@ def score_evictor(policy: Policy, num_layers: int, num_kv_heads: int) -> A2SFEvi
     return ev
 
 
-def unpack_keys(pages: torch.Tensor, isa: str) -> torch.Tensor:
-    """Key pages `[..., S, D]` as vLLM's CPU cache stores them -> plain `[..., S, D]`.
+def gather_keys(kv_cache: torch.Tensor, table: torch.Tensor, isa: str) -> torch.Tensor:
+    """The keys of the listed blocks as plain rows: `[Hkv, B, M * S, D]`, in the cache's dtype.
 
-    The CPU kernel packs keys per instruction set (pinned by test_contract.py): `amx` stores
-    `[S/16, D/2, 16, 2]` (pairs of channels of 16 tokens), `vec`/`vec16` store `[D, S]`."""
-    *lead, S, D = pages.shape
-    if isa == "amx":
-        return pages.reshape(*lead, S // 16, D // 2, 16, 2).transpose(-3, -2).reshape(*lead, S, D)
+    kv_cache: vLLM's CPU cache `[NB, Hkv, S, 2D]` (each (block, KV head): S*D packed keys, then
+    the values); table: `[B, M]` block ids. The CPU kernel packs keys per instruction set
+    (pinned by test_contract.py): `amx` stores `[S/16, D/2, 16, 2]` (pairs of channels of 16
+    tokens), `vec`/`vec16` store `[D, S]`. For amx a pair of bf16 channels is read as one int32,
+    so the gather and the unpacking are one copy (the bf16 transpose of pairs cost ~5x more).
+    """
+    NB, H, S, D2 = kv_cache.shape
+    D = D2 // 2
+    B, M = table.shape
+    region = kv_cache.view(NB, H, 2 * S * D)[:, :, : S * D]  # the key region of each (block, head)
+    if isa == "amx" and kv_cache.element_size() == 2:
+        pairs = region.view(torch.int32).view(NB, H, S // 16, D // 2, 16)
+        rows = pairs.transpose(-1, -2).transpose(0, 1)[:, table].contiguous()  # [H, B, M, S/16, 16, D/2]
+        return rows.view(kv_cache.dtype).view(H, B, M * S, D)
     if isa in ("vec", "vec16"):
-        return pages.reshape(*lead, D, S).transpose(-1, -2)
+        plain = region.view(NB, H, D, S).transpose(-1, -2)  # [NB, H, S, D]
+        return plain.transpose(0, 1)[:, table].reshape(H, B, M * S, D)
     raise NotImplementedError(f"kvkit: score eviction cannot read keys packed for ISA {isa!r} "
                               "(knows amx, vec, vec16)")
 
 
 def block_mass(query: torch.Tensor, keys: torch.Tensor, length: torch.Tensor, scale: float,
-               weights: torch.Tensor) -> torch.Tensor:
+               weights: torch.Tensor, block_size: int) -> torch.Tensor:
     """Attention mass per block, summed over query heads and the rows' weighted queries.
 
     query: `[B, T, Hq, D]` each row's last T queries, at positions `length - T .. length - 1`;
-    keys: `[B, M, Hkv, S, D]` the row's blocks in position order; length: `[B]` tokens in the
-    row's blocks; weights: `[T]` per query (f ** distance to the last). Returns `[B, M]` float32.
+    keys: `[Hkv, B, M * S, D]` the row's blocks in position order (`gather_keys`); length: `[B]`
+    tokens in the row's blocks; weights: `[T]` per query (f ** distance to the last). Returns
+    `[B, M]` float32.
     """
     B, T, Hq, D = query.shape
-    _, M, H, S, _ = keys.shape
-    q = query.float().view(B, T, H, Hq // H, D)
-    k = keys.float().permute(0, 2, 1, 3, 4).reshape(B, H, M * S, D)
-    logits = torch.einsum("bthgd,bhld->bthgl", q, k) * scale  # [B, T, H, G, M*S]
-    pos = torch.arange(M * S)
+    H, _, L, _ = keys.shape
+    G = Hq // H
+    q = query.float().view(B, T, H, G, D).permute(2, 0, 1, 3, 4).reshape(H, B, T * G, D)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).view(H, B, T, G, L) * scale
     qpos = length[:, None] - T + torch.arange(T)[None, :]  # [B, T]
-    visible = pos[None, None, :] <= qpos[:, :, None]  # causal, and inside the row
-    logits = logits.masked_fill(~visible[:, :, None, None, :], float("-inf"))
+    visible = torch.arange(L)[None, None, :] <= qpos[:, :, None]  # causal, and inside the row
+    logits.masked_fill_(~visible[None, :, :, None, :], float("-inf"))
     probs = logits.softmax(-1).nan_to_num_(0.0)  # a row with no visible key gets no mass
-    per_key = torch.einsum("bthgl,t->bl", probs, weights.float())
-    return per_key.view(B, M, S).sum(-1)
+    per_key = torch.einsum("hbtgl,t->bl", probs, weights.float())
+    return per_key.view(B, L // block_size, block_size).sum(-1)
 
 
 @dataclass

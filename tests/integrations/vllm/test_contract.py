@@ -237,11 +237,11 @@ def test_model_runner_rows_kvkit_reads():
                                                     ("vec", 32, "bfloat16"), ("vec", 32, "float32"),
                                                     ("vec16", 16, "bfloat16"), ("vec16", 16, "float32")])
 def test_packed_key_layout_score_eviction_unpacks(isa, block_size, dtype):
-    # eviction.unpack_keys reads keys back from the cache in the CPU kernel's packed layout
+    # eviction.gather_keys reads keys back from the cache in the CPU kernel's packed layout
     import torch
     from vllm import _custom_ops as ops
 
-    from kvkit.integrations.vllm.eviction import unpack_keys
+    from kvkit.integrations.vllm.eviction import gather_keys
 
     if isa == "amx":
         if not torch.cpu._is_amx_tile_supported():
@@ -253,7 +253,9 @@ def test_packed_key_layout_score_eviction_unpacks(isa, block_size, dtype):
     key, value = torch.randn(2 * S, H, D).to(dt), torch.randn(2 * S, H, D).to(dt)
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.arange(2 * S) + S, isa,
                                    k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")  # blocks 1, 2
-    assert torch.equal(unpack_keys(key_cache[1:3], isa), key.view(2, S, H, D).transpose(1, 2))
+    got = gather_keys(kv, torch.tensor([[1, 2], [2, 1]]), isa)  # [H, rows, 2 blocks * S, D]
+    want = torch.stack([key, torch.cat([key[S:], key[:S]])]).permute(2, 0, 1, 3)
+    assert torch.equal(got, want)
 
 
 def test_kv_connector_surfaces_score_eviction_uses():

@@ -35,7 +35,7 @@ def test_block_mass_equals_a_per_query_softmax():
             for h in range(Hq):
                 p = (keys[h // (Hq // H), :visible] @ q[b, t, h] * scale).softmax(-1)
                 want[b].index_add_(0, torch.arange(visible) // S, weights[t] * p)
-    got = block_mass(q, k, length, scale, weights)
+    got = block_mass(q, k.permute(2, 0, 1, 3, 4).reshape(H, B, M * S, D), length, scale, weights, S)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # every query hands out its heads' whole mass: sum = heads x weights
     torch.testing.assert_close(got.sum(-1), torch.full((B,), Hq * float(weights.sum())))
