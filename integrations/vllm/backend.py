@@ -14,6 +14,9 @@ subclass of vLLM's CPU_ATTN class.
 - Streaming layers (a `SinkWindowEvictor` on every KV head; their blocks between sinks and window
   are freed by `streaming.StreamingManager`) run the stock kernel on block tables the builder
   trimmed to the sink and window blocks (`streaming.trim_blocks`), prefill and decode rows alike.
+- Score eviction (`h2o`, `a2sf`: eviction.py): the stock kernel on block tables the builder
+  compacted to each row's blocks not evicted; each layer then adds its attention mass per block
+  to the worker's eviction state, which evicts at the end of the step.
 
 Sub-pages: the CPU kernel takes blocks of 32 tokens or more, and Quest's bound is loose on big
 pages (bench/results/quest_page_size.md: 8-token pages keep every needle, 16 and 32 lose some).

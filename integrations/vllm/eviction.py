@@ -21,15 +21,15 @@ The prompt is scored by its last `OBSERVED` queries, each weighted f ** (distanc
 one) (H2O/A2SF's "end" mode scores every prompt query; the last ones carry most of the weight
 with f < 1). Prefill chunks are never evicted from: only decode rows evict, so a chunked prompt
 is read whole. Limits: prefix caching must be off (a shared block would be freed under another
-request); one KV cache group and one worker (with tensor parallelism each worker would score
-its own heads and evict differently).
+request); one worker (with tensor parallelism each worker would score its own heads and evict
+differently); the whole model evicts (plugin.check_supported refuses mixing with other
+policies, so all layers share one KV cache group).
 
 Shapes: B rows, M blocks of a row, Hq/Hkv query/KV heads, G = Hq // Hkv, S block_size, D head_dim.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +48,6 @@ from kvkit import metrics
 from kvkit.integrations.vllm.plugin import EVICTION_CONNECTOR
 from kvkit.policies import Policy
 from kvkit.policies.evictors.h2o import A2SFEvictor
-
-logger = logging.getLogger(__name__)
 
 CONNECTOR = EVICTION_CONNECTOR["kv_connector"]
 OBSERVED = 32  # the prompt's last queries that score it
