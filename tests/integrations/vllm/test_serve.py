@@ -238,3 +238,25 @@ def test_kvkit_serve_from_the_checkout_root(tmp_path_factory):
         read = _samples(text, "kvkit_pages_read_total")['{layer_group="all",policy="quest"}']
         assert 0 < read < 0.75 * _samples(text, "kvkit_pages_dense_total")['{layer_group="all",policy="quest"}']
     assert "kvkit serve: policy 'quest' on http://127.0.0.1:" in log.read_text()
+
+
+def test_kvkit_serve_evicts_by_score_through_its_connector(tmp_path_factory):
+    """`kvkit serve --policy h2o` adds kvkit's KV connector: the workers' evictions cross the
+    process boundary to the engine core's scheduler, which frees the blocks (nothing left in use
+    afterwards), and /metrics counts the evicted tokens."""
+    port = _free_port()
+    cmd = [str(Path(sys.executable).with_name("kvkit")), "serve", "--policy", "h2o", "--param", "budget=64",
+           "--param", "window=16", "--port", str(port), "--", *SERVER_ARGS]
+    work = tmp_path_factory.mktemp("kvkit_serve_h2o")
+    with running(cmd, work, _clean_env(), port, work / "server.log") as base:
+        outs = [_complete(base, f"Request {i}: " + _LONG, 12) for i in range(2)]
+        assert all(o["usage"]["completion_tokens"] == 12 for o in outs)
+        text = _wait_idle(base)
+        evicted = _samples(text, "kvkit_evicted_tokens_total")['{policy="h2o"}']
+        read = _samples(text, "kvkit_pages_read_total")['{layer_group="all",policy="h2o"}']
+        dense = _samples(text, "kvkit_pages_dense_total")['{layer_group="all",policy="h2o"}']
+    # each ~250-token request keeps the sink block, the window's and 2 blocks in all: it evicts
+    # at least 5 of its 8-9 blocks, 32 tokens each
+    assert evicted >= 2 * 5 * 32, evicted
+    assert 0 < read < 0.6 * dense, (read, dense)
+    assert "KVKitEvictionConnector" in (work / "server.log").read_text()
