@@ -17,7 +17,7 @@ from typing import Any
 class KVAccounting:
     """Pool size, the spec type of each KV cache group, the concurrency vLLM advertises at
     max_model_len, and, sampled after every `schedule()` call, the peak of running requests and
-    of blocks in use."""
+    of blocks in use; the requests vLLM preempted (freed to recompute later)."""
 
     def __init__(self, llm) -> None:
         from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
@@ -37,6 +37,14 @@ class KVAccounting:
             return out
 
         sched.schedule = watched
+        self.preemptions = 0
+        preempt = sched._preempt_request
+
+        def counted(*args, **kwargs):
+            self.preemptions += 1
+            return preempt(*args, **kwargs)
+
+        sched._preempt_request = counted
 
     def report(self) -> dict[str, Any]:
         return {"num_blocks": self.pool.num_gpu_blocks,
@@ -44,4 +52,4 @@ class KVAccounting:
                 "group_layers": [list(g.layer_names) for g in self.config.kv_cache_groups],
                 "max_concurrency": self.max_concurrency,
                 "peak_running": self.peak_running, "peak_used_blocks": self.peak_used,
-                "free_blocks_after": self.pool.get_num_free_blocks()}
+                "free_blocks_after": self.pool.get_num_free_blocks(), "preemptions": self.preemptions}

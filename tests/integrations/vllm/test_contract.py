@@ -213,6 +213,9 @@ def test_scheduler_internals_the_engine_tests_read():
 
     assert params(get_max_concurrency_for_kv_cache_config) == ["vllm_config", "kv_cache_config"]
     assert callable(BlockPool.get_num_free_blocks)
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert callable(Scheduler._preempt_request)  # KVAccounting counts preemptions through it
 
 
 def test_kvkit_extras_pin_this_vllm():

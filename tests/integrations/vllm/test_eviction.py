@@ -173,3 +173,23 @@ def test_h2o_in_vllm_reads_exactly_the_kept_blocks(stock, h2o):
 def test_h2o_without_kvkits_connector_is_a_clear_error(engine):
     err = engine.fails(**{**RUN, "rounds": 1}, policy=H2O)
     assert "--kv-transfer-config" in err and "KVKitEvictionConnector" in err
+
+
+def test_h2o_request_preempted_after_evicting_starts_over(engine):
+    """A pool of 26 blocks: two requests that keep up to 480 tokens grow until vLLM preempts the
+    third, which evicts down to 64 tokens from its first decode step. Resumed, it is prefilled
+    again on fresh blocks, so its evictions must be forgotten (the connector's reset): a stale
+    list would drop blocks from its new prefill, which the check's outputs would show."""
+    prompts = [_LONG + " Summary:", _LONG + " Summary of the text above:", _LONG + " In short:"]
+    run = engine.run(prompts=prompts, max_tokens=150, block_size=32, max_num_batched_tokens=512,
+                     max_model_len=512, kv_cache_memory_bytes=19_200_000,
+                     extra_args=[None, None, {"kvkit_budget": 64}],
+                     policy={"name": "h2o", "params": {"budget": 480, "window": 16}}, check=True,
+                     kv_transfer_config=kv_transfer_config())
+    assert run["kv"]["num_blocks"] == 26 and run["kv"]["preemptions"] >= 1
+    assert run["eviction"]["evicted_blocks"] > 0
+    assert run["eviction"]["freed_blocks"] == run["eviction"]["evicted_blocks"]
+    assert run["kv"]["free_blocks_after"] == run["kv"]["num_blocks"] - 1
+    reads = [c for c in run["checks"] if c.get("read_check")]
+    assert reads and all(c["within_tol"] and c["kept_written"] and c["kept_blocks_distinct"] for c in reads)
+    assert all(c["mass_equal"] for c in run["checks"] if c.get("mass_check"))
