@@ -19,6 +19,18 @@ from typing import Any, Sequence
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def connector_args(policy: dict | None) -> dict[str, Any]:
+    """`LLM(...)` keyword arguments a kvkit policy config needs beside itself: kvkit's KV
+    connector when the policy evicts by score (h2o, a2sf: integrations/vllm/eviction.py)."""
+    if policy is None:
+        return {}
+    from kvkit.integrations.vllm import plugin
+
+    if not plugin.scores_blocks(plugin.load_policy(json.dumps(policy))):
+        return {}
+    return {"kv_transfer_config": dict(plugin.EVICTION_CONNECTOR)}
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import child_report, markdown_table, run_child, write_results  # noqa: E402
+from common import child_report, connector_args, markdown_table, run_child, write_results  # noqa: E402
 
 BLOCK = 32
 CONFIGS = [
@@ -55,10 +55,7 @@ def child(args: dict) -> dict:
     P = args["prompt_tokens"]
     prompts = [TokensPrompt(prompt_token_ids=ids[i * 97 : i * 97 + P]) for i in range(args["requests"])]
     extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
-    if args["policy"] is not None and args["policy"]["name"] == "h2o":
-        from kvkit.integrations.vllm.eviction import kv_transfer_config
-
-        extra["kv_transfer_config"] = kv_transfer_config()
+    extra.update(connector_args(args["policy"]))
     llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["max_model_len"],
               block_size=BLOCK, kv_cache_memory_bytes=args["pool_bytes"], max_num_seqs=args["requests"],
               max_num_batched_tokens=args["batched_tokens"], enable_prefix_caching=False, seed=0, **extra)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import child_report, markdown_table, run_child, write_results  # noqa: E402
+from common import child_report, connector_args, markdown_table, run_child, write_results  # noqa: E402
 
 BLOCK = 32
 
@@ -49,14 +49,10 @@ def child(args: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(smollm2())
     keys = evaluate.passkey_keys(len(args["depths"]))  # as kvkit.evaluate.passkey
     ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(args["depths"], keys)]
-    extra = {}
-    if args["policy"] is not None and args["policy"]["name"] in ("h2o", "a2sf"):  # evicts by score
-        from kvkit.integrations.vllm.eviction import kv_transfer_config
-
-        extra["kv_transfer_config"] = kv_transfer_config()
     llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=True, max_model_len=args["ctx"] + 256,
               block_size=BLOCK, kv_cache_memory_bytes=1 << 30, max_num_seqs=len(ids),
-              max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0, **extra)
+              max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0,
+              **connector_args(args["policy"]))
     start = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
                         SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)

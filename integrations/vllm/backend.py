@@ -313,9 +313,8 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             _check_eviction_config(vllm_config, self.policy.name)
         # what a token per KV head per layer costs a request's budget in bytes: K and V of every
         # KV head in every layer that selects pages (or keeps them, for score eviction)
-        counted = sum(isinstance(layer_selector(self.policy, i, heads), PageSelector) for i in range(num_layers))
-        if self.evictor is not None:
-            counted = num_layers
+        counted = num_layers if self.evictor is not None else sum(
+            isinstance(layer_selector(self.policy, i, heads), PageSelector) for i in range(num_layers))
         self.bytes_per_token = max(1, 2 * self.head_dim * kv_cache_spec.dtype.itemsize * heads * counted)
         if partial:
             logger.warning("kvkit: layers %s of policy %r stream on some KV heads only; vLLM "

@@ -86,25 +86,23 @@ def check_supported(policy: Policy) -> None:
     """
     for comp in policy.components():
         kind = type(comp)
-        if kind in (FullSelector, QuestSelector, LServeSelector, NoEvictor, SinkWindowEvictor, PlainCodec,
-                    A2SFEvictor, H2OEvictor):
-            continue
-        raise NotImplementedError(
-            f"kvkit's vLLM backend does not run {kind.__name__} (policy {policy.name!r}) yet; it "
-            "runs the selectors full, quest and lserve, the evictors none, sink_window, h2o and a2sf, "
-            "and the plain codec")
+        if kind not in (FullSelector, QuestSelector, LServeSelector, NoEvictor, SinkWindowEvictor, PlainCodec,
+                        A2SFEvictor, H2OEvictor):
+            raise NotImplementedError(
+                f"kvkit's vLLM backend does not run {kind.__name__} (policy {policy.name!r}) yet; it "
+                "runs the selectors full, quest and lserve, the evictors none, sink_window, h2o and a2sf, "
+                "and the plain codec")
+        if isinstance(comp, A2SFEvictor) and comp.prefill != "end":
+            raise NotImplementedError(
+                f"kvkit's vLLM backend scores the prompt at its end and evicts at decode only; "
+                f"{kind.__name__}(prefill={comp.prefill!r}) is not supported, use prefill='end'")
     for rule in policy.rules:
         if rule.heads is not None and rule.selector is not None:
             raise NotImplementedError(
                 "kvkit's vLLM backend selects per layer: a rule with `heads` and a selector "
                 f"({rule}) is not supported yet")
-    for comp in policy.components():
-        if isinstance(comp, A2SFEvictor) and comp.prefill != "end":
-            raise NotImplementedError(
-                f"kvkit's vLLM backend scores the prompt at its end and evicts at decode only; "
-                f"{type(comp).__name__}(prefill={comp.prefill!r}) is not supported, use prefill='end'")
     if scores_blocks(policy) and any(not isinstance(c, (FullSelector, A2SFEvictor, PlainCodec))
-                                     for c in policy.components() if c is not None):
+                                     for c in policy.components()):
         raise NotImplementedError(
             f"kvkit's vLLM backend evicts whole blocks of every layer and KV head: policy "
             f"{policy.name!r} must combine h2o/a2sf with the full selector and no other evictor")
