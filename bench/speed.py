@@ -37,7 +37,16 @@ from common import RESULTS, markdown_table, timeit, timeit_rounds, write_results
 from kvkit import PagedKVStore, policies  # noqa: E402
 from kvkit.attention import decode  # noqa: E402
 from kvkit.attention.fast import dense_decode_fast, quest_decode_fast, sparse_decode_fast  # noqa: E402
-from kvkit.policies.selectors.quest import LServeSelector, lserve_select_fast, quest_scores, top_pages  # noqa: E402
+from kvkit.policies.selectors.quest import LServeSelector  # noqa: E402
+from kvkit.scoring import (forced_from_positions, forced_pages, lserve_scores, quest_scores, signed_boxes,  # noqa: E402
+                           top_pages)
+
+
+def lserve_select_fast(q, kmin, kmax, table, seq_lens, S, budget_pages, group, coarse, sink, window):
+    """LServe's fresh choice on lists never evicted, as `LServeSelector` makes it."""
+    forced = forced_pages(tuple(seq_lens), table.shape[-1], S, sink, window, str(q.device))
+    scores = lserve_scores(q, signed_boxes(kmin, kmax, table), budget_pages, group, coarse)
+    return top_pages(torch.where(forced != 0, forced, scores), table, budget_pages)
 
 HQ, HKV, D, LAYERS = 9, 3, 64, 30
 
@@ -116,7 +125,8 @@ def main(argv=None) -> int:
             return quest_decode_fast(q, kp, vp, kmin, kmax, table, [ctx], budget_pages, sink, window)
 
         def quest_generic():  # the library's scoring functions + the generic sparse decode
-            scores = quest_scores(q, kmin, kmax, table, slot_pos, lengths, sink, window, "max")
+            forced = forced_from_positions(slot_pos, table, lengths, sink, window)
+            scores = quest_scores(q, signed_boxes(kmin, kmax, table), forced, "max")
             return sparse_decode_fast(q, kp, vp, top_pages(scores, table, budget_pages), slot_pos >= 0)
         row("kernel", "quest", dtype, "layer", timeit(quest_step, args.warmup, args.reps))
         row("kernel", "quest_generic", dtype, "layer", timeit(quest_generic, args.warmup, args.reps))

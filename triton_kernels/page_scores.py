@@ -1,10 +1,10 @@
-"""`page_scores` and `select_pages`: Quest page selection from per-page key min/max.
+"""`page_scores`: Quest's per-page bound from per-page key min/max, on the GPU.
 
-Shapes: B seqs, Hq/Hkv query/kv heads, G = Hq // Hkv, P pages per list, K pages kept,
-D head_dim, N pages in the pool. References: `ref.page_scores_ref`, `ref.select_pages_ref`.
-The top-k itself is `torch.topk` on the kernel's scores (a device op; sorting a few thousand
-scores per row is not where decode time goes), so the selection equals the reference's
-whenever the scores do.
+Shapes: B seqs, Hq/Hkv query/kv heads, G = Hq // Hkv, P pages per list, D head_dim, N pages in
+the pool. The definition is `kvkit.scoring.quest_scores` (this package imports only torch and
+triton, so the tests hold the two side by side); the top-k over the scores is
+`kvkit.scoring.top_pages`, a device op, so the choice equals the definition's whenever the
+scores do.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 
 from ._common import check_device, list_lengths, pow2
 from ._page_scores import _page_scores_kernel
-from .ref import topk_pages
 
 BLOCK_P = 32
 
@@ -30,9 +29,9 @@ def page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, p
     `[B, Hkv, P]` -1 padded; reduce: "max", "sum" or "mean" over the G query heads of a KV
     head; the first `sink_pages` and last `recent_pages` list entries score +inf; forced:
     optional `[B, Hkv, P]` float32 whose non-zero entries replace the score (e.g. the
-    position-based sink/window scores of `kvkit.policies.selectors.quest.forced_scores`);
+    position-based sink/window scores of `kvkit.scoring.forced_from_positions`);
     padding scores -inf.
-    Returns `[B, Hkv, P]` float32. Definition: `ref.page_scores_ref`.
+    Returns `[B, Hkv, P]` float32. Definition: `kvkit.scoring.quest_scores`.
 
     Raises:
         ValueError/TypeError: shapes, dtypes, devices or arguments that do not fit.
@@ -80,24 +79,3 @@ def page_scores(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, p
         BLOCK_P=BLOCK_P, BLOCK_D=pow2(D),
     )
     return out
-
-
-def select_pages(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor, page_table: torch.Tensor,
-                 budget_pages: int, reduce: str = "max", sink_pages: int = 0,
-                 recent_pages: int = 0, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Quest selection: the `budget_pages` pages of each (sequence, KV head) with the highest
-    `page_scores`, sinks and recent pages forced in (they count against the budget).
-
-    Returns `[B, Hkv, min(budget_pages, P)]` page ids in list order, -1 padded (a list shorter
-    than the budget keeps all its pages). Feed it to `sparse_decode` as its page_table.
-
-    Raises:
-        ValueError: budget_pages < 1, or sinks + recent pages exceeding the budget.
-    """
-    if budget_pages < 1:
-        raise ValueError(f"kvkit.kernels.select_pages: budget_pages must be >= 1, got {budget_pages}")
-    if sink_pages + recent_pages > budget_pages:
-        raise ValueError(f"kvkit.kernels.select_pages: sink_pages + recent_pages = {sink_pages + recent_pages} "
-                         f"exceed budget_pages = {budget_pages}; raise the budget or force fewer pages")
-    scores = page_scores(q, key_min, key_max, page_table, reduce, sink_pages, recent_pages, forced)
-    return topk_pages(scores, page_table, budget_pages)

@@ -122,54 +122,7 @@ def quant_decode_ref(q: torch.Tensor, k: QuantPages, v: QuantPages, page_table: 
     return _attend(q, flat(kf), flat(vf), valid.reshape(B, Hkv, P * S), scale)
 
 
-# ---- page scoring (Quest) ---------------------------------------------------------------------
-def page_scores_ref(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor,
-                    page_table: torch.Tensor, reduce: str = "max", sink_pages: int = 0,
-                    recent_pages: int = 0, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Quest's upper bound of q·k per listed page, aggregated over each GQA group.
-
-    q `[B, Hq, D]`; key_min, key_max `[N, D]`; page_table `[B, Hkv, P]` -1 padded.
-    Per query head: `sum_d max(q_d * kmin_d, q_d * kmax_d)` (>= q·k for every key in the
-    page). Over the G heads of a KV head: `max` (default; the bound of the group's best head),
-    `sum` or `mean`. List entries with index `< sink_pages` or within `recent_pages` of the end of the
-    list (one past its last valid entry) score +inf (forced in; the store lists pages in
-    allocation order, so these are the sink and recent-window pages); non-zero entries of
-    `forced` `[B, Hkv, P]` then replace the score; padding (-1) scores -inf.
-    Returns `[B, Hkv, P]` float32.
-    """
-    B, Hq, D = q.shape
-    Hkv, P = page_table.shape[1:]
-    pages = page_table.clamp(min=0).long()
-    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
-    lo, hi = key_min.float()[pages][:, :, None], key_max.float()[pages][:, :, None]  # [B, Hkv, 1, P, D]
-    bound = torch.maximum(qg * lo, qg * hi).sum(-1)  # [B, Hkv, G, P]
-    agg = {"max": lambda: bound.amax(2), "sum": lambda: bound.sum(2), "mean": lambda: bound.mean(2)}[reduce]()
-    idx = torch.arange(P, device=q.device)
-    valid = page_table >= 0
-    length = torch.where(valid, idx + 1, 0).amax(-1, keepdim=True) if P else idx  # past the last valid
-    agg = torch.where((idx < sink_pages) | (idx >= length - recent_pages), math.inf, agg)  # [B, Hkv, P]
-    if forced is not None:
-        agg = torch.where(forced != 0, forced, agg)
-    return torch.where(valid, agg, -math.inf)
-
-
-def topk_pages(scores: torch.Tensor, page_table: torch.Tensor, budget_pages: int) -> torch.Tensor:
-    """The `budget_pages` best pages of each row, in list order: `[B, Hkv, K]`, -1 padded."""
-    P = page_table.shape[-1]
-    k = min(budget_pages, P)
-    top = scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values  # [B, Hkv, k]
-    chosen = page_table.gather(-1, top)
-    picked = scores.gather(-1, top) > -math.inf
-    return torch.where(picked, chosen, -1)
-
-
-def select_pages_ref(q, key_min, key_max, page_table, budget_pages: int, reduce: str = "max",
-                     sink_pages: int = 0, recent_pages: int = 0, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Quest selection: top `budget_pages` pages by `page_scores_ref`, sinks/recent forced."""
-    scores = page_scores_ref(q, key_min, key_max, page_table, reduce, sink_pages, recent_pages, forced)
-    return topk_pages(scores, page_table, budget_pages)
-
-
+# ---- page summaries -----------------------------------------------------------------------------
 def update_key_bounds_ref(key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor,
                           k: torch.Tensor) -> None:
     """In place, as `PagedKVStore.append` does: key_min[p] = min(key_min[p], k) per channel."""

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kvkit.policies.selectors.quest import quest_scores_fast
+from kvkit.scoring import forced_pages, quest_scores, signed_boxes
 
 
 def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -122,7 +122,8 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
     used = [-(-n // S) for n in seq_lens]
-    score = quest_scores_fast(q, key_min, key_max, page_table, seq_lens, S, sink, window)
+    forced = forced_pages(tuple(seq_lens), P, S, sink, window, str(q.device))
+    score = quest_scores(q, signed_boxes(key_min, key_max, page_table), forced)
     k = min(budget_pages, P)
     top = score.topk(k, dim=-1, sorted=False).indices  # [B, Hkv, K] list entries
     pages = page_table.gather(-1, top).view(-1).clamp(min=0)  # a short row's padding: masked below

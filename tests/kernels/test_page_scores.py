@@ -1,4 +1,5 @@
-"""page_scores / select_pages / update_key_bounds (Triton) against kvkit.kernels.ref."""
+"""page_scores / update_key_bounds (Triton) against their definitions: Quest's bound and the
+forcing rules of `kvkit.scoring`, the store's own key bounds."""
 
 import math
 
@@ -6,8 +7,35 @@ import pytest
 import torch
 
 from kvkit import PagedKVStore
-from kvkit.kernels import page_scores, select_pages, update_key_bounds
-from kvkit.kernels.ref import page_scores_ref, select_pages_ref, update_key_bounds_ref
+from kvkit import scoring
+from kvkit.kernels import page_scores, update_key_bounds
+from kvkit.kernels.ref import update_key_bounds_ref
+
+
+def page_scores_ref(q, key_min, key_max, page_table, reduce="max", sink_pages=0, recent_pages=0, forced=None):
+    """`kvkit.scoring.quest_scores` with the kernel's list-index forcing: the first `sink_pages`
+    and last `recent_pages` entries of a list +inf, then non-zero `forced` entries, padding -inf."""
+    idx = torch.arange(page_table.shape[-1], device=page_table.device)
+    valid = page_table >= 0
+    length = torch.where(valid, idx + 1, 0).amax(-1, keepdim=True)  # one past the last valid entry
+    rule = torch.where((idx < sink_pages) | (idx >= length - recent_pages), math.inf, 0.0)
+    if forced is not None:
+        rule = torch.where(forced != 0, forced, rule)
+    rule = torch.where(valid, rule, -math.inf)
+    boxes = scoring.signed_boxes(key_min, key_max, page_table.long())
+    return scoring.quest_scores(q, boxes, rule, reduce)
+
+
+def select_pages(q, key_min, key_max, page_table, budget, reduce="max", sink_pages=0, recent_pages=0, forced=None):
+    """The kernel's scores, chosen by `kvkit.scoring.top_pages` (as the decode engine does)."""
+    scores = page_scores(q, key_min, key_max, page_table, reduce, sink_pages, recent_pages, forced)
+    return scoring.top_pages(scores, page_table, budget)
+
+
+def select_pages_ref(q, key_min, key_max, page_table, budget, reduce="max", sink_pages=0, recent_pages=0,
+                     forced=None):
+    scores = page_scores_ref(q, key_min, key_max, page_table, reduce, sink_pages, recent_pages, forced)
+    return scoring.top_pages(scores, page_table, budget)
 
 
 def _bounds_case(B, Hq, Hkv, P, N=96, D=64, seed=0, device="cpu"):
@@ -80,12 +108,8 @@ def test_select_pages_matches_ref(budget, sink, recent, device):
             assert len(kept) == min(budget, n)
 
 
-def test_select_pages_rejects_bad_input(device):
+def test_page_scores_rejects_bad_input(device):
     q, lo, hi, table = _bounds_case(1, 4, 2, P=8, device=device)
-    with pytest.raises(ValueError, match="exceed budget_pages"):
-        select_pages(q, lo, hi, table, 2, sink_pages=2, recent_pages=1)
-    with pytest.raises(ValueError, match="budget_pages must be >= 1"):
-        select_pages(q, lo, hi, table, 0)
     with pytest.raises(ValueError, match="reduce must be one of"):
         page_scores(q, lo, hi, table, reduce="median")
     with pytest.raises(NotImplementedError, match="softmax"):
@@ -131,7 +155,7 @@ def test_update_key_bounds_matches_ref_with_repeats(device):
 
 
 @pytest.mark.gpu
-def test_select_pages_large_matches_ref(device):
+def test_page_scores_large_matches_ref(device):
     q, lo, hi, table = _bounds_case(16, 32, 8, P=4096, N=65536, D=128, device=device)
     torch.testing.assert_close(page_scores(q, lo, hi, table, sink_pages=1, recent_pages=4),
                                page_scores_ref(q, lo, hi, table, sink_pages=1, recent_pages=4),

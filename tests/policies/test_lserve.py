@@ -138,52 +138,22 @@ def test_smollm2_passkey_at_one_eighth_budget():
 @pytest.mark.parametrize("name", ["quest", "lserve"])
 def test_a_short_sequence_scores_the_same_alone_and_in_a_ragged_batch(name, reduce):
     """Padding entries of a ragged batch take no part in a sequence's scores (softmax included)."""
-    from kvkit.policies.selectors.quest import quest_scores
+    from kvkit import scoring
 
     batch, seqs = make_store([200, 37], seed=3)
-    alone, seq = batch, seqs[1]  # the short one listed by itself: no padding
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 9, 16, generator=g)
-    if name == "lserve":
-        sel = LServeSelector(budget=48, window=8, group=2, reduce=reduce)
-        scores = sel._two_level_scores(batch, 0, q, batch.page_tables(seqs, 0), 6)
-        single = sel._two_level_scores(alone, 0, q[1:], alone.page_tables([seq], 0), 6)
-    else:
-        def scores_of(store, ids, qq):
-            kmin, kmax = store.key_bounds(0)
-            return quest_scores(qq, kmin, kmax, store.page_tables(ids, 0), store.slot_positions(0),
-                                torch.tensor([store.length(i, 0) for i in ids]), 4, 8, reduce)
-        scores, single = scores_of(batch, seqs, q), scores_of(alone, [seq], q[1:])
+
+    def scores_of(ids, qq):
+        pages = batch.page_tables(ids, 0)
+        boxes = scoring.signed_boxes(*batch.key_bounds(0), pages)
+        if name == "lserve":
+            return scoring.lserve_scores(qq, boxes, 6, 2, 2, reduce)
+        return QuestSelector(budget=48, sink=4, window=8, reduce=reduce).scores(batch, ids, 0, qq, pages)
+    scores, single = scores_of(seqs, q), scores_of(seqs[1:], q[1:])
     P = single.shape[-1]
     assert torch.isinf(scores[1, :, P:]).all() and (scores[1, :, P:] < 0).all()
     torch.testing.assert_close(scores[1:, :, :P], single)
-
-
-def general_choice(sel, store, seqs, q, budget_pages):
-    """What LServeSelector chooses from per-slot positions (its path for evicted lists)."""
-    from kvkit.policies.selectors.quest import forced_scores, top_pages
-    table = store.page_tables(seqs, 0)
-    forced = forced_scores(store, seqs, 0, table, sel.sink, sel.window)
-    scores = sel._two_level_scores(store, 0, q, table, budget_pages)
-    return top_pages(torch.where(forced != 0, forced, scores), table, budget_pages)
-
-
-@pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9], [203, 100]])  # 100: a part-padded logical page
-@pytest.mark.parametrize("budget", [32, 64])
-@pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # both score in float32
-def test_lean_path_chooses_what_the_general_path_chooses(lengths, budget, group, dtype):
-    from kvkit.policies.selectors.quest import lserve_select_fast
-    store, seqs = make_store(lengths, seed=sum(lengths) + group, scale=1.0, dtype=dtype)
-    q = torch.randn(len(lengths), 9, 16, generator=torch.Generator().manual_seed(group))
-    sel = LServeSelector(budget=budget, sink=4, window=8, group=group, coarse=2)
-    want = general_choice(sel, store, seqs, q, budget // 8)
-    kmin, kmax = store.key_bounds(0)
-    got = lserve_select_fast(q, kmin, kmax, store.page_tables(seqs, 0), lengths, 8, budget // 8, group=group,
-                             coarse=2, sink=4, window=8)
-    assert torch.equal(got, want)
-    assert store.nothing_evicted(seqs, 0)  # so the selector itself takes the lean path
-    assert torch.equal(sel.select(store, seqs, 0, q, [0, 1, 2]).pages, want)
 
 
 def test_lean_reuse_drops_a_page_a_fork_copied_on_write():
@@ -201,14 +171,3 @@ def test_lean_reuse_drops_a_page_a_fork_copied_on_write():
     assert store.policy_state(child)[("lserve", 0, (0, 1, 2))][0] == 203  # reused, not refreshed
     assert new_last in chosen(again) and old_last not in chosen(again)
     assert set(chosen(again)) <= set(store.page_table(child, 0, 0))
-
-
-def test_is_listed_matches_a_plain_comparison():
-    from kvkit.policies.selectors.quest import is_listed
-    g = torch.Generator().manual_seed(0)
-    pages = torch.randint(0, 40, (2, 3, 25), generator=g)
-    pages[1, :, 20:] = -1
-    kept = torch.randint(-1, 40, (2, 3, 7), generator=g)
-    want = (pages[..., :, None] == kept[..., None, :]).any(-1) & (pages >= 0)
-    assert torch.equal(is_listed(pages, kept), want)
-    assert not is_listed(pages, torch.full((2, 3, 1), -1)).any()
