@@ -26,9 +26,10 @@ import torch  # noqa: E402
 from common import RESULTS, markdown_table, timeit, write_results  # noqa: E402
 
 from kvkit.attention.fast import dense_decode_fast  # noqa: E402
-from kvkit.integrations.vllm.selection import (block_bound_scores, empty_bounds, lserve_scores,  # noqa: E402
-                                              page_boxes, reuse_scores, top_pages_per_row)
-from kvkit.policies.selectors.quest import LServeSelector, forced_from_lengths, reduce_group  # noqa: E402
+from kvkit.integrations.vllm.selection import (FILL_SCORE, block_bound_scores, empty_bounds,  # noqa: E402
+                                              lserve_block_scores, page_boxes)
+from kvkit.policies.selectors.quest import LServeSelector  # noqa: E402
+from kvkit.scoring import forced_from_lengths, reduce_group, reuse_scores, top_pages_per_row  # noqa: E402
 
 HQ, HKV, D, S, SUB = 9, 3, 64, 32, 8
 
@@ -41,11 +42,11 @@ def case(batch: int, context: int, seed: int = 0):
     keys = torch.randn(batch, HKV, P * S, D, generator=g) + torch.randn(batch, HKV, 1, D, generator=g) * 2
     keys = keys.to(torch.bfloat16)
     per_sub = keys.view(batch, HKV, P, S // SUB, SUB, D)
-    rows = torch.stack([per_sub.amax(4), per_sub.amin(4)], 3)  # [B, H, P, R, 2, D]
+    rows = torch.cat([per_sub.amax(4), -per_sub.amin(4)], -1)  # [B, H, P, R, 2D] signed boxes
     blocks = 1 + torch.randperm(batch * P, generator=g).view(batch, P)  # block 0: vLLM's null block
     vpages = blocks[:, None, :] * HKV + torch.arange(HKV)[None, :, None]  # [B, H, P]
     bounds = empty_bounds((1 + batch * P) * HKV, S // SUB, D, torch.bfloat16)
-    bounds[vpages.reshape(-1)] = rows.reshape(-1, S // SUB, 2, D)
+    bounds[vpages.reshape(-1)] = rows.reshape(-1, S // SUB, 2 * D)
     q = torch.randn(batch, HQ, D, generator=g).to(torch.bfloat16)
     v = torch.randn(batch, HKV, P * S, D, generator=g).to(torch.bfloat16)
     return bounds, vpages, q, keys, v
@@ -77,12 +78,12 @@ def main(argv=None) -> int:
             return top_pages_per_row(torch.where(forced != 0, forced, bound), vpages, budget)
 
         def lserve_refresh():
-            scores = lserve_scores(q, bounds, boxes, vpages, budget, sel, scale)
+            scores = lserve_block_scores(q, bounds, boxes, vpages, budget, sel)
             return top_pages_per_row(torch.where(forced != 0, forced, scores), entries, budget)
         kept = lserve_refresh()
 
         def lserve_reuse():
-            scores = reuse_scores(kept, P)
+            scores = reuse_scores(kept, P, FILL_SCORE)
             return top_pages_per_row(torch.where(forced != 0, forced, scores), entries, budget)
 
         def dense():

@@ -204,6 +204,7 @@ BOUND_PATTERNS = [
     r"clamp\(min=0\)\s*@",
     r"clamp\(max=0\)\s*@",
     r"relu\(q\w*\)\s*@",
+    r"cat\(\[\w+\.clamp\(min=0\),\s*\w+\.clamp\(max=0\)",
 ]
 
 

@@ -64,12 +64,12 @@ from kvkit import metrics
 from kvkit.errors import ConfigError
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
-from kvkit.policies.selectors.quest import LServeSelector, QuestSelector, forced_from_lengths, reduce_group
+from kvkit.policies.selectors.quest import LServeSelector, QuestSelector
+from kvkit.scoring import forced_from_lengths, reduce_group, reuse_scores, top_pages_per_row
 from kvkit.integrations.vllm import eviction, plugin, requests
 from kvkit.integrations.vllm.eviction import STATE, block_mass, gather_keys, score_evictor
-from kvkit.integrations.vllm.selection import (SelectionPlan, block_bound_scores, choose_afresh, empty_bounds,
-                                              lserve_scores, page_boxes, reuse_scores, stack_padded,
-                                              top_pages_per_row)
+from kvkit.integrations.vllm.selection import (FILL_SCORE, SelectionPlan, block_bound_scores, choose_afresh,
+                                              empty_bounds, lserve_block_scores, page_boxes, stack_padded)
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor, trim_blocks
 
 logger = logging.getLogger(__name__)
@@ -478,9 +478,10 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         config = get_current_vllm_config_or_none()  # vLLM builds the impl inside its layer's init
         self.model_heads = self.num_kv_heads if config is None else model_kv_heads(config)
         self.policy_name = "dense"
-        self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2, D] keys' dtype: block_bound_scores
+        # signed boxes [max | -min] (kvkit.scoring) in the keys' dtype, empty = -inf
+        self.bounds: torch.Tensor | None = None  # [NB * Hkv, R, 2D] per sub-page: block_bound_scores
         self.sub = 0  # tokens per sub-page; R = S // sub sub-pages per block
-        self.boxes: torch.Tensor | None = None  # LServe: [NB * Hkv, 2, D] each page's whole box (page_boxes)
+        self.boxes: torch.Tensor | None = None  # LServe: [NB * Hkv, 2D] each page's whole box (page_boxes)
         # LServe: request id -> its choice: list entries and the pages they name, each [Hkv, K]
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._refreshed: list[bool] = []  # LServe: rows that chose afresh this step (check)
@@ -543,25 +544,23 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             valid[w.rows, w.offs] = True
 
     def _update_bounds(self, flat: torch.Tensor, w: KeyWrites, num_pages: int, S: int) -> None:
-        """Fold the written keys `flat` `[T * H, D]` (where `w` says) into the sub-pages'
-        max/min; the sub-pages of pages begun now (written at offset 0) start over."""
+        """Fold the written keys `flat` `[T * H, D]` (where `w` says) into the sub-pages' signed
+        boxes (`[k | -k]`, one amax); the sub-pages of pages begun now (written at offset 0)
+        start over."""
         if self.bounds is None:
-            # in the keys' dtype: the min/max of bf16 keys are bf16 values, so nothing is lost
+            # in the keys' dtype: the max/-min of bf16 keys are bf16 values, so nothing is lost
             self.bounds = empty_bounds(num_pages, S // self.sub, flat.shape[-1], flat.dtype)
-            self._empty_page = empty_bounds(1, S // self.sub, flat.shape[-1], flat.dtype)
             if isinstance(self._selector, LServeSelector):  # its logical pages read whole boxes
-                self.boxes = self._empty_page[0, 0].repeat(num_pages, 1, 1)
+                self.boxes = empty_bounds(num_pages, 1, flat.shape[-1], flat.dtype)[:, 0]
         if w.fresh is not None:
-            self.bounds[w.fresh] = self._empty_page
+            self.bounds[w.fresh] = -math.inf
             if self.boxes is not None:
-                self.boxes[w.fresh] = self._empty_page[0, 0]
-        per_sub = self.bounds.view(-1, 2, flat.shape[-1])  # [NB * H * R, 2, D]
+                self.boxes[w.fresh] = -math.inf
         keys = flat.to(self.bounds.dtype)
-        per_sub[:, 0].index_reduce_(0, w.subs, keys, "amax")
-        per_sub[:, 1].index_reduce_(0, w.subs, keys, "amin")
+        signed = torch.cat([keys, keys.neg()], -1)  # [T * H, 2D]
+        self.bounds.view(-1, signed.shape[-1]).index_reduce_(0, w.subs, signed, "amax")  # [NB * H * R, 2D]
         if self.boxes is not None:
-            self.boxes[:, 0].index_reduce_(0, w.rows, keys, "amax")
-            self.boxes[:, 1].index_reduce_(0, w.rows, keys, "amin")
+            self.boxes.index_reduce_(0, w.rows, signed, "amax")
 
     # ---- attention -------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -710,17 +709,16 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         """`[B, H, P]`: two-level scores on the `refresh` rows, those of their `kept` entries (request
         id -> (entries `[H, K]`, pages)) on the others."""
         if all(refresh):
-            return lserve_scores(q, bounds, boxes, plan.vpages, k, sel, self.head_size ** -0.5)
+            return lserve_block_scores(q, bounds, boxes, plan.vpages, k, sel)
         B, H, P = plan.vpages.shape
         rows = [kept[plan.req_ids[b]][0] for b, r in enumerate(refresh) if not r]
-        reused = reuse_scores(stack_padded(rows, max(e.shape[-1] for e in rows)), P)
+        reused = reuse_scores(stack_padded(rows, max(e.shape[-1] for e in rows)), P, FILL_SCORE)
         if not any(refresh):
             return reused
         fresh = torch.tensor(refresh)
         scores = torch.empty(B, H, P)
         scores[~fresh] = reused
-        scores[fresh] = lserve_scores(q[fresh], bounds, boxes, plan.vpages[fresh], k[fresh], sel,
-                                      self.head_size ** -0.5)
+        scores[fresh] = lserve_block_scores(q[fresh], bounds, boxes, plan.vpages[fresh], k[fresh], sel)
         return scores
 
     def _decode_sparse(self, sel: PageSelector, layer, query: torch.Tensor, kv_cache: torch.Tensor,
@@ -758,7 +756,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         - attention: `sparse_decode_ref` over the chosen pages, bf16 tolerance (2e-2, 2e-2).
         """
         from kvkit.attention.ref import sparse_decode_ref
-        from kvkit.policies.selectors.quest import forced_from_positions
+        from kvkit.scoring import forced_from_positions
 
         sk, sv, valid = self.shadow
         B, H = q.shape[0], self.num_kv_heads
@@ -778,8 +776,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         sub_valid = valid.view(-1, R, self.sub, 1)
         kmax = torch.where(sub_valid, sk.view(-1, R, self.sub, D), -inf).amax(2)  # [NB*H, R, D]
         kmin = torch.where(sub_valid, sk.view(-1, R, self.sub, D), inf).amin(2)
-        # the copy holds bf16 keys exactly, so its min/max are the running bounds' values
-        ref_bounds = torch.stack([kmax, kmin], 2).to(self.bounds.dtype)  # [NB*H, R, 2, D]
+        # the copy holds bf16 keys exactly, so its max/-min are the running boxes' values
+        ref_bounds = torch.cat([kmax, kmin.neg()], -1).to(self.bounds.dtype)  # [NB*H, R, 2D]
         listed = vpages[vpages >= 0]
         ref_boxes = page_boxes(ref_bounds)
         bounds_ok = bool(torch.equal(ref_bounds[listed], self.bounds[listed])) and (
