@@ -20,9 +20,11 @@ P pages in a list, B sequences.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
@@ -36,7 +38,7 @@ warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", catego
 
 __all__ = [
     "PagedKVStore", "PageStorage", "PageFormat", "DenseStorage", "PlainFormat", "Selection",
-    "StoreStats", "DEFAULT_PAGE_SIZE",
+    "StoreStats", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE",
 ]
 
 DEFAULT_PAGE_SIZE = 16  # tokens per page unless the caller or the policy says otherwise
@@ -137,44 +139,50 @@ class StoreStats:
     nbytes_dense_equivalent: int  # bf16 K+V of every token appended to the live sequences
 
 
-@dataclass
-class _HeadTable:
-    """One (sequence, layer, KV head): its pages and the free slots inside them (flat ids)."""
-
-    pages: list[int] = field(default_factory=list)
-    free_slots: list[int] = field(default_factory=list)  # page * S + slot, used front first
-
-    def resident(self, page_size: int) -> int:
-        """Tokens held: every slot of its pages but the free ones."""
-        return len(self.pages) * page_size - len(self.free_slots)
+MAX_PAGE_SIZE = 4096  # tokens per page; larger pages only waste memory (a pool grows by whole pages)
 
 
-@dataclass
-class _SeqLayer:
-    length: int                  # positions appended so far; the next token gets this one
-    heads: list[_HeadTable]
+def _locked(method):
+    """Run a store method under the store's lock: calls from several threads are serialized."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
-class _Pool:
-    """One layer's pages: storage plus per-slot positions and per-page metadata."""
+class _Layer:
+    """One layer: its pool of pages (storage, per-slot positions, per-page summaries) and the
+    page tables of every (sequence, KV head) row, kept as arrays a kernel can take as they are.
+
+    Row `r = seq_slot * H + head`. `table[r, :npages[r]]` are the row's pages in allocation
+    order (-1 after). A *clean* row holds its `resident` tokens in its first `resident` slots,
+    so its free slots are the tail of its last page; a row that had tokens evicted keeps an
+    explicit list of its free slots (`holes`, flat ids `page * S + slot`, used front first).
+    The tables are numpy arrays; `torch.from_numpy` views them without a copy on the CPU.
+    """
 
     def __init__(self, storage: PageStorage, page_size: int, head_dim: int, device: torch.device,
-                 key_bounds: bool, slot_scores: bool, bounds_dtype: torch.dtype = torch.float32):
+                 key_bounds: bool, slot_scores: bool, bounds_dtype: torch.dtype):
         self.storage = storage
         self.capacity = 0
         self.slot_pos = torch.empty(0, page_size, dtype=torch.int32, device=device)
-        self.refcount = [0] * 0
-        self.free_pages: list[int] = []
+        self.refcount = np.zeros(0, dtype=np.int32)
+        self.free_pages: list[int] = []  # a stack: the lowest ids on top
         self.key_min = torch.empty(0, head_dim, dtype=bounds_dtype, device=device) if key_bounds else None
         self.key_max = torch.empty(0, head_dim, dtype=bounds_dtype, device=device) if key_bounds else None
         self.scores = torch.empty(0, page_size, device=device) if slot_scores else None
+        self.table = np.full((0, 0), -1, dtype=np.int32)  # [R, W]
+        self.npages = np.zeros(0, dtype=np.int64)         # [R]
+        self.resident = np.zeros(0, dtype=np.int64)       # [R]
+        self.holes: dict[int, list[int]] = {}
 
+    # ---- the pool ----------------------------------------------------------------------------
     def grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
         self.storage.grow(capacity)
         self.slot_pos = torch.cat([self.slot_pos, self.slot_pos.new_full((extra, self.slot_pos.shape[1]), -1)])
-        self.refcount.extend([0] * extra)
-        # lowest new ids at the end of the stack, so they are used first
+        self.refcount = np.concatenate([self.refcount, np.zeros(extra, dtype=np.int32)])
         self.free_pages[:0] = range(capacity - 1, self.capacity - 1, -1)
         if self.key_min is not None:
             self.key_min = torch.cat([self.key_min, self.key_min.new_full((extra, self.key_min.shape[1]), math.inf)])
@@ -183,19 +191,25 @@ class _Pool:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(extra, self.scores.shape[1])])
         self.capacity = capacity
 
-    def take_page(self) -> int:
-        page = self.free_pages.pop()
-        self.refcount[page] = 1
-        return page
+    def take_pages(self, n: int) -> list[int]:
+        pages = [self.free_pages.pop() for _ in range(n)]
+        self.refcount[pages] = 1
+        return pages
 
-    def release(self, page: int) -> None:
-        self.refcount[page] -= 1
-        if self.refcount[page] == 0:
-            self.slot_pos[page] = -1
+    def release(self, pages: Iterable[int]) -> None:
+        """Drop one reference to each page; pages nobody holds go back to the free stack."""
+        gone = []
+        for page in pages:
+            self.refcount[page] -= 1
+            if self.refcount[page] == 0:
+                gone.append(page)
+        if gone:
+            idx = torch.tensor(gone, dtype=torch.int64, device=self.slot_pos.device)
+            self.slot_pos[idx] = -1
             if self.key_min is not None:
-                self.key_min[page] = math.inf
-                self.key_max[page] = -math.inf
-            self.free_pages.append(page)
+                self.key_min[idx] = math.inf
+                self.key_max[idx] = -math.inf
+            self.free_pages.extend(gone)
 
     def copy_page(self, src: int, dst: int) -> None:
         self.storage.copy_page(src, dst)
@@ -210,13 +224,53 @@ class _Pool:
         extra = [t for t in (self.key_min, self.key_max, self.scores) if t is not None]
         return [*self.storage.tensors(), self.slot_pos, *extra]
 
+    # ---- the page tables ---------------------------------------------------------------------
+    def ensure_rows(self, rows: int) -> None:
+        if rows > self.table.shape[0]:
+            rows = max(rows, 2 * self.table.shape[0])
+            self.table = np.concatenate([self.table, np.full((rows - self.table.shape[0], self.table.shape[1]), -1,
+                                                             dtype=np.int32)])
+            self.npages = np.concatenate([self.npages, np.zeros(rows - self.npages.shape[0], dtype=np.int64)])
+            self.resident = np.concatenate([self.resident, np.zeros(rows - self.resident.shape[0], dtype=np.int64)])
+
+    def ensure_width(self, width: int) -> None:
+        if width > self.table.shape[1]:
+            width = max(width, 2 * self.table.shape[1], 16)
+            self.table = np.concatenate([self.table, np.full((self.table.shape[0], width - self.table.shape[1]), -1,
+                                                             dtype=np.int32)], axis=1)
+
+    def pages_of(self, row: int) -> list[int]:
+        return self.table[row, :self.npages[row]].tolist()
+
+    def set_pages(self, row: int, pages: Sequence[int]) -> None:
+        self.ensure_width(len(pages))
+        self.table[row] = -1
+        self.table[row, :len(pages)] = pages
+        self.npages[row] = len(pages)
+
+    def free_slots(self, row: int, S: int) -> list[int]:
+        """The row's free slots in the order appends use them."""
+        if row in self.holes:
+            return self.holes[row]
+        n, held = int(self.npages[row]), int(self.resident[row])
+        if n * S == held:
+            return []
+        last = int(self.table[row, n - 1])
+        return list(range(last * S + held - (n - 1) * S, last * S + S))
+
+    def clear_row(self, row: int) -> None:
+        self.table[row] = -1
+        self.npages[row] = 0
+        self.resident[row] = 0
+        self.holes.pop(row, None)
+
 
 class PagedKVStore:
     """Pages of K and V for `num_layers` layers of `num_kv_heads` heads.
 
     Args:
         num_layers, num_kv_heads, head_dim: the model's attention geometry.
-        page_size: token slots per page.
+        page_size: token slots per page (1..MAX_PAGE_SIZE).
         dtype: the compute dtype K and V are read back in (and stored in, for the plain format).
         page_format: one PageFormat for all layers, or one per layer (default: plain `dtype`).
         max_pages: cap on each layer's pool; None grows without bound. Appends beyond it raise
@@ -225,6 +279,16 @@ class PagedKVStore:
             `dtype`: keys are bounded as they read back (rounded to `dtype`), so the bounds are
             exact there, and cost 2/page_size of the key bytes, as in Quest.
         slot_scores: keep a float32 score per slot (for score-based evictors such as H2O).
+
+    Page tables are data: per layer, an int32 `[rows, max_pages]` table (-1 padded) with the
+    pages and resident tokens of each (sequence, KV head) row, updated in place by
+    append/evict/fork/free/compact (`page_tables` hands out `[B, H, P]` views of it).
+
+    Threads: every public method runs under one lock, so a store may be shared by threads (a
+    serving stack's); calls are serialized, not run in parallel. Failure: a call that raises
+    (bad input, `OutOfPages`, a codec that cannot encode) leaves the store as it was. The
+    store's tensors are made outside inference mode, so it can be filled inside
+    `torch.inference_mode()` and freed or appended to outside it.
 
     Example:
         >>> store = PagedKVStore(num_layers=2, num_kv_heads=3, head_dim=64, page_size=16)
@@ -240,116 +304,224 @@ class PagedKVStore:
                  max_pages: int | None = None, key_bounds: bool = False, slot_scores: bool = False):
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("page_size", page_size)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PagedKVStore.{name} must be an int >= 1, got {value!r}")
+        if page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"PagedKVStore.page_size must be <= {MAX_PAGE_SIZE} tokens, got {page_size}; "
+                             "pages of 8 to 128 tokens are usual")
         if max_pages is not None and (not isinstance(max_pages, int) or max_pages < 1):
             raise ValueError(f"PagedKVStore.max_pages must be None or an int >= 1, got {max_pages!r}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"PagedKVStore.dtype must be a floating dtype, got {dtype}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"PagedKVStore.dtype must be a floating torch dtype, got {dtype}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, torch.device(device)
         self.max_pages = max_pages
         formats = page_format if isinstance(page_format, (list, tuple)) else [page_format] * num_layers
         if len(formats) != num_layers:
             raise ValueError(f"got {len(formats)} page formats for {num_layers} layers; give one or one per layer")
-        self._pools = [
-            _Pool((fmt or PlainFormat()).make_storage(page_size, head_dim, dtype, self.device),
-                  page_size, head_dim, self.device, key_bounds, slot_scores, bounds_dtype=dtype)
-            for fmt in formats
-        ]
-        self._seqs: dict[int, list[_SeqLayer]] = {}
+        with torch.inference_mode(False):  # normal tensors: writable inside and outside inference mode
+            self._pools = [
+                _Layer((fmt or PlainFormat()).make_storage(page_size, head_dim, dtype, self.device),
+                       page_size, head_dim, self.device, key_bounds, slot_scores, bounds_dtype=dtype)
+                for fmt in formats
+            ]
+        self._slots: dict[int, int] = {}  # sequence id -> its slot (rows slot*H .. slot*H+H-1)
+        self._free_slots: list[int] = []
+        self._length = np.zeros((0, num_layers), dtype=np.int64)  # [seq slots, layers]
         self._policy_state: dict[int, dict] = {}
         self._next_seq = 0
+        self._lock = threading.RLock()
 
     # ---- sequences -------------------------------------------------------------------------
+    @_locked
     def add_sequence(self) -> int:
         """Start an empty sequence; returns its id."""
         seq = self._next_seq
         self._next_seq += 1
-        self._seqs[seq] = [_SeqLayer(0, [_HeadTable() for _ in range(self.num_kv_heads)])
-                           for _ in range(self.num_layers)]
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = self._length.shape[0]
+            self._length = np.concatenate([self._length, np.zeros((max(1, slot), self.num_layers), np.int64)])
+            self._free_slots = list(range(self._length.shape[0] - 1, slot, -1))
+            for layer in self._pools:
+                layer.ensure_rows(self._length.shape[0] * self.num_kv_heads)
+        self._slots[seq] = slot
+        self._length[slot] = 0
         self._policy_state[seq] = {}
         return seq
 
+    @_locked
     def fork(self, seq: int) -> int:
         """A new sequence sharing every page of `seq` (copied on the first write to either)."""
-        src = self._seq(seq)
-        child = self._next_seq
-        self._next_seq += 1
-        self._seqs[child] = [
-            _SeqLayer(sl.length, [_HeadTable(list(h.pages), list(h.free_slots)) for h in sl.heads])
-            for sl in src
-        ]
-        for pool, sl in zip(self._pools, src):
-            for head in sl.heads:
-                for page in head.pages:
-                    pool.refcount[page] += 1
+        src = self._rows(seq)
+        child = self.add_sequence()
+        dst = self._rows(child)
+        self._length[self._slots[child]] = self._length[self._slots[seq]]
+        for layer in self._pools:
+            layer.table[dst] = layer.table[src]
+            layer.npages[dst] = layer.npages[src]
+            layer.resident[dst] = layer.resident[src]
+            for s, d in zip(src.tolist(), dst.tolist()):
+                if s in layer.holes:
+                    layer.holes[d] = list(layer.holes[s])
+                np.add.at(layer.refcount, layer.table[s, :layer.npages[s]], 1)
         self._policy_state[child] = dict(self._policy_state[seq])
         return child
 
+    @_locked
     def free(self, seq: int) -> None:
         """Drop a sequence; pages no other sequence shares go back to their pools."""
-        layers = self._seq(seq)
-        for pool, sl in zip(self._pools, layers):
-            for head in sl.heads:
-                for page in head.pages:
-                    pool.release(page)
-        del self._seqs[seq]
+        rows = self._rows(seq)
+        for layer in self._pools:
+            for row in rows.tolist():
+                layer.release(layer.pages_of(row))
+                layer.clear_row(row)
+        self._free_slots.append(self._slots.pop(seq))
         del self._policy_state[seq]
 
     def policy_state(self, seq: int) -> dict:
         """A per-sequence dict where policies keep what outlives one step (a selection reused
         across steps or layers, decayed scores). Dropped with the sequence; `fork` copies it."""
-        self._seq(seq)
+        self._slot(seq)
         return self._policy_state[seq]
 
     def sequences(self) -> list[int]:
-        return list(self._seqs)
+        return list(self._slots)
 
     def length(self, seq: int, layer: int = 0) -> int:
         """Positions appended to (seq, layer), evicted ones included."""
-        return self._seq(seq)[self._check_layer(layer)].length
+        return int(self._length[self._slot(seq), self._check_layer(layer)])
+
+    def lengths(self, seqs: Sequence[int], layer: int = 0) -> np.ndarray:
+        """`length` of several sequences: `[B]` int64 (a copy)."""
+        return self._length[[self._slot(s) for s in seqs], self._check_layer(layer)]
 
     # ---- writing ---------------------------------------------------------------------------
+    @_locked
     def append(self, seq: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append T tokens' K and V (`[T, H, D]` each) to (seq, layer); returns their positions `[T]`.
 
         Raises:
-            ValueError/TypeError: on shapes or dtypes that do not match the store.
+            ValueError/TypeError: on shapes or dtypes that do not match the store, or non-finite
+                K/V for a layer whose codec encodes them (quantized, low-rank pages).
             OutOfPages: when the pool cannot hold them; the store is then unchanged.
         """
-        sl = self._seq(seq)[self._check_layer(layer)]
-        self._check_kv(k, v)
-        T, S = k.shape[0], self.page_size
+        slot = self._slot(seq)
+        pool = self._pools[self._check_layer(layer)]
+        self._check_kv(k, v, pool)
+        T, S, H = k.shape[0], self.page_size, self.num_kv_heads
         if T == 0:
             return torch.empty(0, dtype=torch.int64)
-        pool = self._pools[layer]
+        rows = [slot * H + h for h in range(H)]
         # Plan first, so that a failure leaves everything as it was.
         plans = []
-        for head in sl.heads:
-            reuse = head.free_slots[:T]
-            new_pages = -(-(T - len(reuse)) // S)
-            shared = {s // S for s in reuse if pool.refcount[s // S] > 1}
-            plans.append((new_pages, shared))
-        needed = sum(n + len(shared) for n, shared in plans)
-        self._reserve(layer, needed, f"append of {T} tokens to seq {seq}")
+        for row in rows:
+            free = pool.free_slots(row, S)
+            shared = sorted({s // S for s in free[:T] if pool.refcount[s // S] > 1})
+            plans.append((free, -(-(T - len(free[:T])) // S), shared))
+        self._reserve(layer, sum(n + len(shared) for _, n, shared in plans), f"append of {T} tokens to seq {seq}")
         flat: list[int] = []
-        for head, (new_pages, shared) in zip(sl.heads, plans):
-            for page in shared:
-                self._copy_on_write(pool, head, page)
-            for _ in range(new_pages):
-                page = pool.take_page()
-                head.pages.append(page)
-                head.free_slots.extend(range(page * S, page * S + S))
-            flat.extend(head.free_slots[:T])
-            del head.free_slots[:T]
+        taken: list[int] = []
+        moves = []  # per row: shared page -> its copy, new pages, the new pages' slots left free
+        for free, new_pages, shared in plans:
+            remap = dict(zip(shared, pool.take_pages(len(shared))))
+            fresh = pool.take_pages(new_pages)
+            taken += [*remap.values(), *fresh]
+            fresh_slots = [p * S + i for p in fresh for i in range(S)]
+            use = len(free[:T])
+            flat += [remap.get(s // S, s // S) * S + s % S for s in free[:T]] + fresh_slots[:T - use]
+            moves.append((remap, fresh, fresh_slots[T - use:]))
         idx = torch.tensor(flat, dtype=torch.int64, device=self.device)  # [H*T], head-major
+        start = int(self._length[slot, layer])
+        positions = torch.arange(start, start + T, dtype=torch.int64, device=self.device)
+        try:
+            for remap, _, _ in moves:
+                for src, dst in remap.items():
+                    pool.copy_page(src, dst)
+            self._write(pool, idx, positions.repeat(H), k.transpose(0, 1).reshape(-1, self.head_dim),
+                        v.transpose(0, 1).reshape(-1, self.head_dim))
+        except BaseException:
+            pool.release(taken)  # nobody lists them yet: back to the pool
+            raise
+        for row, (free, _, _), (remap, fresh, spare) in zip(rows, plans, moves):
+            if remap:
+                pool.set_pages(row, [remap.get(p, p) for p in pool.pages_of(row)])
+                pool.refcount[list(remap)] -= 1
+            if fresh:
+                n = int(pool.npages[row])
+                pool.ensure_width(n + len(fresh))
+                pool.table[row, n:n + len(fresh)] = fresh
+                pool.npages[row] = n + len(fresh)
+            if row in pool.holes:  # a clean row stays clean: its free slots are its last page's tail
+                pool.holes[row] = [remap.get(s // S, s // S) * S + s % S for s in free[T:]] + spare
+            pool.resident[row] += T
+        self._length[slot, layer] += T
+        return positions
+
+    @_locked
+    def append_step(self, seqs: Sequence[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one token to each of `seqs` (k, v `[B, H, D]`): the decode step, vectorized
+        over sequences and heads when every row is clean (nothing evicted into it, no page
+        shared with a fork where the token lands); else one `append` per sequence.
+
+        Raises as `append`; on `OutOfPages` no sequence got its token.
+        """
+        pool = self._pools[self._check_layer(layer)]
+        B, H, S = len(seqs), self.num_kv_heads, self.page_size
+        if k.dim() != 3 or k.shape[0] != B:
+            raise ValueError(f"k must be [num_seqs, num_kv_heads, head_dim] = [{B}, {H}, {self.head_dim}], "
+                             f"got {list(k.shape)}")
+        self._check_kv(k, v, pool)
+        slots = np.array([self._slot(s) for s in seqs], dtype=np.int64)
+        rows = (slots[:, None] * H + np.arange(H)).reshape(-1)  # [B*H]
+        n, held = pool.npages[rows], pool.resident[rows]
+        full = n * S == held
+        pool.ensure_width(int(n.max()) + 1)
+        last = pool.table[rows, np.maximum(n - 1, 0)]
+        dirty = any(r in pool.holes for r in rows.tolist()) or bool((pool.refcount[last[~full]] > 1).any())
+        if dirty or len(set(slots.tolist())) != B:
+            if len(set(slots.tolist())) != B:
+                raise ValueError(f"append_step: a sequence is listed twice in {list(seqs)}")
+            return self._append_each(seqs, layer, k, v)
+        need = int(full.sum())
+        self._reserve(layer, need, f"decode step of {B} sequences")
+        fresh = np.array(pool.take_pages(need), dtype=np.int64)
+        page = last.astype(np.int64)
+        page[full] = fresh
+        idx = torch.from_numpy(page * S + held % S).to(self.device)  # [B*H] flat slots
+        pos = torch.from_numpy(np.repeat(self._length[slots, layer], H)).to(self.device)
+        try:
+            self._write(pool, idx, pos, k.reshape(B * H, -1), v.reshape(B * H, -1))
+        except BaseException:
+            pool.release(fresh.tolist())
+            raise
+        if need:
+            grow = rows[full]
+            pool.table[grow, n[full]] = fresh
+            pool.npages[grow] += 1
+        pool.resident[rows] += 1
+        self._length[slots, layer] += 1
+
+    def _append_each(self, seqs: Sequence[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        done = []
+        try:
+            for b, seq in enumerate(seqs):
+                self.append(seq, layer, k[b:b + 1], v[b:b + 1])
+                done.append(seq)
+        except BaseException:
+            for seq in done:  # all or nothing: take the token back from the ones that got it
+                self._truncate(seq, layer, self.length(seq, layer) - 1)
+            raise
+
+    def _write(self, pool: _Layer, idx: torch.Tensor, positions: torch.Tensor, k_rows: torch.Tensor,
+               v_rows: torch.Tensor) -> None:
+        """Store tokens at flat slots `idx` `[n]`: K/V through the page format, then positions
+        and summaries (after the format, which is the part that can fail)."""
+        S = self.page_size
         pages, slots = idx // S, idx % S
-        k_rows = k.transpose(0, 1).reshape(-1, self.head_dim)  # [H*T, D]
-        v_rows = v.transpose(0, 1).reshape(-1, self.head_dim)
         pool.storage.write(pages, slots, k_rows, v_rows)
-        positions = torch.arange(sl.length, sl.length + T, dtype=torch.int64, device=self.device)
-        pool.slot_pos.view(-1)[idx] = positions.repeat(self.num_kv_heads).to(torch.int32)
+        pool.slot_pos.view(-1)[idx] = positions.to(torch.int32)
         if pool.key_min is not None:
             # bound the keys as they are read back (rounded to the store's dtype), not as given
             rows = k_rows.to(self.dtype).to(pool.key_min.dtype)
@@ -357,22 +529,32 @@ class PagedKVStore:
             pool.key_max.index_reduce_(0, pages, rows, "amax")
         if pool.scores is not None:
             pool.scores.view(-1)[idx] = 0.0
-        sl.length += T
-        return positions
 
+    def _truncate(self, seq: int, layer: int, length: int) -> None:
+        """Forget positions `length ..` of (seq, layer): the undo of a partial step."""
+        slot = self._slot(seq)
+        for head in range(self.num_kv_heads):
+            pos = self.positions(seq, layer, head)
+            gone = pos[pos >= length]
+            if gone.numel():
+                self.evict(seq, layer, head, gone)
+        self._length[slot, layer] = length
+
+    @_locked
     def evict(self, seq: int, layer: int, head: int, positions: torch.Tensor | Iterable[int]) -> int:
         """Free the slots holding `positions` of (seq, layer, head); returns how many were freed.
 
         Pages left empty go back to the pool. Raises ValueError (store unchanged) when a
         position is not resident.
         """
-        table = self._head(seq, layer, head)
+        row = self._row(seq, layer, head)
+        pool, S = self._pools[layer], self.page_size
         want = torch.as_tensor(list(positions) if not torch.is_tensor(positions) else positions,
                                dtype=torch.int64, device=self.device).unique()
         if want.numel() == 0:
             return 0
-        pool, S = self._pools[layer], self.page_size
-        pages = torch.tensor(table.pages, dtype=torch.int64, device=self.device)
+        table = pool.pages_of(row)
+        pages = torch.tensor(table, dtype=torch.int64, device=self.device)
         sp = pool.slot_pos[pages].to(torch.int64)  # [P, S]
         hit = torch.isin(sp, want) & (sp >= 0)
         if int(hit.sum()) != want.numel():
@@ -383,16 +565,26 @@ class PagedKVStore:
         touched = sorted(set(pages[p_idx].tolist()))
         shared = [p for p in touched if pool.refcount[p] > 1]
         self._reserve(layer, len(shared), f"evict from shared pages of seq {seq}")
-        remap = {p: self._copy_on_write(pool, table, p) for p in shared}
+        free = pool.free_slots(row, S)
+        remap = dict(zip(shared, pool.take_pages(len(shared))))
+        for src, dst in remap.items():
+            pool.copy_page(src, dst)
         flat_pages = [remap.get(p, p) for p in pages[p_idx].tolist()]
         idx = torch.tensor(flat_pages, dtype=torch.int64, device=self.device) * S + s_idx
         pool.slot_pos.view(-1)[idx] = -1
         if pool.scores is not None:
             pool.scores.view(-1)[idx] = 0.0
-        table.free_slots.extend(idx.tolist())
-        self._release_empty(pool, table, {remap.get(p, p) for p in touched})
+        if remap:
+            pool.refcount[list(remap)] -= 1
+            table = [remap.get(p, p) for p in table]
+            free = [remap.get(s // S, s // S) * S + s % S for s in free]
+        pool.holes[row] = free + idx.tolist()
+        pool.set_pages(row, table)
+        pool.resident[row] -= int(want.numel())
+        self._release_empty(pool, row, {remap.get(p, p) for p in touched})
         return int(want.numel())
 
+    @_locked
     def compact(self, layers: Iterable[int] | None = None) -> int:
         """Give back the memory eviction left unused; returns the bytes released.
 
@@ -406,14 +598,15 @@ class PagedKVStore:
         Selections that policies reuse across steps (`policy_state`) are dropped: page ids change.
         """
         before = self.nbytes()
-        for layer in range(self.num_layers) if layers is None else layers:
-            pool = self._pools[self._check_layer(layer)]
-            if not isinstance(pool.storage, DenseStorage):
-                continue
-            for seq_layers in self._seqs.values():
-                for table in seq_layers[layer].heads:
-                    self._pack(pool, table)
-            self._shrink(pool, layer)
+        with torch.inference_mode(False):  # the shrunk pool: normal tensors, writable in any mode
+            for layer in range(self.num_layers) if layers is None else layers:
+                pool = self._pools[self._check_layer(layer)]
+                if not isinstance(pool.storage, DenseStorage):
+                    continue
+                for slot in self._slots.values():
+                    for row in range(slot * self.num_kv_heads, (slot + 1) * self.num_kv_heads):
+                        self._pack(pool, row)
+                self._shrink(pool)
         for state in self._policy_state.values():
             state.clear()
         return before - self.nbytes()
@@ -421,46 +614,53 @@ class PagedKVStore:
     # ---- reading ---------------------------------------------------------------------------
     def page_table(self, seq: int, layer: int, head: int) -> list[int]:
         """The pages of (seq, layer, head), in allocation order (a copy)."""
-        return list(self._head(seq, layer, head).pages)
+        return self._pools[layer].pages_of(self._row(seq, layer, head))
 
+    @_locked
     def page_tables(self, seqs: Sequence[int], layer: int,
                     heads: Sequence[int] | None = None) -> torch.Tensor:
-        """Page tables of several sequences: `[B, H, P]` int64, `-1` padded."""
-        heads = range(self.num_kv_heads) if heads is None else heads
-        rows = [[self._head(s, layer, h).pages for h in heads] for s in seqs]
-        width = max((len(p) for r in rows for p in r), default=0)
-        out = np.full((len(rows), len(heads), width), -1, dtype=np.int64)  # numpy takes lists ~3x faster
-        for b, r in enumerate(rows):
-            for h, p in enumerate(r):
-                out[b, h, :len(p)] = p
-        return torch.from_numpy(out).to(self.device)
+        """Page tables of several sequences: `[B, H, P]` int64, `-1` padded (P: the longest)."""
+        pool = self._pools[self._check_layer(layer)]
+        rows = self.rows(seqs, heads)  # [B, H]
+        width = int(pool.npages[rows].max()) if rows.size else 0
+        return torch.from_numpy(pool.table[rows, :width].astype(np.int64)).to(self.device)
+
+    def rows(self, seqs: Sequence[int], heads: Sequence[int] | None = None) -> np.ndarray:
+        """`[B, H]` the page-table rows of (sequence, KV head): `slot * num_kv_heads + head`."""
+        slots = np.array([self._slot(s) for s in seqs], dtype=np.int64)
+        heads = np.arange(self.num_kv_heads) if heads is None else np.asarray(list(heads), dtype=np.int64)
+        return slots[:, None] * self.num_kv_heads + heads[None, :]
+
+    def table_arrays(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`layer`'s page tables as they are kept: table `[R, W]` int32 (-1 padded), pages `[R]`
+        and resident tokens `[R]` per row (see `rows`). Views, not copies: read, don't write."""
+        pool = self._pools[self._check_layer(layer)]
+        return pool.table, pool.npages, pool.resident
 
     def nothing_evicted(self, seqs: Sequence[int], layer: int, heads: Sequence[int] | None = None) -> bool:
         """Whether every listed (seq, KV head) of `layer` still holds every position appended to
         it. Then entry j of its page table holds positions `j*S .. j*S+S-1` (appends fill free
         slots in order, copy-on-write keeps slot offsets), so selectors can work from the lengths
         alone instead of per-slot positions."""
-        heads = range(self.num_kv_heads) if heads is None else heads
-        for s in seqs:
-            sl = self._seq(s)[self._check_layer(layer)]
-            if any(sl.heads[h].resident(self.page_size) != sl.length for h in heads):
-                return False
-        return True
+        pool = self._pools[self._check_layer(layer)]
+        rows = self.rows(seqs, heads)
+        lengths = self._length[rows[:, 0] // self.num_kv_heads, layer]
+        return bool((pool.resident[rows] == lengths[:, None]).all())
 
     def num_resident(self, seq: int, layer: int, head: int) -> int:
         """Tokens (seq, layer, head) holds now."""
-        table = self._head(seq, layer, head)
-        return table.resident(self.page_size)
+        return int(self._pools[layer].resident[self._row(seq, layer, head)])
 
     def positions(self, seq: int, layer: int, head: int) -> torch.Tensor:
         """Resident positions of (seq, layer, head), ascending: `[n]` int64."""
         return self.read(seq, layer, head, with_kv=False)[0]
 
+    @_locked
     def read(self, seq: int, layer: int, head: int, with_kv: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Resident tokens of (seq, layer, head) in position order: positions `[n]`, k, v `[n, D]`."""
-        table, pool = self._head(seq, layer, head), self._pools[layer]
-        pages = torch.tensor(table.pages, dtype=torch.int64, device=self.device)
+        pool = self._pools[layer]
+        pages = torch.tensor(pool.pages_of(self._row(seq, layer, head)), dtype=torch.int64, device=self.device)
         sp = pool.slot_pos[pages].reshape(-1).to(torch.int64)  # [P*S]
         keep = (sp >= 0).nonzero(as_tuple=True)[0]
         order = keep[sp[keep].argsort()]
@@ -497,11 +697,12 @@ class PagedKVStore:
         """Bytes of every tensor the store allocated: K/V storage, slot positions, summaries."""
         return sum(t.numel() * t.element_size() for pool in self._pools for t in pool.tensors())
 
+    @_locked
     def stats(self) -> StoreStats:
         capacity = sum(p.capacity for p in self._pools)
         free = sum(len(p.free_pages) for p in self._pools)
-        resident = sum(h.resident(self.page_size) for layers in self._seqs.values() for sl in layers for h in sl.heads)
-        appended = sum(sl.length for layers in self._seqs.values() for sl in layers)
+        resident = sum(int(p.resident.sum()) for p in self._pools)
+        appended = int(self._length[list(self._slots.values())].sum()) if self._slots else 0
         return StoreStats(
             pages_capacity=capacity, pages_used=capacity - free, pages_free=free,
             tokens_resident=resident, nbytes=self.nbytes(),
@@ -509,24 +710,29 @@ class PagedKVStore:
         )
 
     # ---- internals -------------------------------------------------------------------------
-    def _seq(self, seq: int) -> list[_SeqLayer]:
+    def _slot(self, seq: int) -> int:
         try:
-            return self._seqs[seq]
+            return self._slots[seq]
         except (KeyError, TypeError):
-            raise UnknownSequence(f"sequence {seq!r} is not in the store (known: {sorted(self._seqs)[:16]})") from None
+            raise UnknownSequence(f"sequence {seq!r} is not in the store (known: {sorted(self._slots)[:16]})") from None
+
+    def _rows(self, seq: int) -> np.ndarray:
+        slot = self._slot(seq)
+        return np.arange(slot * self.num_kv_heads, (slot + 1) * self.num_kv_heads)
 
     def _check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
-        return layer
+        return int(layer)
 
-    def _head(self, seq: int, layer: int, head: int) -> _HeadTable:
-        sl = self._seq(seq)[self._check_layer(layer)]
-        if not isinstance(head, int) or not 0 <= head < self.num_kv_heads:
+    def _row(self, seq: int, layer: int, head: int) -> int:
+        slot = self._slot(seq)
+        self._check_layer(layer)
+        if not isinstance(head, (int, np.integer)) or not 0 <= head < self.num_kv_heads:
             raise ValueError(f"head must be an int in [0, {self.num_kv_heads}), got {head!r}")
-        return sl.heads[head]
+        return slot * self.num_kv_heads + int(head)
 
-    def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, pool: _Layer) -> None:
         for name, t in (("k", k), ("v", v)):
             if not torch.is_tensor(t):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -537,6 +743,9 @@ class PagedKVStore:
                 raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
             if t.device != self.device and not (t.device.type == self.device.type == "cpu"):
                 raise ValueError(f"{name} is on {t.device}, the store on {self.device}")
+            if not isinstance(pool.storage, DenseStorage) and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} holds NaN or inf; {type(pool.storage).__name__} pages cannot encode "
+                                 "them (check the model's activations). The store is unchanged.")
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k has {k.shape[0]} tokens, v {v.shape[0]}; they must match")
 
@@ -552,27 +761,22 @@ class PagedKVStore:
                              f"(max_pages={self.max_pages}). Free sequences, evict, or build the store "
                              "with more pages. The store is unchanged.")
         short = pages - len(pool.free_pages)
-        target = max(pool.capacity + short, math.ceil(pool.capacity * 1.25), pool.capacity + 16)
-        pool.grow(int(min(target, limit)))
+        # grow by a quarter, and by at least 16 pages' worth of 16-token pages (fewer big pages)
+        target = max(pool.capacity + short, math.ceil(pool.capacity * 1.25),
+                     pool.capacity + max(1, 256 // self.page_size))
+        with torch.inference_mode(False):  # see __init__
+            pool.grow(int(min(target, limit)))
 
-    def _copy_on_write(self, pool: _Pool, table: _HeadTable, page: int) -> int:
-        new = pool.take_page()
-        pool.copy_page(page, new)
-        pool.refcount[page] -= 1
-        table.pages[table.pages.index(page)] = new
-        S = self.page_size
-        table.free_slots = [new * S + s % S if s // S == page else s for s in table.free_slots]
-        return new
-
-    def _pack(self, pool: _Pool, table: _HeadTable) -> None:
-        """Move (seq, layer, head)'s resident tokens, in position order, to the front of its own
-        pages; release the pages left empty. Skipped when a page is shared."""
+    def _pack(self, pool: _Layer, row: int) -> None:
+        """Move a row's resident tokens, in position order, to the front of its own pages;
+        release the pages left empty. Skipped when a page is shared."""
         S, D = self.page_size, self.head_dim
-        held = table.resident(S)
+        table = pool.pages_of(row)
+        held = int(pool.resident[row])
         need = -(-held // S)
-        if need == len(table.pages) or any(pool.refcount[p] > 1 for p in table.pages):
+        if (need == len(table) and row not in pool.holes) or any(pool.refcount[p] > 1 for p in table):
             return
-        pages = torch.tensor(table.pages, dtype=torch.int64, device=self.device)
+        pages = torch.tensor(table, dtype=torch.int64, device=self.device)
         sp = pool.slot_pos[pages].reshape(-1).to(torch.int64)
         live = (sp >= 0).nonzero(as_tuple=True)[0]
         order = live[sp[live].argsort()]
@@ -593,37 +797,36 @@ class PagedKVStore:
             rows = pool.storage.k[keep].to(pool.key_min.dtype)  # [need, S, D]
             pool.key_min[keep] = torch.where(filled, rows, math.inf).amin(1)
             pool.key_max[keep] = torch.where(filled, rows, -math.inf).amax(1)
-        for page in table.pages[need:]:
-            pool.release(page)
-        table.pages = table.pages[:need]
-        table.free_slots = [table.pages[-1] * S + s for s in range(held - (need - 1) * S, S)] if need else []
+        pool.release(table[need:])
+        pool.set_pages(row, table[:need])
+        pool.holes.pop(row, None)  # packed: clean again
 
-    def _shrink(self, pool: _Pool, layer: int) -> None:
+    def _shrink(self, pool: _Layer) -> None:
         """Drop the free pages of a pool and renumber the pages in use, in order."""
-        used = [p for p in range(pool.capacity) if pool.refcount[p] > 0]
+        used = np.flatnonzero(pool.refcount > 0)
         if len(used) == pool.capacity:
             return
-        idx = torch.tensor(used, dtype=torch.int64, device=self.device)
+        idx = torch.from_numpy(used).to(self.device)
         pool.storage.k = pool.storage.k.index_select(0, idx)
         pool.storage.v = pool.storage.v.index_select(0, idx)
         pool.slot_pos = pool.slot_pos.index_select(0, idx)
         for name in ("key_min", "key_max", "scores"):
             if getattr(pool, name) is not None:
                 setattr(pool, name, getattr(pool, name).index_select(0, idx))
-        pool.refcount = [pool.refcount[p] for p in used]
+        new_id = np.full(pool.capacity + 1, -1, dtype=np.int32)  # old id -> new; -1 stays -1 (index -1)
+        new_id[used] = np.arange(len(used), dtype=np.int32)
+        pool.refcount = pool.refcount[used]
         pool.free_pages, pool.capacity = [], len(used)
-        new_id, S = {old: i for i, old in enumerate(used)}, self.page_size
-        for seq_layers in self._seqs.values():
-            for table in seq_layers[layer].heads:
-                table.pages = [new_id[p] for p in table.pages]
-                table.free_slots = [new_id[s // S] * S + s % S for s in table.free_slots]
+        pool.table = new_id[pool.table]
+        S = self.page_size
+        for row, free in pool.holes.items():
+            pool.holes[row] = [int(new_id[s // S]) * S + s % S for s in free]
 
-    def _release_empty(self, pool: _Pool, table: _HeadTable, pages: set[int]) -> None:
+    def _release_empty(self, pool: _Layer, row: int, pages: set[int]) -> None:
         empty = [p for p in pages if not bool((pool.slot_pos[p] >= 0).any())]
         if not empty:
             return
         S, gone = self.page_size, set(empty)
-        table.pages = [p for p in table.pages if p not in gone]
-        table.free_slots = [s for s in table.free_slots if s // S not in gone]
-        for p in empty:
-            pool.release(p)
+        pool.set_pages(row, [p for p in pool.pages_of(row) if p not in gone])
+        pool.holes[row] = [s for s in pool.holes[row] if s // S not in gone]
+        pool.release(empty)

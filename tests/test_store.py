@@ -271,3 +271,120 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_store_state_machine = StoreMachine.TestCase
+
+
+# ---- the decode step, threads, failures ------------------------------------------------------------
+def test_append_step_equals_one_append_per_sequence():
+    """The vectorized decode write lands every token where `append` would, page tables included,
+    across page boundaries, ragged lengths and a fork's shared page."""
+    a, b = make(key_bounds=True), make(key_bounds=True)
+    for store in (a, b):
+        for n in (3, 4, 9):
+            s = store.add_sequence()
+            store.append(s, 0, *kv(n, seed=n))
+        store.fork(0)
+    seqs = a.sequences()
+    for step in range(6):
+        k, v = kv(len(seqs), seed=100 + step)
+        a.append_step(seqs, 0, k, v)
+        for i, s in enumerate(seqs):
+            b.append(s, 0, k[i:i + 1], v[i:i + 1])
+    for s in seqs:
+        for h in range(H):
+            assert a.page_table(s, 0, h) == b.page_table(s, 0, h)
+            pa, ka, va = a.read(s, 0, h)
+            pb, kb, vb = b.read(s, 0, h)
+            assert torch.equal(pa, pb) and torch.equal(ka, kb) and torch.equal(va, vb)
+    assert torch.equal(a.key_bounds(0)[0], b.key_bounds(0)[0])
+    assert torch.equal(a.page_tables(seqs, 0), b.page_tables(seqs, 0))
+
+
+def test_append_step_out_of_pages_gives_no_sequence_its_token():
+    store = make(max_pages=4)
+    s1, s2 = store.add_sequence(), store.add_sequence()
+    store.append(s1, 0, *kv(4))
+    store.append(s2, 0, *kv(4))  # 4 pages, all full
+    before = store.stats()
+    with pytest.raises(OutOfPages, match="unchanged"):
+        store.append_step([s1, s2], 0, *kv(2))
+    assert store.stats() == before and store.length(s1, 0) == store.length(s2, 0) == 4
+
+
+def test_threads_appending_to_different_sequences_read_back_exactly():
+    """Two threads per trial, each appending and evicting its own sequences while the pool
+    grows: every token reads back as written."""
+    import threading
+
+    for trial in range(4):
+        store = make()
+        errors, written = [], {}
+
+        def work(worker):
+            try:
+                seqs = [store.add_sequence() for _ in range(3)]
+                for step in range(12):
+                    for s in seqs:
+                        k, v = kv(1 + (step + s) % 5, seed=1000 * worker + 10 * step + s)
+                        pos = store.append(s, 0, k, v)
+                        written.setdefault(s, {}).update({int(p): (k[i], v[i]) for i, p in enumerate(pos)})
+                    store.append_step(seqs, 1, *kv(3, seed=worker + step))
+                    if step % 4 == 3:
+                        gone = store.positions(seqs[0], 0, 0)[:2]
+                        for h in range(H):
+                            store.evict(seqs[0], 0, h, gone)
+                        for p in gone.tolist():
+                            del written[seqs[0]][p]
+                fork = store.fork(seqs[1])
+                store.append(fork, 0, *kv(2, seed=worker))
+                store.free(fork)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for s, tokens in written.items():
+            for h in range(H):
+                pos, k, v = store.read(s, 0, h)
+                assert pos.tolist() == sorted(tokens)
+                for i, p in enumerate(pos.tolist()):
+                    assert torch.equal(k[i], tokens[p][0][h]) and torch.equal(v[i], tokens[p][1][h])
+
+
+def test_a_store_filled_in_inference_mode_frees_and_appends_outside_it():
+    store = make(key_bounds=True)
+    with torch.inference_mode():
+        seq = store.add_sequence()
+        store.append(seq, 0, *kv(9))
+    store.free(seq)
+    assert store.stats().pages_used == 0
+    seq = store.add_sequence()
+    store.append(seq, 0, *kv(5))  # outside inference mode, into a pool grown inside it
+    assert store.positions(seq, 0, 1).tolist() == list(range(5))
+    with pytest.raises(UnknownSequence):
+        store.free(seq + 100)
+
+
+def test_nan_keys_into_an_encoding_codec_are_refused_and_change_nothing():
+    from kvkit.policies.codecs.quant import Int8Codec
+    store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=Int8Codec())
+    seq = store.add_sequence()
+    store.append(seq, 0, *kv(3))
+    before = store.stats()
+    k, v = kv(6, seed=1)
+    k[4, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf.*unchanged"):
+        store.append(seq, 0, k, v)
+    assert store.stats() == before and store.length(seq, 0) == 3
+
+
+def test_page_size_is_bounded_and_the_pool_grows_in_proportion():
+    with pytest.raises(ValueError, match="page_size must be <= 4096"):
+        PagedKVStore(1, 1, 8, page_size=65536)
+    store = PagedKVStore(1, 3, 64, page_size=4096, dtype=torch.bfloat16)
+    seq = store.add_sequence()
+    store.append(seq, 0, torch.randn(297, 3, 64), torch.randn(297, 3, 64))
+    assert store.stats().pages_capacity == 3  # one page per head, not a 16-page slab
