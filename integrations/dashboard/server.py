@@ -11,6 +11,9 @@ The page (``static/index.html`` with the vendored uPlot, so it works offline) fe
 
 It binds 127.0.0.1 unless told otherwise, and prints its URL on the first line of stdout.
 
+A failed poll (no answer, HTML, a malformed line) becomes the snapshot's one-line ``error`` and
+polling goes on; the next good read clears it.
+
 Example::
 
     kvkit demo --metrics-port 9400 &
@@ -26,12 +29,13 @@ import json
 import logging
 import mimetypes
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .sources import MetricsSource, PromSource, Source, snapshot
+from .sources import MetricsSource, PromSource, Source, excerpt, snapshot
 
 STATIC = Path(__file__).resolve().parent / "static"
 log = logging.getLogger(__name__)
@@ -62,8 +66,14 @@ class Dashboard:
         self._thread.join(timeout=self.interval + 10)
 
     def poll(self) -> dict[str, Any]:
-        """Take one snapshot now and keep it."""
-        snap = snapshot(self.source)
+        """Take one snapshot now and keep it; any failure is its ``error``, never an exception."""
+        try:
+            snap = snapshot(self.source)
+        except Exception as exc:  # noqa: BLE001 (a source bug must not end polling)
+            snap = {"time": time.time(), "source": self.source.kind, "url": self.source.url,
+                    "error": f"reading {self.source.url} failed: {type(exc).__name__}: "
+                             f"{excerpt(str(exc))}",
+                    "kv": {}, "experts": {}, "totals": {}}
         if snap["error"]:
             log.warning("kvkit dashboard: %s", snap["error"])
         with self._lock:
@@ -158,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the dashboard until interrupted; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    source: Source = (PromSource(args.prometheus, window=args.window) if args.prometheus
-                      else MetricsSource(args.metrics_url))
     try:
+        source: Source = (PromSource(args.prometheus, window=args.window) if args.prometheus
+                          else MetricsSource(args.metrics_url))
         dashboard = Dashboard(source, interval=args.interval, history=args.history)
         server = make_server(dashboard, args.addr, args.port)
     except (ValueError, OSError) as exc:

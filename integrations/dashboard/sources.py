@@ -8,6 +8,10 @@ reading into the JSON the page draws:
   takes rates as the change since its previous scrape (the first scrape has no rates).
 - ``PromSource`` asks a Prometheus server's HTTP query API: current sums for gauges and counters,
   ``rate(...[window])`` for rates, summed over every scraped kvkit process.
+
+Both take only http(s) URLs. Whatever goes wrong in a read (no answer, HTML, a malformed line,
+broken JSON) raises ``SourceError`` with a one-line message quoting at most a short excerpt of
+the response, and ``snapshot()`` turns it into the snapshot's ``error`` field.
 """
 
 from __future__ import annotations
@@ -78,6 +82,32 @@ class SourceError(RuntimeError):
     """The metrics endpoint or Prometheus server could not be read; the message says why."""
 
 
+EXCERPT_CHARS = 60  # of a bad response, quoted in the error message
+
+
+def excerpt(text: str | bytes) -> str:
+    """The first ``EXCERPT_CHARS`` characters of ``text`` as one quoted line (for error messages)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    short = text[:EXCERPT_CHARS]
+    return repr(short) + ("..." if len(text) > EXCERPT_CHARS else "")
+
+
+def check_url(url: str, option: str, example: str) -> str:
+    """Return ``url`` if it is an http(s) URL with a host; raise a one-line ValueError if not.
+
+    Other schemes are refused: urllib would read ``file://`` (any local file) and more.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed [ipv6 bracket
+        ok = False
+    if not ok:
+        raise ValueError(f"{option} must be an http(s) URL such as {example}, got {excerpt(url)}")
+    return url
+
+
 def _get(url: str, timeout: float) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's URL)
@@ -96,7 +126,12 @@ def _add(table: PerPolicy, policy: str, name: str, value: float) -> None:
 
 # --- a /metrics endpoint ----------------------------------------------------------------------
 def parse_exposition(text: str) -> tuple[PerPolicy, PerPolicy, dict[str, list[float]]]:
-    """Sum kvkit samples by policy: (gauges, counters, latest sparsity values per policy)."""
+    """Sum kvkit samples by policy: (gauges, counters, latest sparsity values per policy).
+
+    Raises:
+        ValueError: ``text`` is not the Prometheus text format (prometheus-client's message,
+            which may quote the offending line in full).
+    """
     by_sample = {v: k for k, v in {**KV_GAUGES, **KV_COUNTERS, **EXPERT_COUNTERS}.items()}
     gauges: PerPolicy = {}
     counters: PerPolicy = {}
@@ -121,14 +156,20 @@ class MetricsSource:
     kind = "metrics"
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
-        self.url = url
+        self.url = check_url(url, "--metrics-url", "http://127.0.0.1:9400/metrics")
         self.timeout = timeout
         self._previous: tuple[float, PerPolicy] | None = None
 
     def read(self) -> Reading:
+        """Scrape once. Raises ``SourceError`` (one line) if the URL gives no Prometheus text."""
         text = _get(self.url, self.timeout).decode("utf-8", errors="replace")
         now = time.monotonic()
-        gauges, counters, sparsity = parse_exposition(text)
+        try:
+            gauges, counters, sparsity = parse_exposition(text)
+        except ValueError as exc:
+            raise SourceError(f"{self.url} answered, but not Prometheus text ({excerpt(str(exc))}; "
+                              f"the body starts {excerpt(text)}). Is --metrics-url a kvkit "
+                              "/metrics endpoint?") from None
         for policy, values in sparsity.items():
             gauges.setdefault(policy, {})["last_sparsity"] = sum(values) / len(values)
         rates = None
@@ -158,7 +199,7 @@ class PromSource:
     kind = "prometheus"
 
     def __init__(self, url: str, window: str = "1m", timeout: float = 5.0) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url, "--prometheus", "http://127.0.0.1:9090").rstrip("/")
         self.window = window
         self.timeout = timeout
         gauges = {**KV_GAUGES}
@@ -172,20 +213,41 @@ class PromSource:
         }
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        """Run an instant query; return its ``result`` list (vector samples)."""
+        """Run an instant query; return its ``result`` list (vector samples).
+
+        Raises:
+            SourceError: no answer, an answer that is not the query API's JSON, or a refusal.
+        """
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        body = json.loads(_get(url, self.timeout))
-        if body.get("status") != "success":
-            raise SourceError(f"Prometheus at {self.url} refused the query: "
-                              f"{body.get('errorType')}: {body.get('error')}")
-        return body["data"]["result"]
+        raw = _get(url, self.timeout)
+        try:
+            body = json.loads(raw)
+            status = body.get("status")
+        except (ValueError, AttributeError):
+            raise self._bad_answer(raw) from None
+        if status != "success":
+            reason = f"{body.get('errorType')}: {body.get('error')}"
+            raise SourceError(f"Prometheus at {self.url} refused the query: {excerpt(reason)}")
+        try:
+            return list(body["data"]["result"])
+        except (KeyError, TypeError):
+            raise self._bad_answer(raw) from None
+
+    def _bad_answer(self, raw: bytes) -> SourceError:
+        return SourceError(f"Prometheus at {self.url} answered, but not with its query API's JSON "
+                           f"(the body starts {excerpt(raw)}). Is --prometheus a Prometheus "
+                           "server's base URL?")
 
     def _table(self, promql: str) -> PerPolicy:
         table: PerPolicy = {}
         for item in self.query(promql):
-            labels = item["metric"]
-            if "policy" in labels:
-                _add(table, labels["policy"], labels["field"], float(item["value"][1]))
+            try:
+                labels = item["metric"]
+                if "policy" in labels:
+                    _add(table, labels["policy"], labels["field"], float(item["value"][1]))
+            except (KeyError, TypeError, IndexError, ValueError):
+                raise SourceError(f"Prometheus at {self.url} answered a sample the dashboard "
+                                  f"cannot read: {excerpt(json.dumps(item))}") from None
         return table
 
     def read(self) -> Reading:
