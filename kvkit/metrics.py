@@ -51,10 +51,15 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import threading
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 try:
     from prometheus_client import (
@@ -64,15 +69,16 @@ try:
         Gauge,
         Histogram,
         generate_latest,
+        make_wsgi_app,
         multiprocess,
-        start_http_server,
         values as _values,
     )
 except ImportError as exc:  # an optional dependency: kvkit itself imports without it
     raise ImportError("kvkit.metrics needs prometheus-client: pip install 'kvkit[metrics]'") from exc
 
 __all__ = [
-    "MAX_LABEL_VALUES", "StoreLike", "exposition", "mark_process_dead", "multiprocess_mode",
+    "MAX_LABEL_VALUES", "StoreLike", "exposition", "host_allowed", "mark_process_dead",
+    "multiprocess_mode", "url_host",
     "observe_resident_parts", "observe_store", "record_decode", "record_evictions",
     "record_expert_cache", "record_selection_recall", "registry", "serve", "series_names",
 ]
@@ -306,10 +312,85 @@ def exposition() -> bytes:
     return generate_latest(registry())
 
 
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def host_allowed(host: str | None, addrs: Iterable[str], port: int) -> bool:
+    """Whether a request's ``Host`` header names a server bound to ``addrs`` on ``port``.
+
+    A guard against DNS rebinding: a web page can point its own host name at 127.0.0.1 and then
+    read a loopback server, but its requests still carry that name in ``Host``. Allowed: one of
+    ``addrs`` (the address asked for, the one bound) with ``port``; when bound to loopback, also
+    ``localhost`` and the loopback addresses (``127.0.0.1``, ``[::1]``); when bound to every
+    interface (``0.0.0.0``, ``::``), ``localhost`` and any IP address, since the server cannot
+    know its host names. A missing port means 80. Limits: any other name is refused, so reach
+    a server bound to all interfaces by IP address.
+    """
+    if not host or any(c in host for c in "@/\\?# "):
+        return False
+    try:
+        parts = urllib.parse.urlsplit("//" + host)
+        name, asked_port = (parts.hostname or "").rstrip("."), parts.port or 80
+    except ValueError:  # a port that is no number, an unclosed bracket
+        return False
+    if not name or asked_port != port:
+        return False
+    bound = {a.lower().strip("[]") for a in addrs}
+    ip, bound_ips = _ip(name), {b for a in bound if (b := _ip(a)) is not None}
+    if name in bound or ip in bound_ips:
+        return True
+    if "localhost" in bound or any(b.is_loopback for b in bound_ips):
+        return name == "localhost" or (ip is not None and ip.is_loopback)
+    if "" in bound or any(b.is_unspecified for b in bound_ips):
+        return name == "localhost" or ip is not None
+    return False
+
+
+def url_host(addr: str) -> str:
+    """``addr`` as the host part of a URL: IPv6 addresses in brackets."""
+    return f"[{addr}]" if ":" in addr else addr
+
+
+def _host_checked(app: Callable[..., Any], addrs: Iterable[str], port: int) -> Callable[..., Any]:
+    """WSGI middleware: 403 for a request whose Host header fails ``host_allowed``."""
+    addrs = tuple(addrs)
+
+    def checked(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if host_allowed(environ.get("HTTP_HOST"), addrs, port):
+            return app(environ, start_response)
+        start_response("403 Forbidden", [("Content-Type", "text/plain")])
+        return [f"kvkit metrics: Host {environ.get('HTTP_HOST')!r} is not this server's address; "
+                f"ask for http://{url_host(addrs[-1])}:{port}/metrics (DNS rebinding guard)\n".encode()]
+
+    return checked
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+        pass  # a scrape every few seconds would flood stderr
+
+
 def serve(port: int = 0, addr: str = "127.0.0.1") -> int:
-    """Serve ``/metrics`` from a daemon thread; return the bound port (``port=0`` picks one)."""
-    server, _thread = start_http_server(port, addr=addr, registry=registry())
-    return int(server.server_port)
+    """Serve ``/metrics`` from a daemon thread; return the bound port (``port=0`` picks one).
+
+    prometheus-client's WSGI app (``make_wsgi_app``, the app its ``start_http_server`` serves)
+    in a threading wsgiref server, behind a Host-header check: a request whose ``Host`` does
+    not name this server (see ``host_allowed``) gets 403, so a web page cannot read the metrics
+    through DNS rebinding. Binds loopback unless ``addr`` says otherwise.
+    """
+    family, *_, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM,
+                                              flags=socket.AI_PASSIVE)[0]
+    server_class = type("_MetricsServer", (ThreadingMixIn, WSGIServer),
+                        {"address_family": family, "daemon_threads": True})
+    server = make_server(sockaddr[0], port, make_wsgi_app(registry()), server_class, _QuietHandler)
+    bound = int(server.server_port)
+    server.set_app(_host_checked(server.get_app(), (addr, sockaddr[0]), bound))
+    threading.Thread(target=server.serve_forever, name="kvkit-metrics", daemon=True).start()
+    return bound
 
 
 def mark_process_dead(pid: int) -> None:

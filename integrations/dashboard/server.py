@@ -9,7 +9,9 @@ The page (``static/index.html`` with the vendored uPlot, so it works offline) fe
 - ``GET /api/snapshot``     the latest snapshot (see ``sources.snapshot`` for its fields)
 - ``GET /api/history``      every snapshot kept, oldest first
 
-It binds 127.0.0.1 unless told otherwise, and prints its URL on the first line of stdout.
+It binds 127.0.0.1 unless told otherwise, and prints its URL on the first line of stdout. A
+request whose ``Host`` header does not name the bound address gets 403 (a guard against DNS
+rebinding, ``kvkit.metrics.host_allowed``): open the page by the address it prints.
 
 A failed poll (no answer, HTML, a malformed line) becomes the snapshot's one-line ``error`` and
 polling goes on; the next good read clears it.
@@ -34,6 +36,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from kvkit.metrics import host_allowed, url_host
 
 from .sources import MetricsSource, PromSource, Source, excerpt, snapshot
 
@@ -99,6 +103,8 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
         server_version = "kvkit-dashboard"
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if not self._host_ok():
+                return
             path = self.path.split("?", 1)[0]
             if path in ("/", "/index.html"):
                 self._file(STATIC / "index.html")
@@ -116,6 +122,18 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                 self._json({"interval": dashboard.interval, "snapshots": dashboard.history()})
             else:
                 self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
+
+        def _host_ok(self) -> bool:
+            """Refuse (403) a Host header that does not name this server: DNS rebinding."""
+            addrs = self.server.allowed_addrs  # type: ignore[attr-defined] (set by make_server)
+            port = self.server.server_address[1]
+            host = self.headers.get("Host")
+            if host_allowed(host, addrs, port):
+                return True
+            message = (f"kvkit dashboard: Host {host!r} is not this server's address; open "
+                       f"http://{url_host(addrs[-1])}:{port}/ (DNS rebinding guard)\n")
+            self._send(HTTPStatus.FORBIDDEN, message.encode(), "text/plain")
+            return False
 
         def _file(self, path: Path) -> None:
             kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -139,9 +157,14 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
 
 
 def make_server(dashboard: Dashboard, addr: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server for ``dashboard`` (not started: call ``serve_forever``)."""
+    """An HTTP server for ``dashboard`` (not started: call ``serve_forever``).
+
+    It answers only requests whose ``Host`` names ``addr`` or the address bound (and, bound to
+    loopback, ``localhost``): see ``kvkit.metrics.host_allowed``.
+    """
     server = ThreadingHTTPServer((addr, port), _handler(dashboard))
     server.daemon_threads = True
+    server.allowed_addrs = (addr, server.server_address[0])  # type: ignore[attr-defined]
     return server
 
 
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvkit dashboard: {exc}", flush=True)
         return 2
     host, port = server.server_address[:2]
-    print(f"kvkit dashboard: http://{host}:{port}/ (reading {source.kind} at {source.url})",
+    print(f"kvkit dashboard: http://{url_host(host)}:{port}/ (reading {source.kind} at {source.url})",
           flush=True)
     dashboard.start()
     try:
