@@ -13,7 +13,7 @@ import inspect
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
-                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+                    "run `make test-vllm`")
 
 import vllm  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
-                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+                    "run `make test-vllm`")
 
 _LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
 PROMPTS = ["The capital of France is", _LONG + " Summary of the text above:"]

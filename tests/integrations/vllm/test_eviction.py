@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
-                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+                    "run `make test-vllm`")
 
 from kvkit import policies  # noqa: E402
 from kvkit.integrations.vllm.eviction import (EvictedBlocks, EvictionState, StepRows, block_mass,  # noqa: E402

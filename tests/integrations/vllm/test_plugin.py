@@ -7,7 +7,7 @@ import json
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
-                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+                    "run `make test-vllm`")
 
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
-                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+                    "run `make test-vllm`")
 
 _LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
 POLICY = {"name": "quest", "params": {"budget": 96}}  # 3 pages of 32 per KV head

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
-                    "run /work/main/.venv-vllm/bin/pytest tests/integrations/vllm")
+                    "run `make test-vllm`")
 
 from kvkit.integrations.vllm.backend import layer_index  # noqa: E402
 from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks  # noqa: E402
