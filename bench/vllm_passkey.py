@@ -8,7 +8,7 @@ whole blocks evicted for good) keep? Same prompts, keys and check as
 SmolLM2 in bf16. Each policy runs in its own engine process (the backend override is global to
 a process); all depths of a context go in one batch. vLLM's page is its block: 32 tokens, the
 smallest the CPU attention kernel takes; quest reads whole blocks but scores each by the best of
-its 8-token sub-pages (integrations/vllm/backend.py); so does lserve, choosing every 4th step
+its 8-token sub-pages (integrations/vllm/impl.py); so does lserve, choosing every 4th step
 and reusing the choice in between (integrations/vllm/selection.py).
 
     .venv-vllm/bin/python bench/vllm_passkey.py --ctx 2400 4800 --samples 6

@@ -4,11 +4,12 @@
 
 `plugin.register()` is the `vllm.general_plugins` entry point: it reads `$KVKIT_POLICY` and, when
 set, puts `backend.KVKitCPUAttentionBackend` behind vLLM's CPU_ATTN member. The backend's builder
-plans each decode step, its impl writes K/V as stock, keeps page summaries, and reads the pages
-the policy selects through vLLM's own CPU kernel. Unset, vLLM runs stock.
+(`metadata.py`) plans each decode step, its impl (`impl.py`) writes K/V as stock, keeps page
+summaries, and reads the pages the policy selects (`kvkit.scoring` through `selection.py`)
+through vLLM's own CPU kernel. Unset, vLLM runs stock.
 
-Importing this package does not import vLLM; `backend` does (vLLM is imported only there and in
-`plugin.register`).
+Importing this package does not import vLLM; `backend`, `metadata` and `impl` do (vLLM is
+imported only in the modules that run inside it and in `plugin.register`).
 """
 
 from kvkit.integrations.vllm.plugin import ENV, active_policy, load_policy, register

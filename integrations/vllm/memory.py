@@ -1,7 +1,7 @@
 """kvkit's own per-block tensors counted in vLLM's KV memory planning.
 
-Quest and LServe layers keep, beside vLLM's KV pool, the key max/min of each block's R sub-pages
-per KV head (`bounds`, backend.py), and LServe each block's whole box too: `Hkv * (R + 1) * 2 * D`
+Quest and LServe layers keep, beside vLLM's KV pool, the signed key box `[max | -min]` of each
+block's R sub-pages per KV head (`bounds`, impl.py), and LServe each block's whole box too: `Hkv * (R + 1) * 2 * D`
 values per block and layer in the keys' dtype, 12.5-16% of the pool with 8-token sub-pages. vLLM
 turns the memory it is given (`--kv-cache-memory-bytes`, or what profiling left over) into
 `available // bytes_per_block` blocks, so kvkit hands it `available * B / (B + E)` instead (B:
@@ -20,15 +20,14 @@ import logging
 
 from kvkit.policies import Policy
 from kvkit.policies.selectors.quest import LServeSelector
+from kvkit.integrations.vllm.layers import PageSelector, layer_index, layer_selector, sub_page_size
 
 logger = logging.getLogger(__name__)
 
 
 def extra_bytes_per_block(policy: Policy, layer_name: str, spec, model_kv_heads: int, key_itemsize: int) -> int:
     """Bytes kvkit keeps per KV block of layer `layer_name` (`spec`: its vLLM KV cache spec, whose
-    `num_kv_heads` are this worker's): what backend.py allocates for it, 0 for dense layers."""
-    from kvkit.integrations.vllm.backend import PageSelector, layer_index, layer_selector, sub_page_size
-
+    `num_kv_heads` are this worker's): what impl.py allocates for it, 0 for dense layers."""
     block_size, heads, head_size = (getattr(spec, a, None) for a in ("block_size", "num_kv_heads", "head_size"))
     if None in (block_size, heads, head_size):  # not an attention layer's spec
         return 0

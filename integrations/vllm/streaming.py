@@ -41,6 +41,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from kvkit.errors import ConfigError
 from kvkit.policies import Policy
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
+from kvkit.integrations.vllm.layers import layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,6 @@ def patch_attention_spec(policy: Policy) -> None:
 
     @functools.wraps(stock)
     def get_kv_cache_spec(self: Attention, vllm_config) -> KVCacheSpec | None:
-        from kvkit.integrations.vllm.backend import layer_index
-
         spec = stock(self, vllm_config)
         if type(spec) is not FullAttentionSpec:
             return spec

@@ -92,9 +92,9 @@ def main(args: dict) -> dict:
             name, value = line.rsplit(" ", 1)
             report["metrics"][name] = float(value)
     if args.get("policy") is not None or args.get("additional_config"):
-        from kvkit.integrations.vllm import backend
-        report["usage"] = dict(backend.USAGE)
-        report["checks"] = backend.CHECKS
+        from kvkit.integrations.vllm import impl
+        report["usage"] = dict(impl.USAGE)
+        report["checks"] = impl.CHECKS
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     if connector is not None:  # kvkit's eviction connector: blocks the scheduler freed
         from kvkit.integrations.vllm.eviction import STATE

@@ -13,7 +13,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E4
 
 from kvkit.errors import ConfigError  # noqa: E402
 from kvkit.integrations.vllm import plugin  # noqa: E402
-from kvkit.integrations.vllm.backend import layer_index  # noqa: E402
+from kvkit.integrations.vllm.layers import layer_index  # noqa: E402
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
                     "run `make test-vllm`")
 
-from kvkit.integrations.vllm.backend import layer_index  # noqa: E402
+from kvkit.integrations.vllm.layers import layer_index  # noqa: E402
 from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks  # noqa: E402
 from kvkit.policies import get  # noqa: E402
 

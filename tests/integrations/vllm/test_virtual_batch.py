@@ -17,7 +17,8 @@ from vllm import _custom_ops as ops  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
 from kvkit.attention.ref import sparse_decode_ref  # noqa: E402
-from kvkit.integrations.vllm.backend import plan_virtual, virtual_decode  # noqa: E402
+from kvkit.integrations.vllm.impl import virtual_decode  # noqa: E402
+from kvkit.integrations.vllm.metadata import plan_virtual  # noqa: E402
 
 # vLLM's kernel uses AMX tiles where the CPU has them; a process must ask Linux for the AMX state
 # first (the engine does so through oneDNN), else the kernel dies with SIGILL.
