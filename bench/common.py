@@ -1,12 +1,17 @@
 """What every benchmark records: the machine, the git revision, the command; and the writer of
 `bench/results/<name>.json` + `.md`. Benchmarks run as `python bench/<script>.py`, so this
-module imports as `common` from beside them."""
+module imports as `common` from beside them.
+
+Results are committed, so they name no folder of one machine: `portable()` records a path
+inside the repo relative to its root and any other (a temporary folder, a home) by its file
+name; system paths (`/usr/...`) stay as they are."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -17,6 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO_ROOT = RESULTS.parents[1]
+# an absolute path of two or more parts, not inside a URL or a relative path (a/b, http://h/p)
+_ABSOLUTE = re.compile(r"(?<![\w.:/~-])/[\w.+-]+(?:/[\w.+@%-]+)+/?")
+_SYSTEM = ("/usr/", "/etc/", "/opt/", "/proc/", "/sys/", "/dev/")  # alike on every machine
 
 
 def connector_args(policy: dict | None) -> dict[str, Any]:
@@ -69,8 +78,34 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def portable(text: str) -> str:
+    """`text` with every absolute path made repo-relative (inside the repo) or cut to its file
+    name (outside it, e.g. a temporary folder). Limits: a path is a run of word characters,
+    `.+-@%` and slashes, so a name with spaces or commas is cut there (the rest stays as text)."""
+    def one(match: re.Match[str]) -> str:
+        path = match.group(0)
+        if path.startswith(_SYSTEM):
+            return path
+        where = Path(os.path.abspath(path))
+        return where.relative_to(REPO_ROOT).as_posix() if where.is_relative_to(REPO_ROOT) else where.name
+    return _ABSOLUTE.sub(one, text)
+
+
+def _portable_record(value: Any) -> Any:
+    if isinstance(value, str):
+        return portable(value)
+    if isinstance(value, dict):
+        return {k: _portable_record(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable_record(v) for v in value]
+    return value
+
+
 def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    """The command line that ran this benchmark, as run from the repo root: the script relative
+    to the root, absolute paths in arguments made `portable()`; relative ones kept as given."""
+    args = [portable(os.path.abspath(sys.argv[0])), *(portable(a) for a in sys.argv[1:])]
+    return "python " + " ".join(shlex.quote(a) for a in args)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -126,10 +161,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_results(name: str, payload: dict[str, Any], title: str, table: str,
                   out_dir: Path = RESULTS) -> Path:
-    """Write `<name>.json` (payload + command, git, machine) and `<name>.md`; print the table."""
+    """Write `<name>.json` (payload + command, git, machine) and `<name>.md`; print the table.
+    Every string in them is made `portable()`: results name no folder of one machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    record = {"bench": name, "command": command(), "git": git_sha(), "machine": machine, **payload}
+    record = _portable_record({"bench": name, "command": command(), "git": git_sha(),
+                               "machine": machine, **payload})
+    table = portable(table)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     header = (f"{title} — {machine['device']}, {machine['cores']} cores, torch {machine['torch']}, "
               f"git {record['git']}\n\n`{record['command']}`\n")
