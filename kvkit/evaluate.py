@@ -23,6 +23,7 @@ from kvkit.policies.base import Policy
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 QUESTION = "What is the pass key? The pass key is"
+PASSKEY_NEW_TOKENS = 8  # tokens generated for the answer
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,33 @@ class PasskeyResult:
 
 
 def load(model_path: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a local HF model folder; None loads the embedded SmolLM2."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a local HF model folder; None loads the embedded SmolLM2.
 
-    from kvkit.models import resolve_model
+    Safetensors weights only, and no code from the folder runs (`kvkit.models.load_causal_lm`).
+    """
+    from kvkit.models import load_causal_lm, load_tokenizer, resolve_model
 
     path = resolve_model(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
-    return model, tokenizer
+    return load_causal_lm(path, dtype), load_tokenizer(path)
+
+
+def context_limit(model) -> int | None:
+    """Positions a loaded model was trained for (`config.max_position_embeddings`), if it says."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context(tokens: int, limit: int | None, what: str = "the prompt") -> None:
+    """Refuse `tokens` beyond the model's `limit` (None: no limit known) or below 1.
+
+    Raises:
+        ValueError: saying how many tokens were asked, the limit, and what to lower.
+    """
+    if tokens < 1:
+        raise ValueError(f"{what}: needs at least 1 token, got {tokens}")
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{what} needs {tokens} tokens; the model's context is {limit} "
+                         f"(max_position_embeddings). Ask for fewer")
 
 
 def passkey_prompt(tokenizer, context_tokens: int, depth: float, key: str) -> torch.Tensor:
@@ -85,14 +103,23 @@ def passkey(model, tokenizer, policy: Policy, context_tokens: int = 2400,
     """Hide a key at each depth, generate greedily through the policy's cache, check the answer.
 
     `on_cache(policy, cache)` is called after each sample (e.g. to export metrics).
+
+    Raises:
+        ValueError: no depths, a depth outside [0, 1], or a prompt and answer longer than the
+            model's context.
     """
     depths = list(depths)
+    if not depths:
+        raise ValueError("passkey needs at least one depth")
+    limit = context_limit(model)
     results = []
     for depth, key in tqdm(list(zip(depths, passkey_keys(len(depths), seed))),
                            desc=f"passkey {policy.name} @{context_tokens}", disable=not progress, leave=False):
         ids = passkey_prompt(tokenizer, context_tokens, depth, key)
+        check_context(ids.shape[1] + PASSKEY_NEW_TOKENS, limit,
+                      f"a passkey prompt of {ids.shape[1]} tokens plus the answer")
         cache = make_cache(model, policy, page_size)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False,
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=PASSKEY_NEW_TOKENS, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         if on_cache is not None:
@@ -124,9 +151,18 @@ def perplexity(model, tokenizer, policy: Policy, text: str, tokens: int = 256,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of the last `tokens` tokens of `text`, fed one at a time through the cache.
 
-    The first part of the text (up to `context_tokens` in all, default: everything) is
-    prefilled; then each scored token is predicted from the cache alone, as in decoding.
+    The text's last `context_tokens` tokens are read (default: as many as the model's context
+    holds, else all); the first part is prefilled, then each scored token is predicted from the
+    cache alone, as in decoding.
+
+    Raises:
+        ValueError: `context_tokens` beyond the model's context or below 1; a text too short.
     """
+    limit = context_limit(model)
+    if context_tokens is None:
+        context_tokens = limit
+    if context_tokens is not None:
+        check_context(context_tokens, limit, f"a perplexity window of {context_tokens} tokens")
     ids = tokenizer(text, return_tensors="pt").input_ids
     if context_tokens is not None:
         ids = ids[:, -context_tokens:]
