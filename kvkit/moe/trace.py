@@ -45,6 +45,9 @@ import numpy as np
 FORMAT_VERSION = 1
 LOOKAHEAD_UNITS = ("layers", "tokens")
 REQUIRED_META = ("num_experts", "top_k", "expert_bytes", "model")
+# Replay keeps per-expert state ([layers, num_experts] arrays), so num_experts is bounded before
+# anything is allocated. 2**20 is above any MoE model's experts per layer (PEER's million included).
+MAX_EXPERTS = 1 << 20
 
 __all__ = [
     "Trace",
@@ -110,6 +113,10 @@ class Trace:
                     or meta[key] < 1:
                 raise TraceError(f"trace.meta[{key!r}] must be an int >= 1, got {meta[key]!r}")
             meta[key] = int(meta[key])
+        if meta["num_experts"] > MAX_EXPERTS:
+            raise TraceError(f"trace.meta['num_experts'] = {meta['num_experts']} is more experts per "
+                             f"layer than kvkit replays ({MAX_EXPERTS}); the ids in this trace go up "
+                             f"to {int(experts.max()) if experts.size else None}: fix num_experts")
         if not isinstance(meta["model"], str):
             raise TraceError(f"trace.meta['model'] must be a string, got {meta['model']!r}")
         object.__setattr__(self, "meta", meta)
@@ -234,6 +241,8 @@ def load_trace(path: str | Path) -> Trace:
     if not path.exists():
         raise FileNotFoundError(f"no trace at {path}; write one with kvkit.moe.trace.save_trace "
                                 f"or convert a CSV with load_csv_trace")
+    if path.is_dir():
+        raise TraceError(f"{path} is a folder; give a trace file (.npz or .csv)")
     with path.open("rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
             raise TraceError(f"{path}: not an .npz archive (no zip header); write traces with "
@@ -297,29 +306,44 @@ def load_csv_trace(path: str | Path, *, num_experts: int | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no CSV trace at {path}")
+    if path.is_dir():
+        raise TraceError(f"{path} is a folder; give a CSV trace file")
     rows: dict[tuple[int, int], list[int]] = {}
     req_of: dict[int, int] = {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = cols
-        need = {"layer", "token", "experts"}
-        if not need <= set(cols):
-            raise TraceError(f"{path}: CSV needs columns {sorted(need)}, found {cols}")
-        for lineno, row in enumerate(reader, start=2):
-            try:
-                layer, token = int(row["layer"]), int(row["token"])
-                text = row["experts"].strip()
-                parts = text.split(sep) if sep else text.replace(";", " ").replace("|", " ").split()
-                ids = [int(x) for x in parts if x.strip()]
-            except (TypeError, ValueError) as err:
-                raise TraceError(f"{path}:{lineno}: cannot parse {row!r} ({err}); layer and "
-                                 f"token are ints, experts a list like '3 17 42'") from err
-            if (token, layer) in rows:
-                raise TraceError(f"{path}:{lineno}: token {token} layer {layer} appears twice")
-            rows[(token, layer)] = ids
-            if "request" in cols and row.get("request") not in (None, ""):
-                req_of[token] = int(row["request"])
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = cols
+            need = {"layer", "token", "experts"}
+            if not need <= set(cols):
+                raise TraceError(f"{path}: CSV needs columns {sorted(need)}, found {cols}")
+            for lineno, row in enumerate(reader, start=2):
+                try:
+                    layer, token = int(row["layer"]), int(row["token"])
+                    text = row["experts"].strip()
+                    parts = text.split(sep) if sep else text.replace(";", " ").replace("|", " ").split()
+                    ids = [int(x) for x in parts if x.strip()]
+                except (TypeError, ValueError) as err:
+                    raise TraceError(f"{path}:{lineno}: cannot parse {row!r} ({err}); layer and "
+                                     f"token are ints, experts a list like '3 17 42'") from err
+                if bad := [i for i in ids if not 0 <= i < MAX_EXPERTS]:
+                    raise TraceError(f"{path}:{lineno}: expert id {bad[0]} is outside [0, {MAX_EXPERTS}); "
+                                     f"ids count experts of one layer from 0")
+                if (token, layer) in rows:
+                    raise TraceError(f"{path}:{lineno}: token {token} layer {layer} appears twice")
+                rows[(token, layer)] = ids
+                if "request" in cols and row.get("request") not in (None, ""):
+                    try:
+                        req_of[token] = int(row["request"])
+                    except ValueError as err:
+                        raise TraceError(f"{path}:{lineno}: request {row['request']!r} is not an "
+                                         f"int") from err
+                    if not 0 <= req_of[token] < 2**63:
+                        raise TraceError(f"{path}:{lineno}: request {req_of[token]} is outside "
+                                         f"[0, 2**63)")
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise TraceError(f"{path}: not a readable CSV text file ({err})") from err
     if not rows:
         raise TraceError(f"{path}: no rows")
     tokens = sorted({t for t, _ in rows})

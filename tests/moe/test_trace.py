@@ -104,3 +104,36 @@ def test_csv_errors(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(TraceError, match=match):
         load_csv_trace(path)
+
+
+def test_num_experts_beyond_any_model_is_refused_before_allocating(tmp_path):
+    from kvkit.moe.trace import MAX_EXPERTS
+    meta = {**META, "num_experts": 10**12}
+    with pytest.raises(TraceError, match=r"num_experts'\] = 1000000000000 is more experts per layer"):
+        Trace(_trace(False).experts, np.zeros(5, dtype=np.int64), meta=meta)
+    path = tmp_path / "huge.npz"
+    np.savez_compressed(path, experts=np.zeros((4, 2, 1), dtype=np.int64), request=np.zeros(4, dtype=np.int64),
+                        meta=np.asarray(json.dumps({**META, "top_k": 1, "num_experts": 10**12})))
+    with pytest.raises(TraceError, match=str(path)):
+        load_trace(path)
+    assert Trace(_trace(False).experts, np.zeros(5, dtype=np.int64),
+                 meta={**META, "num_experts": MAX_EXPERTS}).num_experts == MAX_EXPERTS
+
+
+def test_csv_expert_id_out_of_range_names_the_line(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("layer,token,experts\n0,0,1 2\n0,1,12345678901234567890123 1\n")
+    with pytest.raises(TraceError, match=r"big.csv:3: expert id 12345678901234567890123 is outside"):
+        load_csv_trace(path)
+    path.write_text("layer,token,experts,request\n0,0,1 2,99999999999999999999999\n")
+    with pytest.raises(TraceError, match=r"big.csv:2: request 99999999999999999999999 is outside"):
+        load_csv_trace(path)
+    path.write_bytes(b"layer,token,experts\n0,0,\xff\n")
+    with pytest.raises(TraceError, match="not a readable CSV text file"):
+        load_csv_trace(path)
+
+
+def test_a_folder_is_not_a_trace(tmp_path):
+    for load in (load_trace, load_csv_trace):
+        with pytest.raises(TraceError, match=f"{tmp_path} is a folder"):
+            load(tmp_path)
