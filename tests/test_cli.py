@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def test_passkey_json_reports_every_depth(tiny_model, capsys):
 
 def test_ppl_table_and_config_file(tiny_model, tmp_path, capsys):
     text = tmp_path / "text.txt"
-    text.write_text(open("/usr/share/common-licenses/GPL-3").read()[:3000])
+    text.write_text(cli.DEFAULT_TEXT.read_text()[:3000])
     config = tmp_path / "policy.json"
     config.write_text(json.dumps({"name": "int8", "params": {"group_size": 8}}))
     assert cli.main(["ppl", "--model", tiny_model, "--config", str(config), "--file", str(text),
@@ -57,8 +58,8 @@ def test_bad_input_is_reported_not_raised(tiny_model, capsys, tmp_path):
     bad.write_text("{not json")
     assert cli.main(["ppl", "--model", tiny_model, "--config", str(bad)]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="NAME=VALUE"):
-        cli.main(["passkey", "--model", tiny_model, "--param", "window"])
+    assert cli.main(["passkey", "--model", tiny_model, "--param", "window"]) == 2
+    assert "--param takes NAME=VALUE, got 'window'" in capsys.readouterr().err
 
 
 def test_serve_command_sets_the_policy_safely(tmp_path):
@@ -106,3 +107,76 @@ def test_serve_command_adds_kvkits_connector_for_score_eviction(tmp_path):
 def test_serve_refuses_what_vllm_cannot_run(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+class PastTheChecks(BaseException):
+    """Where a model would load: a BaseException, so no handler in kvkit.cli hides it."""
+
+
+def _no_model_loads(*args, **kwargs):
+    raise PastTheChecks("a model was loaded before the arguments were checked")
+
+
+def test_prompts_beyond_the_models_context_are_refused_before_loading(tiny_model, capsys, monkeypatch):
+    from kvkit import evaluate
+    monkeypatch.setattr(evaluate, "load", _no_model_loads)
+    assert cli.main(["ppl", "--model", tiny_model, "--context", "2000"]) == 2
+    assert "the model's context is 1024" in capsys.readouterr().err
+    assert cli.main(["passkey", "--model", tiny_model, "--ctx", "1020"]) == 2  # 1020 + the 8-token answer
+    assert "needs 1028 tokens; the model's context is 1024" in capsys.readouterr().err
+
+
+def test_library_refuses_windows_beyond_the_models_context(tiny_model):
+    from kvkit import evaluate, policies
+    model, tok = evaluate.load(tiny_model)
+    with pytest.raises(ValueError, match="context is 1024"):
+        evaluate.perplexity(model, tok, policies.get("dense"), "x " * 3000, tokens=4, context_tokens=2000)
+    with pytest.raises(ValueError, match="at least 1 token"):
+        evaluate.perplexity(model, tok, policies.get("dense"), "x " * 3000, tokens=4, context_tokens=-5)
+    with pytest.raises(ValueError, match="context is 1024"):  # checked on the real prompt
+        evaluate.passkey(model, tok, policies.get("dense"), 1100, depths=[0.5], progress=False)
+
+
+def test_param_of_the_wrong_json_type_is_refused(capsys):
+    assert cli.main(["passkey", "--policy", "streaming", "--param", "window=true"]) == 2
+    assert "policy 'streaming' takes an integer for window (default 1024)" in capsys.readouterr().err
+
+
+def test_a_busy_metrics_port_is_one_line(monkeypatch, capsys):
+    import socket
+
+    from kvkit import evaluate
+    monkeypatch.setattr(evaluate, "load", _no_model_loads)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["demo", "--ctx", "300", "--metrics-port", str(port)]) == 2
+    assert f"--metrics-port {port}: cannot listen" in capsys.readouterr().err
+
+
+def test_a_subcommand_whose_import_fails_is_loud(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "kvkit.moe.readme.model", None)  # `import` of it now fails
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    (folder / "readme_config.json").write_text("{}")
+    assert cli.main(["moe", "eval", str(folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvkit moe eval: error:") and "kvkit.moe.readme.model" in err
+    monkeypatch.setitem(sys.modules, "kvkit.moe.readme.cli", None)  # a module that mounts commands
+    with pytest.raises(ImportError):
+        cli.make_parser()
+
+
+def test_a_bug_is_not_passed_off_as_bad_input(monkeypatch, capsys):
+    def buggy(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(cli, "cmd_policies", buggy)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main(["policies"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unexpected TypeError" in err and f"{cli.DEBUG_ENV}=1" in err
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(TypeError, match="unsupported operand"):
+        cli.main(["policies"])

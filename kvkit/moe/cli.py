@@ -2,6 +2,8 @@
 
 Mounted by `kvkit.cli` through `register_cli(subparsers)`; each subcommand sets
 `func(args) -> int`. Prints a markdown table, and JSON with `--json PATH` (or `--json -`).
+Options are checked as they are parsed; a bad trace or option raises `kvkit.cli.UsageError`,
+which `kvkit` prints as one line (exit status 2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvkit.cli import UsageError, nonneg_float, nonneg_int, output_file, positive_int
+
 __all__ = ["register_cli", "main"]
 
 
@@ -19,11 +23,25 @@ def _csv_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _ints(text: str) -> list[int]:
+def _capacities(text: str) -> list[int]:
     try:
-        return [int(p) for p in _csv_list(text)]
+        values = [int(p) for p in _csv_list(text)]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 8,16,32, got {text!r}")
+    return values
+
+
+def _fraction(text: str) -> float:
+    value = nonneg_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _json_out(text: str) -> str | Path:
+    return text if text == "-" else output_file(text)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -35,14 +53,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--capacity", type=_ints, default=[16],
+    p.add_argument("--capacity", type=_capacities, default=[16],
                    help="fast-tier experts per layer (or in total with --scope shared); "
                         "comma list, e.g. 8,16,32")
     p.add_argument("--policy", type=_csv_list, default=["lru", "lfu", "lookahead", "score"],
                    help="comma list of lru, lfu, belady, lookahead, score (lru and belady "
                         "always run as yardsticks)")
     p.add_argument("--scope", choices=["layer", "shared"], default="layer")
-    p.add_argument("--warmup-tokens", type=int, default=None,
+    p.add_argument("--warmup-tokens", type=nonneg_int, default=None,
                    help="tokens replayed before counting (default: 10%% of the trace)")
     p.add_argument("--profile", default="a100-pcie4",
                    help="hardware profile for stall estimates: a100-pcie4, h100-pcie5, "
@@ -52,14 +70,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict", choices=["keep", "cooccurrence", "oracle"], default="keep",
                    help="predictions for lookahead: keep the trace's, fit a layer-ahead "
                         "co-occurrence predictor, or a noisy oracle (pre-gating stand-in)")
-    p.add_argument("--lookahead", type=int, default=1,
+    p.add_argument("--lookahead", type=nonneg_int, default=1,
                    help="with --predict: layers ahead (cooccurrence) or tokens ahead (oracle)")
-    p.add_argument("--oracle-accuracy", type=float, default=0.9)
-    p.add_argument("--prefetch-budget", type=int, default=8,
+    p.add_argument("--oracle-accuracy", type=_fraction, default=0.9)
+    p.add_argument("--prefetch-budget", type=nonneg_int, default=8,
                    help="experts the lookahead policy may prefetch per step")
-    p.add_argument("--other-ms", type=float, default=0.0,
+    p.add_argument("--other-ms", type=nonneg_float, default=0.0,
                    help="non-expert time per layer (attention etc.) that hides prefetches")
-    p.add_argument("--json", default=None, help="write JSON here ('-' for stdout)")
+    p.add_argument("--json", type=_json_out, default=None, help="write JSON here ('-' for stdout)")
 
 
 def _predictions(trace: Any, args: argparse.Namespace) -> Any:
@@ -81,10 +99,9 @@ def _evaluate(trace: Any, args: argparse.Namespace, source: dict[str, Any]) -> i
 
     trace = _predictions(trace, args)
     if "lookahead" in args.policy and trace.predicted is None:
-        print("error: policy 'lookahead' needs predictions; this trace has none. Add "
-              "--predict cooccurrence (layer-ahead predictor) or --predict oracle, or drop "
-              "lookahead from --policy", file=sys.stderr)
-        return 2
+        raise UsageError("policy 'lookahead' needs predictions; this trace has none. Add "
+                         "--predict cooccurrence (layer-ahead predictor) or --predict oracle, or "
+                         "drop lookahead from --policy")
     profile = get_profile(args.profile)
     warm = args.warmup_tokens if args.warmup_tokens is not None else trace.num_tokens // 10
     handler = None if args.miss == "none" else MissHandler(profile, mode=args.miss)
@@ -106,37 +123,35 @@ def _evaluate(trace: Any, args: argparse.Namespace, source: dict[str, Any]) -> i
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            args.json.write_text(text + "\n")
     return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from kvkit.moe.trace import TraceError, load_csv_trace, load_trace
+    from kvkit.moe.trace import load_csv_trace, load_trace
 
     path = Path(args.trace)
     try:
         trace = load_csv_trace(path, num_experts=args.num_experts, expert_bytes=args.expert_bytes) \
             if path.suffix == ".csv" else load_trace(path)
-    except (FileNotFoundError, TraceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
         return _evaluate(trace, args, {"trace": str(path)})
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as err:  # TraceError is a ValueError
+        raise UsageError(str(err)) from err
 
 
 def _sim(args: argparse.Namespace) -> int:
     from kvkit.moe.synth import check_calibration, generate, preset
     from kvkit.moe.trace import save_trace
 
-    cfg = preset(args.preset)
+    try:
+        cfg = preset(args.preset)
+    except (KeyError, ValueError, OSError) as err:
+        raise UsageError(f"--preset {args.preset}: {err}") from err
     trace = generate(cfg, args.tokens, seed=args.seed, num_layers=args.layers)
     if not args.skip_calibration_check:
         check = check_calibration(trace)
         if not check["ok"]:
-            print(f"error: this synthetic trace misses the calibration curves by "
+            print(f"kvkit moe sim: error: this synthetic trace misses the calibration curves by "
                   f"{check['max_abs_error']:.3f} (> 0.03): {check['curves']}; no simulated "
                   f"numbers reported. Use more --tokens or refit (bench/moe_calibrate.py).",
                   file=sys.stderr)
@@ -148,8 +163,7 @@ def _sim(args: argparse.Namespace) -> int:
     try:
         return _evaluate(trace, args, {"trace": f"synthetic:{args.preset}", "seed": args.seed})
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from err
 
 
 def register_cli(subparsers: Any) -> None:
@@ -159,8 +173,8 @@ def register_cli(subparsers: Any) -> None:
                                           "kvkit.moe.trace.save_trace, or CSV with columns "
                                           "layer, token, experts) through expert-cache policies.")
     p.add_argument("trace", help="trace file (.npz or .csv)")
-    p.add_argument("--num-experts", type=int, default=None, help="CSV only: experts per layer")
-    p.add_argument("--expert-bytes", type=int, default=1, help="CSV only: bytes per expert")
+    p.add_argument("--num-experts", type=positive_int, default=None, help="CSV only: experts per layer")
+    p.add_argument("--expert-bytes", type=positive_int, default=1, help="CSV only: bytes per expert")
     _common(p)
     p.set_defaults(func=_replay)
     s = subparsers.add_parser("sim", help="simulate policies on a calibrated synthetic trace",
@@ -168,21 +182,20 @@ def register_cli(subparsers: Any) -> None:
                                           "DeepSeek-V2-Lite routing, check the calibration, then "
                                           "replay and price the policies.")
     s.add_argument("--preset", default="deepseek-v2-lite")
-    s.add_argument("--tokens", type=int, default=2000)
-    s.add_argument("--layers", type=int, default=None, help="default: the preset's (26)")
+    s.add_argument("--tokens", type=positive_int, default=2000)
+    s.add_argument("--layers", type=positive_int, default=None, help="default: the preset's (26)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--save-trace", default=None, help="also write the trace (.npz)")
+    s.add_argument("--save-trace", type=output_file, default=None, help="also write the trace (.npz)")
     s.add_argument("--skip-calibration-check", action="store_true")
     _common(s)
     s.set_defaults(func=_sim)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: `python -m kvkit.moe.cli replay|sim ...`."""
-    ap = argparse.ArgumentParser(prog="kvkit moe", description=__doc__.splitlines()[0])
-    register_cli(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    return int(args.func(args))
+    """Standalone entry: `python -m kvkit.moe.cli replay|sim ...`, the same as `kvkit moe ...`."""
+    from kvkit.cli import main as kvkit_main
+
+    return kvkit_main(["moe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -379,9 +379,9 @@ class ReadME:
                    partition: tuple[torch.Tensor, torch.Tensor],
                    dtype: torch.dtype = torch.float32) -> ReadME:
         """Load the dense model from ``base_model`` and cut it with ``partition``."""
-        from transformers import AutoModelForCausalLM
+        from kvkit.models import load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=dtype).eval()
+        model = load_causal_lm(str(base_model), dtype)
         return cls(model, config, str(base_model), partition)
 
     @classmethod
@@ -394,7 +394,8 @@ class ReadME:
                 missing or unexpected tensors, or a corrupt partition.
         """
         from safetensors.torch import load_file
-        from transformers import AutoConfig
+
+        from kvkit.models import load_config
 
         path = Path(path)
         cfg_file = path / "readme_config.json"
@@ -404,9 +405,11 @@ class ReadME:
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise ValueError(f"{cfg_file}: expected format {FORMAT!r} version {VERSION}, got "
                              f"{doc.get('format')!r} version {doc.get('version')}")
+        if missing := [k for k in ("moe", "base_model", "base") if k not in doc]:
+            raise ValueError(f"{cfg_file} lacks {missing}; rewrite the folder with `kvkit moe extract`")
         config = MoEConfig.from_dict(doc["moe"])
         base = str(base_model or doc["base_model"])
-        hf = AutoConfig.from_pretrained(base)
+        hf = load_config(base)
         for key, want in doc["base"].items():
             if getattr(hf, key) != want:
                 raise ValueError(f"base model {base} has {key}={getattr(hf, key)}, the MoE was "
