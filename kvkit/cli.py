@@ -2,7 +2,7 @@
 
     kvkit demo                                  passkey at ~2.4K tokens, dense vs streaming
     kvkit passkey --policy streaming --param window=512 --ctx 4800 --samples 6
-    kvkit ppl --policy int8 --file /usr/share/common-licenses/GPL-3 --tokens 256
+    kvkit ppl --policy int8 --tokens 256        (default text: the Apache-2.0 license, shipped)
     kvkit serve --policy quest --param budget=1024 -- --block-size 32   (vLLM's OpenAI server)
 
 Arguments are checked right after parsing, before any model loads. A bad one ends the command
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
+DEFAULT_TEXT = Path(__file__).parent / "data" / "apache-2.0.txt"
 DEBUG_ENV = "KVKIT_DEBUG"
 
 
@@ -395,7 +395,7 @@ def make_parser() -> Parser:
     p = sub.add_parser("ppl", help="perplexity of a text's last tokens through a policy's cache")
     _common(p)
     p.add_argument("--file", type=input_file, default=DEFAULT_TEXT,
-                   help="text to read")
+                   help="text to read (default: the Apache-2.0 license text shipped with kvkit)")
     p.add_argument("--tokens", type=positive_int, default=256, help="tokens scored one at a time")
     p.add_argument("--context", type=positive_int, default=None,
                    help="keep only the last N tokens of the text (default and most: the model's context)")

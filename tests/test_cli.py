@@ -117,6 +117,14 @@ def _no_model_loads(*args, **kwargs):
     raise PastTheChecks("a model was loaded before the arguments were checked")
 
 
+def test_ppl_reads_the_shipped_text_within_the_models_context(tiny_model, capsys):
+    assert cli.DEFAULT_TEXT.is_file() and "Apache License" in cli.DEFAULT_TEXT.read_text()
+    assert cli.main(["ppl", "--model", tiny_model, "--tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["file"] == str(cli.DEFAULT_TEXT)
+    assert out["result"]["context_tokens"] == 1024  # the tiny model's max_position_embeddings
+
+
 def test_prompts_beyond_the_models_context_are_refused_before_loading(tiny_model, capsys, monkeypatch):
     from kvkit import evaluate
     monkeypatch.setattr(evaluate, "load", _no_model_loads)

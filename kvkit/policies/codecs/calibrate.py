@@ -44,18 +44,27 @@ DEFAULT_FILES = ("argparse.py", "collections/__init__.py", "json/decoder.py", "t
                  "logging/__init__.py", "inspect.py", "typing.py", "dataclasses.py")
 
 
-VIM_DOCS = ("usr_01.txt", "usr_02.txt", "usr_03.txt", "usr_04.txt")
+PROSE_CHUNKS = 4  # chunks of ~12K characters of prose, each followed by one of code
+
+
+def reference_text() -> str:
+    """English technical prose found on any CPython: the language reference topics that
+    `pydoc` ships (`pydoc_data.topics`), in a fixed order; empty where a distribution strips it."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return ""
+    return "\n\n".join(topics[name] for name in sorted(topics))
 
 
 def calibration_text(max_chars: int = 400_000) -> str:
-    """English prose and code, other text than the GPL used for evaluation: Vim's user manual
-    chapters (when installed) interleaved with Python standard-library sources."""
-    docs = [Path("/usr/share/vim/vim90/doc") / n for n in VIM_DOCS]
-    prose = [p.read_text(errors="replace") for p in docs if p.is_file()]
-    code = stdlib_text(max_chars)
+    """English prose and code, other text than the license text used for evaluation: Python's
+    language reference (`reference_text`) interleaved with standard-library sources. Both come
+    with Python itself, so the text is the same on every machine with the same Python."""
+    prose, code = reference_text(), stdlib_text(max_chars)
     parts = []
-    for i, p in enumerate(prose):  # ~one chunk of prose, then ~one of code, ...
-        parts += [p[:12_000], code[i * 12_000:(i + 1) * 12_000]]
+    for i in range(PROSE_CHUNKS if prose else 0):  # ~one chunk of prose, then ~one of code, ...
+        parts += [prose[i * 12_000:(i + 1) * 12_000], code[i * 12_000:(i + 1) * 12_000]]
     return ("\n\n".join(parts) or code)[:max_chars]
 
 
@@ -219,7 +228,7 @@ def main() -> None:  # python -m kvkit.policies.codecs.calibrate OUT.safetensors
     text = calibration_text() if args.text == "mixed" else stdlib_text()
     bases = calibrate(model, tok, text=text, chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks,
                       weighted=not args.unweighted)
-    what = ("vim user manual " + ",".join(VIM_DOCS) + " + " if args.text == "mixed" else "") + \
+    what = ("python language reference (pydoc_data.topics) + " if args.text == "mixed" else "") + \
         "python stdlib " + ",".join(DEFAULT_FILES)
     save_bases(bases, args.out, {"model": "SmolLM2-135M-Instruct", "text": what,
                                  "weighted": str(not args.unweighted), "chunks": str(args.max_chunks),
