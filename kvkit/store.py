@@ -84,8 +84,13 @@ class DenseStorage:
         self.v = torch.cat([self.v, pad])
 
     def write(self, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[pages, slots] = k.to(self.k.dtype)
-        self.v[pages, slots] = v.to(self.v.dtype)
+        self.write_slots(pages * self.k.shape[1] + slots, k, v)
+
+    def write_slots(self, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store tokens at flat slot ids `idx` `[n]` (page * S + slot): one index_copy each."""
+        D = self.k.shape[-1]
+        self.k.view(-1, D).index_copy_(0, idx, k.to(self.k.dtype))
+        self.v.view(-1, D).index_copy_(0, idx, v.to(self.v.dtype))
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[pages], self.v[pages]
@@ -116,10 +121,15 @@ class Selection:
     pages: `[B, H, P]` int64 page ids into the layer's pool, `-1` where a list is shorter.
     slot_mask: optional `[B, H, P, S]` bool, to read only some tokens of a page (token-level
         selection); empty slots are masked out by the store in any case.
+    lengths: optional `[B, H]` int64 (host): each row reads exactly the first `lengths` slots
+        of its listed pages, in list order (every listed page but the last is full). Selectors
+        set it when the store says so (`PagedKVStore.prefix_lengths`), and decode then needs
+        no per-slot positions; None: the slots' positions decide.
     """
 
     pages: torch.Tensor
     slot_mask: torch.Tensor | None = None
+    lengths: np.ndarray | None = None
 
     @property
     def num_pages(self) -> torch.Tensor:
@@ -460,6 +470,22 @@ class PagedKVStore:
         return positions
 
     @_locked
+    def reserve(self, seqs: Sequence[int], tokens: int, layers: Iterable[int] | None = None) -> None:
+        """Make sure every layer can take `tokens` more tokens for each of `seqs`, growing pools;
+        raises `OutOfPages` (nothing written) if one cannot. A caller about to write a step into
+        every layer (a model's forward) checks here first, so no layer is left half written.
+        Counts the pages appends would take (new pages, copies of shared ones), before any eviction."""
+        S, H = self.page_size, self.num_kv_heads
+        for layer in range(self.num_layers) if layers is None else layers:
+            pool = self._pools[self._check_layer(layer)]
+            need = 0
+            for row in self.rows(seqs).reshape(-1).tolist():
+                free = pool.free_slots(row, S)
+                need += -(-max(0, tokens - len(free)) // S)
+                need += len({s // S for s in free[:tokens] if pool.refcount[s // S] > 1})
+            self._reserve(layer, need, f"a step of {tokens} tokens for {len(seqs)} sequences")
+
+    @_locked
     def append_step(self, seqs: Sequence[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one token to each of `seqs` (k, v `[B, H, D]`): the decode step, vectorized
         over sequences and heads when every row is clean (nothing evicted into it, no page
@@ -469,32 +495,36 @@ class PagedKVStore:
         """
         pool = self._pools[self._check_layer(layer)]
         B, H, S = len(seqs), self.num_kv_heads, self.page_size
-        if k.dim() != 3 or k.shape[0] != B:
-            raise ValueError(f"k must be [num_seqs, num_kv_heads, head_dim] = [{B}, {H}, {self.head_dim}], "
-                             f"got {list(k.shape)}")
-        self._check_kv(k, v, pool)
-        slots = np.array([self._slot(s) for s in seqs], dtype=np.int64)
+        want = (B, H, self.head_dim)
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"k and v must be [num_seqs, num_kv_heads, head_dim] = {list(want)}, "
+                             f"got {list(k.shape)} and {list(v.shape)}")
+        if type(pool.storage) is not DenseStorage or not (k.dtype.is_floating_point and v.dtype.is_floating_point):
+            self._check_kv(k, v, pool)  # the full checks (finite values for an encoding codec)
+        slots = np.fromiter((self._slot(s) for s in seqs), dtype=np.int64, count=B)
         rows = (slots[:, None] * H + np.arange(H)).reshape(-1)  # [B*H]
         n, held = pool.npages[rows], pool.resident[rows]
         full = n * S == held
         pool.ensure_width(int(n.max()) + 1)
         last = pool.table[rows, np.maximum(n - 1, 0)]
-        dirty = any(r in pool.holes for r in rows.tolist()) or bool((pool.refcount[last[~full]] > 1).any())
-        if dirty or len(set(slots.tolist())) != B:
-            if len(set(slots.tolist())) != B:
-                raise ValueError(f"append_step: a sequence is listed twice in {list(seqs)}")
+        if B > 1 and len(set(slots.tolist())) != B:
+            raise ValueError(f"append_step: a sequence is listed twice in {list(seqs)}")
+        clean = not pool.holes or not any(r in pool.holes for r in rows.tolist())
+        if not clean or (pool.refcount[last[~full]] > 1).any():  # the target page is shared: copy on write
             return self._append_each(seqs, layer, k, v)
         need = int(full.sum())
-        self._reserve(layer, need, f"decode step of {B} sequences")
-        fresh = np.array(pool.take_pages(need), dtype=np.int64)
         page = last.astype(np.int64)
-        page[full] = fresh
+        if need:
+            self._reserve(layer, need, f"decode step of {B} sequences")
+            fresh = np.array(pool.take_pages(need), dtype=np.int64)
+            page[full] = fresh
         idx = torch.from_numpy(page * S + held % S).to(self.device)  # [B*H] flat slots
-        pos = torch.from_numpy(np.repeat(self._length[slots, layer], H)).to(self.device)
+        pos = torch.from_numpy(np.repeat(self._length[slots, layer].astype(np.int32), H)).to(self.device)
         try:
             self._write(pool, idx, pos, k.reshape(B * H, -1), v.reshape(B * H, -1))
         except BaseException:
-            pool.release(fresh.tolist())
+            if need:
+                pool.release(fresh.tolist())
             raise
         if need:
             grow = rows[full]
@@ -519,19 +549,29 @@ class PagedKVStore:
         """Store tokens at flat slots `idx` `[n]`: K/V through the page format, then positions
         and summaries (after the format, which is the part that can fail)."""
         S = self.page_size
-        pages, slots = idx // S, idx % S
-        pool.storage.write(pages, slots, k_rows, v_rows)
-        pool.slot_pos.view(-1)[idx] = positions.to(torch.int32)
+        if type(pool.storage) is DenseStorage:
+            pool.storage.write_slots(idx, k_rows, v_rows)
+        else:
+            pool.storage.write(idx // S, idx % S, k_rows, v_rows)
+        pool.slot_pos.view(-1).index_copy_(0, idx, positions.to(torch.int32))
         if pool.key_min is not None:
             # bound the keys as they are read back (rounded to the store's dtype), not as given
+            pages = idx // S
             rows = k_rows.to(self.dtype).to(pool.key_min.dtype)
             pool.key_min.index_reduce_(0, pages, rows, "amin")
             pool.key_max.index_reduce_(0, pages, rows, "amax")
         if pool.scores is not None:
             pool.scores.view(-1)[idx] = 0.0
 
+    @_locked
+    def truncate(self, seq: int, layer: int, length: int) -> None:
+        """Forget positions `length ..` of (seq, layer) and set its length back to `length`: the
+        undo of a step that failed in a later layer. Pages left empty go back to the pool."""
+        if not 0 <= length <= self.length(seq, layer):
+            raise ValueError(f"truncate: length must be in [0, {self.length(seq, layer)}], got {length}")
+        self._truncate(seq, layer, length)
+
     def _truncate(self, seq: int, layer: int, length: int) -> None:
-        """Forget positions `length ..` of (seq, layer): the undo of a partial step."""
         slot = self._slot(seq)
         for head in range(self.num_kv_heads):
             pos = self.positions(seq, layer, head)
@@ -623,7 +663,7 @@ class PagedKVStore:
         pool = self._pools[self._check_layer(layer)]
         rows = self.rows(seqs, heads)  # [B, H]
         width = int(pool.npages[rows].max()) if rows.size else 0
-        return torch.from_numpy(pool.table[rows, :width].astype(np.int64)).to(self.device)
+        return torch.from_numpy(pool.table[rows, :width].astype(np.int64)).to(self.device)  # no copy on the CPU
 
     def rows(self, seqs: Sequence[int], heads: Sequence[int] | None = None) -> np.ndarray:
         """`[B, H]` the page-table rows of (sequence, KV head): `slot * num_kv_heads + head`."""
@@ -646,6 +686,22 @@ class PagedKVStore:
         rows = self.rows(seqs, heads)
         lengths = self._length[rows[:, 0] // self.num_kv_heads, layer]
         return bool((pool.resident[rows] == lengths[:, None]).all())
+
+    def prefix_lengths(self, seqs: Sequence[int], layer: int, heads: Sequence[int] | None = None,
+                       pages_read: int | None = None) -> np.ndarray | None:
+        """`[B, H]` tokens each row reads when it reads `pages_read` pages of its list (all when
+        None), its last page among them and listed last, every other one full; None unless
+        every row is clean (no evicted holes: its tokens fill the first slots of its pages in
+        list order). What selectors hand decode as `Selection.lengths`."""
+        pool = self._pools[self._check_layer(layer)]
+        rows = self.rows(seqs, heads)
+        if pool.holes and any(r in pool.holes for r in rows.reshape(-1).tolist()):
+            return None
+        held = pool.resident[rows]
+        if pages_read is None:
+            return held
+        n = pool.npages[rows]
+        return np.minimum(n, pages_read) * self.page_size - (n * self.page_size - held)
 
     def num_resident(self, seq: int, layer: int, head: int) -> int:
         """Tokens (seq, layer, head) holds now."""

@@ -8,7 +8,8 @@ in here: `backend` (or the environment variable KVKIT_ATTENTION_BACKEND) is "aut
 pages' dtype: the reference's float32 upcast of every gathered key costs more than the
 attention); everything else, and `return_stats`, the reference. The kernels read plain and int8
 (Int8Codec) pages in place; what they do not cover raises under "triton".
-`kvkit.kernels` is imported only when a kernel runs, so TRITON_INTERPRET set later still works.
+`kvkit.kernels` is imported only when a kernel runs, so TRITON_INTERPRET set later still works
+(a kernel's mode is fixed when it is first imported).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Sequence
 
 import torch
 
-from kvkit.attention.ref import AttentionStats, attend_pages
+from kvkit.attention import fast as fast_path
+from kvkit.attention.ref import attend_pages
+from kvkit.stats import AttentionStats
 from kvkit.store import DenseStorage, PagedKVStore, Selection
 
 
@@ -44,16 +47,18 @@ def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int
         if out is not None:
             return out, None
     pages = selection.pages
+    st = store.storage(layer)
+    fast = backend == "auto" and not return_stats and not q.is_cuda and type(st) is DenseStorage
+    if fast and selection.lengths is not None and selection.slot_mask is None:  # no per-slot positions needed
+        return fast_path.sparse_decode_fast(q, st.k, st.v, pages, scale=scale, lengths=selection.lengths), None
     P = pages.shape[-1]
     flat = pages.clamp(min=0).reshape(-1)
     shape = (B, store.num_kv_heads, P, store.page_size, D)
     valid = (store.slot_positions(layer).index_select(0, flat) >= 0).view(shape[:-1])  # the selected pages' slots only
     if selection.slot_mask is not None:
         valid = valid & selection.slot_mask
-    st = store.storage(layer)
-    if backend == "auto" and not return_stats and not q.is_cuda and type(st) is DenseStorage:
-        from kvkit.attention.fast import sparse_decode_fast  # here: fast.py imports the policies, which import this
-        return sparse_decode_fast(q, st.k, st.v, pages, scale=scale, slot_mask=valid), None
+    if fast:
+        return fast_path.sparse_decode_fast(q, st.k, st.v, pages, scale=scale, slot_mask=valid), None
     valid = valid & (pages >= 0)[..., None]
     k, v = st.read(flat)  # [B*Hkv*P, S, D]
     if return_stats:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,23 +25,35 @@ from kvkit.scoring import forced_pages, quest_scores, signed_boxes
 
 def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        page_table: torch.Tensor, slot_valid: torch.Tensor | None = None,
-                       scale: float | None = None, slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       scale: float | None = None, slot_mask: torch.Tensor | None = None,
+                       lengths: np.ndarray | None = None) -> torch.Tensor:
     """Decode attention over the listed pages of a dense pool, computed in the pool's dtype.
 
     q: `[B, Hq, D]`; k_cache, v_cache: `[N, S, D]`; page_table: `[B, Hkv, P]` int64, -1 padded;
     slot_valid: `[N, S]` bool, None when every listed slot holds a token; slot_mask: optional
-    `[B, Hkv, P, S]` bool. Returns `[B, Hq, D]` in q's dtype (zeros for an empty selection).
-    Same semantics as `sparse_decode_ref`, bf16 rounding aside.
+    `[B, Hkv, P, S]` bool; lengths: optional `[B, Hkv]` host ints, each row reads the first
+    `lengths` slots of its listed pages (`Selection.lengths`; then slot_valid and slot_mask are
+    not used). Returns `[B, Hq, D]` in q's dtype (zeros for an empty selection). Same semantics
+    as `sparse_decode_ref`, bf16 rounding aside.
     """
     B, Hq, D = q.shape
     Hkv, P = page_table.shape[1], page_table.shape[2]
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
     flat = page_table.reshape(-1)
-    padded = bool((flat < 0).any())
+    if lengths is not None:  # rows needing fewer than P pages end in -1 padding
+        padded = bool(((lengths + S - 1) // S < P).any()) if lengths.size else False
+    else:
+        padded = bool((flat < 0).any())
     idx = flat.clamp(min=0) if padded else flat
     k = k_cache.index_select(0, idx).view(B, Hkv, P * S, D)  # one copy of the selected pages
     v = v_cache.index_select(0, idx).view(B, Hkv, P * S, D)
+    if lengths is not None:
+        n = int(lengths.max()) if lengths.size else 0
+        if lengths.size and int(lengths.min()) == n:  # the usual step: every row reads its first n slots
+            return _attend(q, k[:, :, :n], v[:, :, :n], None, scale)
+        valid = torch.arange(P * S, device=q.device) < torch.from_numpy(lengths).to(q.device)[..., None]
+        return _attend(q, k, v, valid, scale)
     valid = None
     if slot_valid is not None or slot_mask is not None or padded:  # else every listed slot is read
         valid = (flat >= 0).view(B, Hkv, P, 1)

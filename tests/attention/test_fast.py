@@ -144,3 +144,29 @@ def test_valid_prefix_only_for_equal_true_prefixes():
     assert _valid_prefix(rows) is None
     assert _valid_prefix(torch.zeros(1, 3, 8, dtype=torch.bool)) is None  # nothing to read: the mask path's zeros
     assert _valid_prefix(torch.ones(1, 1, 4, dtype=torch.bool)) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[75, 30], [64, 64], [1, 17], [16, 33, 48]])
+@pytest.mark.parametrize("name", ["dense", "quest"])
+def test_host_prefix_lengths_read_what_the_positions_read(dtype, lengths, name):
+    """On clean rows the selectors hand decode `Selection.lengths` (no per-slot positions); it
+    must read exactly the tokens the reference reads from the slots' positions, ragged batches,
+    page boundaries and one-token rows included; rows with evicted holes get no lengths."""
+    from kvkit import policies
+    from kvkit.attention import decode
+    g = torch.Generator().manual_seed(sum(lengths))
+    policy = policies.get(name) if name == "dense" else policies.get(name, budget=24, window=8, dense_layers=0)
+    store = policy.make_store(1, 3, 64, page_size=8, dtype=dtype)
+    seqs = [store.add_sequence() for _ in lengths]
+    for s, n in zip(seqs, lengths):
+        store.append(s, 0, torch.randn(n, 3, 64, generator=g), torch.randn(n, 3, 64, generator=g))
+    q = torch.randn(len(lengths), 9, 64, generator=g).to(dtype)
+    sel = policy.select(store, seqs, 0, q)
+    assert sel.lengths is not None
+    got, _ = decode(q, store, seqs, 0, sel)
+    want, _ = decode(q, store, seqs, 0, type(sel)(sel.pages), backend="ref")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    store.evict(seqs[0], 0, 1, [0])
+    assert policy.select(store, seqs, 0, q).lengths is None

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from kvkit.policies.base import Selector, component
+from kvkit.policies.roles import Selector, component
 from kvkit.store import PagedKVStore, Selection
 
 
@@ -18,4 +18,4 @@ class FullSelector(Selector):
 
     def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
                heads: Sequence[int]) -> Selection:
-        return Selection(store.page_tables(seqs, layer, heads))
+        return Selection(store.page_tables(seqs, layer, heads), lengths=store.prefix_lengths(seqs, layer, heads))

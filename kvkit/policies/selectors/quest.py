@@ -99,8 +99,12 @@ class QuestSelector(Selector):
         pages = store.page_tables(seqs, layer, heads)  # [B, Hh, P]
         budget_pages = max(1, self.budget // store.page_size)
         if pages.shape[-1] <= budget_pages:
-            return Selection(pages)
-        return Selection(top_pages(self.scores(store, seqs, layer, q, pages), pages, budget_pages))
+            return Selection(pages, lengths=store.prefix_lengths(seqs, layer, heads))
+        chosen = top_pages(self.scores(store, seqs, layer, q, pages), pages, budget_pages)
+        # when the window's pages fit the budget they are all read (+inf), the last one listed last
+        window_pages = -(-(self.window - 1) // store.page_size) + 1
+        lengths = store.prefix_lengths(seqs, layer, heads, budget_pages) if window_pages <= budget_pages else None
+        return Selection(chosen, lengths=lengths)
 
 
 # ---- LServe --------------------------------------------------------------------------------
@@ -151,7 +155,7 @@ class LServeSelector(Selector):
         pages = store.page_tables(seqs, layer, heads)  # [B, Hh, P]
         budget_pages = max(1, self.budget // store.page_size)
         if pages.shape[-1] <= budget_pages:
-            return Selection(pages)
+            return Selection(pages, lengths=store.prefix_lengths(seqs, layer, heads))
         key = self._key(layer, heads)
         states = [store.policy_state(s).get(key) for s in seqs]
         lengths = [store.length(s, layer) for s in seqs]
