@@ -327,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
-# identify-heads' options are declared in kvkit.policies.duo_train; their ranges are checked here,
+# identify-heads' options are declared in kvkit.tools.duo_train; their ranges are checked here,
 # before its training starts.
 _IDENTIFY_HEADS_MIN = {"steps": 1, "seq_len": 32, "sink": 0, "window": 1, "serve_sink": 0,
                        "serve_window": 1, "samples": 1, "threads": 1}
@@ -410,7 +410,7 @@ def make_parser() -> Parser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("policies", help="list the registered policies")
     p.set_defaults(func=cmd_policies)
-    from kvkit.policies.duo_train import register_cli as add_identify_heads
+    from kvkit.tools.duo_train import register_cli as add_identify_heads
     add_identify_heads(sub).set_defaults(check_args=check_identify_heads)  # DuoAttention's retrieval heads
     p = sub.add_parser("dashboard", help="live web dashboard of kvkit_* metrics", add_help=False)
     p.set_defaults(func=None)

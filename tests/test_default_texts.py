@@ -6,7 +6,7 @@ from pathlib import Path
 
 import kvkit
 from kvkit import cli
-from kvkit.policies.codecs import calibrate
+from kvkit.tools import calibrate_cskv as calibrate
 
 
 def test_ppl_default_text_ships_with_the_package():

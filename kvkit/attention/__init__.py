@@ -7,7 +7,8 @@ and offers `PagedAttention`, an nn.Module that owns its store.
 
 from kvkit.attention.decode import decode
 from kvkit.attention.paged import PagedAttention, attention_step
-from kvkit.attention.ref import AttentionStats, causal_prefill_ref, sparse_decode_ref
+from kvkit.attention.ref import causal_prefill_ref, sparse_decode_ref
+from kvkit.stats import AttentionStats, PrefillStats
 
-__all__ = ["decode", "attention_step", "PagedAttention", "AttentionStats", "sparse_decode_ref",
+__all__ = ["decode", "attention_step", "PagedAttention", "AttentionStats", "PrefillStats", "sparse_decode_ref",
            "causal_prefill_ref"]

@@ -9,21 +9,9 @@ are never repeated in memory. Softmax runs in float32; an empty selection gives 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-
-@dataclass
-class AttentionStats:
-    """Attention each selected slot received, for evictors: summed over the G query heads.
-
-    pages: `[B, Hkv, P]` the pages read (-1 padded); probs: `[B, Hkv, P, S]` float32.
-    """
-
-    pages: torch.Tensor
-    probs: torch.Tensor
 
 
 def attend_pages(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,

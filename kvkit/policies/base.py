@@ -15,64 +15,26 @@ Shapes: B sequences, Hq/Hkv query/KV heads, G = Hq // Hkv, P pages, S page_size,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from kvkit.errors import ConfigError
-from kvkit.store import DEFAULT_PAGE_SIZE, PagedKVStore, PageStorage, Selection
+from kvkit.policies.codecs.plain import PlainCodec
+from kvkit.policies.evictors.none import NoEvictor
+from kvkit.policies.registry import get as get_policy
+from kvkit.policies.roles import COMPONENTS, Codec, Evictor, Selector, component
+from kvkit.policies.selectors.full import FullSelector
+from kvkit.store import DEFAULT_PAGE_SIZE, PagedKVStore, Selection
 
 if TYPE_CHECKING:
-    from kvkit.attention.ref import AttentionStats
+    from kvkit.stats import AttentionStats
 
-_COMPONENTS: dict[str, dict[str, type]] = {"selector": {}, "evictor": {}, "codec": {}}
-
-
-def component(role: str, type_name: str):
-    """Class decorator: make a component findable by `{"type": type_name}` in configs."""
-    def wrap(cls: type) -> type:
-        cls.type_name = type_name
-        _COMPONENTS[role][type_name] = cls
-        return cls
-    return wrap
-
-
-class Selector:
-    """Chooses the pages each KV head reads at a decode step."""
-
-    type_name: ClassVar[str] = ""
-    needs_key_bounds: ClassVar[bool] = False  # the store must keep per-page key min/max
-
-    def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
-               heads: Sequence[int]) -> Selection:
-        """q: `[B, len(heads) * G, D]`, the query heads of the KV heads served (in `heads` order);
-        returns their pages: `[B, len(heads), P]`."""
-        raise NotImplementedError
-
-
-class Evictor:
-    """Frees slots after a step; returns the number of tokens evicted."""
-
-    type_name: ClassVar[str] = ""
-    needs_attention: ClassVar[bool] = False  # wants the attention each slot received
-
-    def step(self, store: PagedKVStore, seqs: Sequence[int], layer: int, heads: Sequence[int],
-             stats: AttentionStats | None) -> int:
-        raise NotImplementedError
-
-
-class Codec:
-    """How pages are stored: makes a layer's PageStorage (see kvkit.store.PageFormat)."""
-
-    type_name: ClassVar[str] = ""
-
-    def make_storage(self, page_size: int, head_dim: int, dtype: torch.dtype,
-                     device: torch.device) -> PageStorage:
-        raise NotImplementedError
-
+__all__ = ["Policy", "Rule", "Selector", "Evictor", "Codec", "component"]
 
 def _component_config(obj: Any) -> dict[str, Any]:
     return {"type": obj.type_name, **{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}}
@@ -81,7 +43,7 @@ def _component_config(obj: Any) -> dict[str, Any]:
 def _component_from_config(role: str, cfg: Any) -> Any:
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ConfigError(f"a {role} config must be a dict with a 'type' key, got {cfg!r}")
-    known = _COMPONENTS[role]
+    known = COMPONENTS[role]
     cls = known.get(cfg["type"])
     if cls is None:
         raise ConfigError(f"unknown {role} type {cfg['type']!r}; known: {', '.join(sorted(known))}")
@@ -133,9 +95,9 @@ class Policy:
                rules=(Rule(layers=(0, 1), evictor=NoEvictor()),))
     """
 
-    selector: Selector = field(default_factory=lambda: _default("selector"))
-    evictor: Evictor = field(default_factory=lambda: _default("evictor"))
-    codec: Codec = field(default_factory=lambda: _default("codec"))
+    selector: Selector = field(default_factory=FullSelector)
+    evictor: Evictor = field(default_factory=NoEvictor)
+    codec: Codec = field(default_factory=PlainCodec)
     rules: tuple[Rule, ...] = ()
     name: str = "custom"
     page_size: int | None = None  # tokens per page this policy was tuned for; None: the caller's
@@ -157,11 +119,7 @@ class Policy:
         return chosen
 
     def _groups(self, role: str, layer: int, num_kv_heads: int) -> list[tuple[Any, list[int]]]:
-        groups: dict[int, tuple[Any, list[int]]] = {}
-        for head in range(num_kv_heads):
-            comp = self._resolve(role, layer, head)
-            groups.setdefault(id(comp), (comp, []))[1].append(head)
-        return list(groups.values())
+        return _head_groups(self, role, layer, num_kv_heads)
 
     def selectors(self, layer: int, num_kv_heads: int) -> list[tuple[Selector, list[int]]]:
         """The selectors of `layer` and the KV heads each one serves."""
@@ -177,8 +135,9 @@ class Policy:
         rules = [c for r in self.rules for c in (r.selector, r.evictor, r.codec) if c is not None]
         return [self.selector, self.evictor, self.codec, *rules]
 
-    @property
+    @functools.cached_property
     def needs_attention(self) -> bool:
+        """Whether an evictor of this policy scores by attention (decode returns statistics)."""
         return any(isinstance(c, Evictor) and c.needs_attention for c in self.components())
 
     def resolve_page_size(self, page_size: int | None = None) -> int:
@@ -255,9 +214,8 @@ class Policy:
         if "params" in cfg or set(cfg) == {"name"}:
             if unknown := sorted(set(cfg) - {"name", "params"}):
                 raise ConfigError(f"policy config by name takes 'name' and 'params', not {unknown}")
-            from kvkit import policies
             try:
-                return policies.get(cfg["name"], **(cfg.get("params") or {}))
+                return get_policy(cfg["name"], **(cfg.get("params") or {}))
             except (TypeError, ValueError) as e:
                 raise ConfigError(str(e)) from e
         known = {"name", "selector", "evictor", "codec", "rules", "page_size"}
@@ -295,8 +253,12 @@ class Policy:
         return cls.from_config(cfg)
 
 
-def _default(role: str) -> Any:
-    from kvkit.policies.codecs.plain import PlainCodec
-    from kvkit.policies.evictors.none import NoEvictor
-    from kvkit.policies.selectors.full import FullSelector
-    return {"selector": FullSelector, "evictor": NoEvictor, "codec": PlainCodec}[role]()
+@functools.lru_cache(maxsize=4096)
+def _head_groups(policy: Policy, role: str, layer: int, num_kv_heads: int) -> list[tuple[Any, list[int]]]:
+    """The components of `role` in `layer` and the KV heads each serves; cached, since every
+    layer of every decode step asks (a Policy is frozen). Callers must not mutate the lists."""
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for head in range(num_kv_heads):
+        comp = policy._resolve(role, layer, head)
+        groups.setdefault(id(comp), (comp, []))[1].append(head)
+    return list(groups.values())

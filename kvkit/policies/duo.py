@@ -2,7 +2,7 @@
 only attention sinks and a recent window.
 
 Which KV heads are retrieval heads is decided offline: `kvkit identify-heads MODEL`
-(`kvkit.policies.duo_train`) optimises one gate per KV head in [0, 1] that mixes full and
+(`kvkit.tools.duo_train`) optimises one gate per KV head in [0, 1] that mixes full and
 streaming attention, and writes a *pattern file*. The policy ranks heads by gate and makes the
 top `retrieval_ratio` of them (or every head with gate >= `threshold`) retrieval heads; the rest
 get a `SinkWindowEvictor` through per-head `Rule`s, so the store really frees their pages.

@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from kvkit import ConfigError, policies
-from kvkit.attention.paged import PrefillStats, attention_step
-from kvkit.attention.ref import AttentionStats
+from kvkit.attention.paged import attention_step
+from kvkit.stats import AttentionStats, PrefillStats
 from kvkit.integrations.hf import KVKitCache
 from kvkit.policies import Policy
 from kvkit.policies.evictors.h2o import A2SFEvictor, H2OEvictor

@@ -6,7 +6,8 @@ import torch
 
 from kvkit import policies
 from kvkit.policies import Policy
-from kvkit.policies.codecs.calibrate import KEYS, calibrate, load_bases, save_bases
+from kvkit.policies.codecs.bases import KEYS, load_bases, save_bases
+from kvkit.tools.calibrate_cskv import calibrate
 from kvkit.policies.codecs.cskv import CskvCodec, _load, bases_path, layer_ranks
 from kvkit.store import PagedKVStore
 

@@ -10,7 +10,7 @@ from kvkit import ConfigError, policies
 from kvkit.integrations.hf import KVKitCache
 from kvkit.policies import Policy, SinkWindowEvictor
 from kvkit.policies.duo import DuoPattern, load_pattern, shipped_pattern
-from kvkit.policies.duo_train import _STATE, gated_attention_forward, streaming_mask
+from kvkit.tools.duo_train import _STATE, gated_attention_forward, streaming_mask
 from kvkit.testing import tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ def test_gate_mixes_full_and_streaming_attention_and_has_a_gradient():
 def test_identify_heads_cli_parses_into_its_function():
     import argparse
 
-    from kvkit.policies.duo_train import cmd_identify_heads, register_cli
+    from kvkit.tools.duo_train import cmd_identify_heads, register_cli
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["identify-heads", "/some/model", "--steps", "3", "--out", "p.json"])
@@ -177,7 +177,7 @@ def test_identify_heads_cli_parses_into_its_function():
 
 @pytest.mark.slow
 def test_identify_heads_on_smollm2_writes_a_valid_pattern(tmp_path):
-    from kvkit.policies.duo_train import identify_heads
+    from kvkit.tools.duo_train import identify_heads
     pattern = identify_heads(steps=1, samples=1, seq_len=96, sink=4, window=8, progress=False)
     assert (pattern.num_layers, pattern.num_kv_heads) == (30, 3)
     assert all(0.0 <= g <= 1.0 for row in pattern.gates for g in row)

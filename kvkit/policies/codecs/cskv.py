@@ -3,7 +3,7 @@ arXiv:2409.10593.
 
 Per layer and KV head, an encoder `E [r, D]` maps a token's key (value) to `r` coefficients
 `c = E (x - mean)`; reading reconstructs `x_hat = mean + D c` with a decoder `D [D, r]`. The
-bases come from calibration on activations (`kvkit.policies.codecs.calibrate`), not from the
+bases come from calibration on activations (`kvkit.tools.calibrate_cskv`), not from the
 projection weights' singular vectors, which the issue measured as catastrophic on SmolLM2:
 keys are fitted in the metric of the queries that read them (so the attention logits are
 kept), values in the metric of `o_proj` (so the layer output is kept). RoPE is applied before
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from kvkit.policies.base import Codec, Policy, Rule, component
-from kvkit.policies.codecs.calibrate import load_bases
+from kvkit.policies.codecs.bases import load_bases
 from kvkit.policies.codecs.staging import StagingRows
 from kvkit.policies.registry import register
 

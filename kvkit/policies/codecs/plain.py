@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvkit.policies.base import Codec, component
+from kvkit.policies.roles import Codec, component
 from kvkit.store import DenseStorage
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

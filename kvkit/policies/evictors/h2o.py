@@ -27,10 +27,9 @@ from typing import Sequence
 
 import torch
 
-from kvkit.attention.paged import PrefillStats
-from kvkit.attention.ref import AttentionStats
 from kvkit.policies.base import Evictor, Policy, component
 from kvkit.policies.registry import register
+from kvkit.stats import AttentionStats, PrefillStats
 from kvkit.store import PagedKVStore
 
 __all__ = ["A2SFEvictor", "H2OEvictor", "a2sf", "h2o"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvkit.policies.base import Evictor, component
+from kvkit.policies.roles import Evictor, component
 
 
 @component("evictor", "none")

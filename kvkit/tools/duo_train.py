@@ -115,7 +115,7 @@ def identify_heads(model: str | Path | None = None, *, steps: int = 12, seq_len:
 
     Cost: one gated forward + backward per step (plus one teacher forward per sample). The
     defaults made the shipped SmolLM2 pattern: 12 steps in 350 s on a shared 2-core CPU
-    (`python -m kvkit.policies.duo_train --out kvkit/data/duo_smollm2.json --threads 2`). Under
+    (`python -m kvkit.tools.duo_train --out kvkit/data/duo_smollm2.json --threads 2`). Under
     heavy load (load average 15-29) a step at seq_len 320 took 95-430 s.
     """
     from tqdm.auto import tqdm
@@ -178,7 +178,7 @@ def identify_heads(model: str | Path | None = None, *, steps: int = 12, seq_len:
     finally:
         _STATE.gates, _STATE.stream_mask = None, None
         lm.set_attn_implementation("sdpa")
-    training = {"method": "DuoAttention gates (arXiv:2410.10819), kvkit.policies.duo_train",
+    training = {"method": "DuoAttention gates (arXiv:2410.10819), kvkit.tools.duo_train",
                 "train_sink": sink, "train_window": window, "steps": steps, "samples": num_samples,
                 "seq_len": seq_len, "lr": lr, "l1": l1, "seed": seed,
                 "loss": "MSE of final hidden states on question+answer tokens / their mean square",
@@ -237,7 +237,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvkit.policies.duo_train [MODEL] [options]` (the same as `kvkit identify-heads`)."""
+    """`python -m kvkit.tools.duo_train [MODEL] [options]` (the same as `kvkit identify-heads`)."""
     parser = argparse.ArgumentParser(prog="kvkit")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["identify-heads", *(argv if argv is not None else __import__("sys").argv[1:])])
