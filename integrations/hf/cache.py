@@ -115,6 +115,7 @@ class KVKitCache(Cache):
         self.compact = compact
         self.store: PagedKVStore | None = None
         self.seqs: list[int] = []
+        self.step_start: list[int] | None = None  # lengths before the current forward
         self.evicted = 0
         self.evicted_reported = 0  # evictions already counted in kvkit.metrics
         self.decode_seconds = 0.0  # time in kvkit's decode attention (select + read + evict)
@@ -141,6 +142,16 @@ class KVKitCache(Cache):
         if self.store is None or not self.seqs:
             return 0
         return self.store.length(self.seqs[0], layer_idx)
+
+    def undo_step(self, layer: int) -> None:
+        """Take back what the failing forward wrote to layers `0 .. layer`, so every layer's
+        length is again what it was before (all or nothing, as the store's own calls)."""
+        if self.store is None or self.step_start is None:
+            return
+        for l in range(layer + 1):
+            for seq, length in zip(self.seqs, self.step_start):
+                if self.store.length(seq, l) > length:
+                    self.store.truncate(seq, l, length)
 
     def reset(self) -> None:
         if self.store is not None:
@@ -172,8 +183,16 @@ def kvkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
     start = time.perf_counter()
     first_prefill = store.length(cache.seqs[0], layer) == 0
-    out, evicted = attention_step(store, cache.policy, cache.seqs, layer, query, key, value,
-                                  scale=scaling, dense_prefill=dense_prefill, monitor=cache.monitor)
+    if layer == 0:  # where each sequence stood before this forward, to undo a failed one
+        cache.step_start = [store.length(s, 0) for s in cache.seqs]
+        if cache.max_pages is not None and not first_prefill:  # room in every layer, or fail before writing
+            store.reserve(cache.seqs, query.shape[2])
+    try:
+        out, evicted = attention_step(store, cache.policy, cache.seqs, layer, query, key, value,
+                                      scale=scaling, dense_prefill=dense_prefill, monitor=cache.monitor)
+    except BaseException:
+        cache.undo_step(layer)
+        raise
     if first_prefill and attention_mask is not None:
         evicted += _evict_padding(store, cache.seqs, layer, attention_mask)
     if first_prefill and cache.compact:  # give back what prefill-time eviction and growth left unused

@@ -146,3 +146,20 @@ def test_selection_recall_measures_what_a_sparse_read_loses():
     assert selection_recall(q, store, [seq], 0, Selection(pages[..., 1:])) == pytest.approx(hot / (hot + 1))
     assert selection_recall(q, store, [seq], 0, Selection(pages[..., :1])) == pytest.approx(1 / (hot + 1))
     assert selection_recall(q, store, [seq], 0, Selection(pages)) == pytest.approx(1.0)
+
+
+def test_a_step_that_fails_in_a_later_layer_leaves_every_layer_as_it_was(models):
+    """Layer 0 streams (room to spare), layer 1 keeps everything and its pool is full: the
+    decode step raises OutOfPages in layer 1, and layer 0's token is taken back with it."""
+    from kvkit import OutOfPages
+    from kvkit.policies import Policy, Rule, SinkWindowEvictor
+    _, kv = models
+    policy = Policy(rules=(Rule(layers=(0,), evictor=SinkWindowEvictor(sink=4, window=16)),))
+    cache = KVKitCache(kv, policy, page_size=8, max_pages=16)  # 64 tokens x 2 heads fill layer 1
+    out = kv(prompt(length=64), past_key_values=cache, use_cache=True)
+    before = [cache.store.length(cache.seqs[0], layer) for layer in range(3)]
+    resident = cache.store.stats().tokens_resident
+    with pytest.raises(OutOfPages, match="unchanged"):
+        kv(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    assert [cache.store.length(cache.seqs[0], layer) for layer in range(3)] == before == [64, 64, 64]
+    assert cache.store.stats().tokens_resident == resident
