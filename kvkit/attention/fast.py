@@ -40,6 +40,10 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     Hkv, P = page_table.shape[1], page_table.shape[2]
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
+    if lengths is not None and P >= MIN_RUN_PAGES and not q.is_cuda:
+        run = _shared_run(page_table.numpy(), lengths, S)
+        if run is not None:
+            return _decode_run_and_tail(q, k_cache, v_cache, page_table, lengths, run, scale)
     flat = page_table.reshape(-1)
     if lengths is not None:  # rows needing fewer than P pages end in -1 padding
         padded = bool(((lengths + S - 1) // S < P).any()) if lengths.size else False
@@ -63,6 +67,76 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             valid = valid & slot_mask
         valid = valid.expand(B, Hkv, P, S).reshape(B, Hkv, P * S)
     return _attend(q, k, v, valid, scale)
+
+
+MIN_RUN_PAGES = 8  # below this a copy costs less than the two-part attention
+
+
+def _shared_run(table: np.ndarray, lengths: np.ndarray, S: int) -> tuple[int, int, int] | None:
+    """(first page, row stride, m) when every row's list starts with m >= MIN_RUN_PAGES full
+    pages at consecutive ids and row i's run starts at `first + i * stride` (rows sequence-major
+    then head): the runs are then one strided view of the pool, read without a copy. A first
+    prefill lays rows out this way (each row takes its pages in one piece); None otherwise."""
+    rows = table.reshape(-1, table.shape[-1])
+    starts = rows[:, 0]
+    consecutive = rows == starts[:, None] + np.arange(rows.shape[1])
+    runs = np.where(consecutive.all(1), rows.shape[1], consecutive.argmin(1))
+    m = int(min(runs.min(), (lengths.reshape(-1) // S).min()))  # full pages only: the tail holds the rest
+    if m < MIN_RUN_PAGES or starts.min() < 0:
+        return None
+    stride = int(starts[1] - starts[0]) if len(starts) > 1 else m
+    if stride < m or (len(starts) > 1 and not (np.diff(starts) == stride).all()):
+        return None
+    return int(starts[0]), stride, m
+
+
+def _decode_run_and_tail(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                         lengths: np.ndarray, run: tuple[int, int, int], scale: float) -> torch.Tensor:
+    """Attention over each row's leading run of pages read in place (a strided view of the
+    pool, no copy) and over the rest of its list (gathered), merged by their log-sum-exps.
+    What `sparse_decode_fast` computes, without copying the bulk of the keys and values."""
+    B, Hq, D = q.shape
+    Hkv, P = page_table.shape[1], page_table.shape[2]
+    S = k_cache.shape[1]
+    first, stride, m = run
+    size, step = (B, Hkv, m * S, D), (Hkv * stride * S * D, stride * S * D, D, 1)
+    k_run = k_cache.as_strided(size, step, k_cache.storage_offset() + first * S * D)  # [B, Hkv, m*S, D]
+    v_run = v_cache.as_strided(size, step, v_cache.storage_offset() + first * S * D)
+    qg = q.view(B, Hkv, Hq // Hkv, D).to(k_cache.dtype)  # the G query heads of a KV head as G queries
+    out, lse = _attend_lse(qg, k_run, v_run, None, scale)  # [B, Hkv, G, D], [B, Hkv, G]
+    tail_len = lengths - m * S  # [B, Hkv] tokens after the run
+    if tail_len.max() > 0:
+        tail = page_table[:, :, m:]
+        t = -(-int(tail_len.max()) // S)
+        idx = tail[:, :, :t].reshape(-1).clamp(min=0)
+        k_t = k_cache.index_select(0, idx).view(B, Hkv, t * S, D)
+        v_t = v_cache.index_select(0, idx).view(B, Hkv, t * S, D)
+        n = int(tail_len.max())
+        if int(tail_len.min()) == n:  # the usual step: every row's tail is n tokens
+            out_t, lse_t = _attend_lse(qg, k_t[:, :, :n], v_t[:, :, :n], None, scale)
+        else:
+            valid = torch.arange(t * S, device=q.device) < torch.from_numpy(tail_len).to(q.device)[..., None]
+            out_t, lse_t = _attend_lse(qg.float(), k_t.float(), v_t.float(), valid, scale)
+        total = torch.logaddexp(lse, lse_t)
+        out = out.float() * (lse - total).exp()[..., None] + out_t.float() * (lse_t - total).exp().nan_to_num(0.0)[..., None]
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def _attend_lse(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of G queries per KV head, qg `[B, Hkv, G, D]`, over k, v `[B, Hkv, T, D]` (views
+    welcome), valid `[B, Hkv, T]` or None: out `[B, Hkv, G, D]` and its log-sum-exp float32
+    `[B, Hkv, G]` (-inf where nothing is valid). bf16/fp16 with every token valid: the CPU flash
+    kernel SDPA runs (it returns the log-sum-exp); else matmul-softmax, the faster of the two
+    in float32 (as `_attend`)."""
+    if k.dtype != torch.float32 and valid is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, scale=scale)[:2]
+        return out, lse
+    scores = (qg * scale) @ k.transpose(-1, -2)  # [B, Hkv, G, T]
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None, :], -math.inf)
+    lse = torch.logsumexp(scores, -1)
+    return (scores - lse[..., None]).exp().nan_to_num(0.0) @ v, lse
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,

@@ -40,7 +40,9 @@ def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int,
     B, Hq, T, D = q.shape
     past = [store.length(s, layer) for s in seqs]
     evicted = 0
-    chunk = prefill_chunk if T > 1 and not any(past) else T
+    # a first prefill goes in chunks only when something evicts between them; else in one piece,
+    # so each (sequence, KV head) gets its pages in one run (read in place at decode: fast.py)
+    chunk = prefill_chunk if T > 1 and not any(past) and policy.evicts else T
     # Evictors that score by attention (H2O, A2SF) get the prefill's attention chunk by chunk.
     prefill_stats = T > 1 and not any(past) and policy.needs_attention
     stats = None

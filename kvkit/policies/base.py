@@ -136,6 +136,11 @@ class Policy:
         return [self.selector, self.evictor, self.codec, *rules]
 
     @functools.cached_property
+    def evicts(self) -> bool:
+        """Whether any evictor of this policy can free tokens (anything but `NoEvictor`)."""
+        return any(isinstance(c, Evictor) and not isinstance(c, NoEvictor) for c in self.components())
+
+    @functools.cached_property
     def needs_attention(self) -> bool:
         """Whether an evictor of this policy scores by attention (decode returns statistics)."""
         return any(isinstance(c, Evictor) and c.needs_attention for c in self.components())

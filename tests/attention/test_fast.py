@@ -1,5 +1,6 @@
 """kvkit.attention.fast against the reference (kvkit.attention.ref)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,3 +171,42 @@ def test_host_prefix_lengths_read_what_the_positions_read(dtype, lengths, name):
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
     store.evict(seqs[0], 0, 1, [0])
     assert policy.select(store, seqs, 0, q).lengths is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths,steps", [([300], 0), ([300], 5), ([300, 300], 21), ([256, 256], 1), ([129], 40)])
+def test_runs_read_in_place_match_the_reference(dtype, lengths, steps):
+    """Rows prefilled in one piece hold their pages in one run per row; decode reads the runs as
+    a strided view of the pool and gathers only the pages after them (a tail that ends on a
+    page boundary, a partial one, or none), merging the two by log-sum-exp."""
+    from kvkit import policies
+    from kvkit.attention import decode
+    from kvkit.attention.fast import _shared_run
+    g = torch.Generator().manual_seed(sum(lengths) + steps)
+    policy = policies.get("dense")
+    store = policy.make_store(1, 3, 64, page_size=16, dtype=dtype)
+    seqs = [store.add_sequence() for _ in lengths]
+    for s, n in zip(seqs, lengths):
+        store.append(s, 0, torch.randn(n, 3, 64, generator=g), torch.randn(n, 3, 64, generator=g))
+    for _ in range(steps):
+        store.append_step(seqs, 0, torch.randn(len(seqs), 3, 64, generator=g), torch.randn(len(seqs), 3, 64, generator=g))
+    q = torch.randn(len(lengths), 9, 64, generator=g).to(dtype)
+    sel = policy.select(store, seqs, 0, q)
+    assert _shared_run(sel.pages.numpy(), sel.lengths, store.page_size) is not None
+    got, _ = decode(q, store, seqs, 0, sel)
+    want, _ = decode(q, store, seqs, 0, type(sel)(sel.pages), backend="ref")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def test_rows_not_laid_out_in_one_run_are_gathered():
+    from kvkit.attention.fast import _shared_run
+    table = np.arange(40).reshape(1, 2, 20)
+    assert _shared_run(table, np.array([[320, 320]]), 16) == (0, 20, 20)
+    table[0, 1] = np.arange(100, 120)  # row 1 elsewhere: two rows always have one stride
+    assert _shared_run(table, np.array([[320, 320]]), 16) == (0, 100, 20)
+    table[0, 1, 5] = 7  # a broken run: only 5 pages in place
+    assert _shared_run(table, np.array([[320, 320]]), 16) is None
+    rows = np.arange(60).reshape(1, 3, 20)
+    rows[0, 2] += 5  # starts 0, 20, 45: no single stride
+    assert _shared_run(rows, np.array([[320, 320, 320]]), 16) is None
