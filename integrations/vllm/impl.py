@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -42,25 +40,15 @@ from kvkit.policies import FullSelector
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector
 from kvkit.scoring import reduce_group, reuse_scores, top_pages_per_row
-from kvkit.integrations.vllm import eviction, plugin
+from kvkit.integrations.vllm import eviction
 from kvkit.integrations.vllm.eviction import STATE, block_mass, gather_keys
 from kvkit.integrations.vllm.layers import PageSelector, current_policy, layer_index, layer_selector, sub_page_size
 from kvkit.integrations.vllm.metadata import KVKitCPUAttentionMetadata, VirtualPlan
 from kvkit.integrations.vllm.selection import (FILL_SCORE, SelectionPlan, block_bound_scores, empty_bounds,
-                                              lserve_block_scores, page_boxes, stack_padded)
+                                              lserve_block_scores, stack_padded)
 from kvkit.integrations.vllm.streaming import model_kv_heads, streaming_evictor
 
 logger = logging.getLogger(__name__)
-
-CHECK_ENV = "KVKIT_VLLM_CHECK"  # "1": also run kvkit's reference on a shadow copy (tests only)
-
-# Filled when KVKIT_VLLM_CHECK=1: one row per (layer, decode step) the sparse path ran.
-CHECKS: list[dict] = []
-# Per process: which layer indices ran which path (for tests and logs).
-USAGE: dict[str, int] = {"dense_calls": 0, "sparse_calls": 0, "prefill_rows_calls": 0, "streaming_calls": 0,
-                         "lserve_refreshed_rows": 0, "lserve_reused_rows": 0, "lserve_as_kept_rows": 0,
-                         "evict_calls": 0}
-
 
 def virtual_decode(query: torch.Tensor, kv_cache: torch.Tensor, pages: torch.Tensor,
                    plan: VirtualPlan, output: torch.Tensor, scale: float, softcap: float = 0.0,
@@ -161,10 +149,6 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self.boxes: torch.Tensor | None = None  # LServe: [NB * Hkv, 2D] each page's whole box (page_boxes)
         # LServe: request id -> its choice: list entries and the pages they name, each [Hkv, K]
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._refreshed: list[bool] = []  # LServe: rows that chose afresh this step (check)
-        self._check_kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # LServe: the check's own choices
-        self.check = os.environ.get(CHECK_ENV, "") == "1"
-        self.shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- per-layer set-up, on first use (vLLM builds the impl before it names the layer) ------
     def _resolve(self, layer) -> FullSelector | PageSelector:
@@ -195,30 +179,14 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     # ---- KV write: stock, plus Quest's page summaries from the incoming keys ------------------
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        sparse = self._sparse(layer) is not None
-        if not sparse and not (self.check and (self._streaming(layer) is not None
-                                               or plugin.scores_blocks(current_policy()))):
+        if self._sparse(layer) is None:
             return
         num_blocks, H, S, _ = kv_cache.shape
-        D = self.head_size
-        if self.check and self.shadow is None:
-            self.shadow = (torch.zeros(num_blocks * H, S, D), torch.zeros(num_blocks * H, S, D),
-                           torch.zeros(num_blocks * H, S, dtype=torch.bool))
         if not self.sub:
             self.sub = sub_page_size(current_policy(), S)
         w = key_writes(slot_mapping, S, H, self.sub)
-        if w is None:
-            return
-        flat = w.tokens(key).reshape(-1, D)  # [T * H, D]
-        if sparse:
-            self._update_bounds(flat, w, num_blocks * H, S)
-        if self.shadow is not None:
-            sk, sv, valid = self.shadow
-            if w.fresh is not None:
-                valid[w.fresh] = False
-            sk[w.rows, w.offs] = flat.float()
-            sv[w.rows, w.offs] = w.tokens(value).float().reshape(-1, D)
-            valid[w.rows, w.offs] = True
+        if w is not None:
+            self._update_bounds(w.tokens(key).reshape(-1, self.head_size), w, num_blocks * H, S)
 
     def _update_bounds(self, flat: torch.Tensor, w: KeyWrites, num_pages: int, S: int) -> None:
         """Fold the written keys `flat` `[T * H, D]` (where `w` says) into the sub-pages' signed
@@ -249,52 +217,61 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         md = attn_metadata
         stream = self._streaming(layer)
         if stream is not None and (stream.sink, stream.window) in md.streams:
-            USAGE["streaming_calls"] += 1
-            smd = md.streams[(stream.sink, stream.window)]
-            out = super().forward(layer, query, key, value, kv_cache, smd, output,
-                                  output_scale, output_block_scale)
-            if md.decode_pages:
-                self._record(md.stream_decode_pages[(stream.sink, stream.window)], md.decode_pages,
-                             kv_cache, start, 0.0)
-            if self.shadow is not None:
-                self._check_read(query, output, md, kv_cache.shape[2],
-                                 _stream_positions(stream.sink, stream.window, kv_cache.shape[2]))
-            return out
+            return self._forward_streaming(stream, layer, query, key, value, kv_cache, md, output,
+                                           output_scale, output_block_scale, start)
         if md.evict is not None:
-            USAGE["evict_calls"] += 1
-            out = super().forward(layer, query, key, value, kv_cache, md.evict.md, output,
-                                  output_scale, output_block_scale)
-            scoring = time.perf_counter()
-            self._score_blocks(layer, query, kv_cache, md)
-            if md.decode_pages:  # the scoring is this path's "selection" overhead
-                self._record(md.evict.decode_pages, md.decode_pages, kv_cache, start,
-                             time.perf_counter() - scoring)
-            if self.shadow is not None:
-                self._check_read(query, output, md, kv_cache.shape[2],
-                                 _kept_positions(md.evict.kept, kv_cache.shape[2]))
-            return out
+            return self._forward_evict(layer, query, key, value, kv_cache, md, output,
+                                       output_scale, output_block_scale, start)
         sel = self._sparse(layer)
         if sel is None or md.num_decodes == 0:
-            USAGE["dense_calls"] += 1
-            out = super().forward(layer, query, key, value, kv_cache, md, output,
-                                  output_scale, output_block_scale)
-            if md.decode_pages:
-                self._record(md.decode_pages, md.decode_pages, kv_cache, start, 0.0)
-            return out
+            return self._forward_dense(layer, query, key, value, kv_cache, md, output,
+                                       output_scale, output_block_scale, start)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported by kvkit")
-        USAGE["sparse_calls"] += 1
+        self._forward_sparse(sel, layer, query, kv_cache, md, output, start)
+        return output
+
+    def _forward_dense(self, layer, query, key, value, kv_cache, md: KVKitCPUAttentionMetadata, output,
+                       output_scale, output_block_scale, start: float):
+        """Every row on the stock kernel (dense layers, prefill-only steps)."""
+        out = super().forward(layer, query, key, value, kv_cache, md, output, output_scale, output_block_scale)
+        if md.decode_pages:
+            self._record(md.decode_pages, md.decode_pages, kv_cache, start, 0.0)
+        return out
+
+    def _forward_streaming(self, stream: SinkWindowEvictor, layer, query, key, value, kv_cache,
+                           md: KVKitCPUAttentionMetadata, output, output_scale, output_block_scale, start: float):
+        """A streaming layer: the stock kernel on the block tables trimmed to sink and window."""
+        window = (stream.sink, stream.window)
+        out = super().forward(layer, query, key, value, kv_cache, md.streams[window], output,
+                              output_scale, output_block_scale)
+        if md.decode_pages:
+            self._record(md.stream_decode_pages[window], md.decode_pages, kv_cache, start, 0.0)
+        return out
+
+    def _forward_evict(self, layer, query, key, value, kv_cache, md: KVKitCPUAttentionMetadata, output,
+                       output_scale, output_block_scale, start: float):
+        """A score-evicting layer: the stock kernel on each row's blocks not evicted, then the
+        attention mass per block for the worker's eviction state."""
+        out = super().forward(layer, query, key, value, kv_cache, md.evict.md, output,
+                              output_scale, output_block_scale)
+        scoring = time.perf_counter()
+        self._score_blocks(layer, query, kv_cache, md)
+        if md.decode_pages:  # the scoring is this path's "selection" overhead
+            self._record(md.evict.decode_pages, md.decode_pages, kv_cache, start, time.perf_counter() - scoring)
+        return out
+
+    def _forward_sparse(self, sel: PageSelector, layer, query, kv_cache, md: KVKitCPUAttentionMetadata,
+                        output: torch.Tensor, start: float) -> None:
+        """A page-selecting layer: the decode rows on their chosen pages, prefill rows stock."""
         pages_read, sel_s = self._decode_sparse(sel, layer, query, kv_cache, md, output)
         self._record(pages_read, md.decode_pages, kv_cache, start, sel_s)
         if md.prefill_query_start_loc is not None:
-            USAGE["prefill_rows_calls"] += 1
             self._prefill_rows(layer, query, kv_cache, md, output)
-        return output
 
     def _score_blocks(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, md: KVKitCPUAttentionMetadata) -> None:
         """Add this layer's attention mass per kept block to each row's step (eviction.py):
         decode rows together, each prefill row by its last `OBSERVED` queries."""
-        num_blocks, H, S, _ = kv_cache.shape
         e, qsl = md.evict, md.query_start_loc.tolist()
         f = e.forgetting_factor
         dec = [b for b in range(len(e.kept)) if qsl[b + 1] - qsl[b] == 1]
@@ -307,15 +284,16 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             table = e.md.block_table[rows, :M].long()
             weights = f ** torch.arange(T - 1, -1, -1, dtype=torch.float32)
             lengths = e.md.seq_lens[rows].long()
-            mass = block_mass(q, gather_keys(kv_cache, table, layer.isa), lengths, self.scale, weights, S)
+            mass = self._block_mass(q, kv_cache, table, lengths, weights, layer.isa)  # [B, M]
             for i, b in enumerate(rows):
                 n = len(e.kept[b])
                 STATE.add_mass(e.req_ids[b], e.kept[b], mass[i, :n], int(e.kept[b][-1]) + 1)
-            if self.shadow is not None:  # the same mass from the float32 copy of the written keys
-                copy = self.shadow[0].view(num_blocks, H, S, -1).transpose(0, 1)[:, table]  # [H, B, M, S, D]
-                ref = block_mass(q, copy.flatten(2, 3), lengths, self.scale, weights, S)
-                CHECKS.append({"layer": self._layer, "rows": len(rows), "mass_check": True,
-                               "mass_equal": bool(torch.allclose(mass, ref, rtol=1e-4, atol=1e-5))})
+
+    def _block_mass(self, q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
+                    weights: torch.Tensor, isa: str) -> torch.Tensor:
+        """`[B, M]` attention mass of the queries `q` `[B, T, Hq, D]` (weighted per query by
+        `weights` `[T]`) per block of `table` `[B, M]`, from the keys in vLLM's cache."""
+        return block_mass(q, gather_keys(kv_cache, table, isa), lengths, self.scale, weights, kv_cache.shape[2])
 
     def _record(self, pages_read: int, pages_total: int, kv_cache: torch.Tensor, start: float,
                 selection_seconds: float) -> None:
@@ -332,7 +310,6 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         plan = md.selection[sel]
         k = md.plans[budget].budget_pages
         if plan.all_fit:  # what top_pages would choose: every listed page, in order
-            self._refreshed = [True] * plan.vpages.shape[0]
             return plan.vpages
         if isinstance(sel, LServeSelector):
             return self._select_lserve(sel, q, plan, k)
@@ -350,17 +327,8 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         `reuse_scores`; rows with none new read the kept pages as they are, scoring nothing)."""
         B, H, P = plan.vpages.shape
         ids, kept = plan.req_ids, self.kept
-        if ids is None:
-            refresh, as_kept = [True] * B, [False] * B
-        else:
-            refresh = [r or rid not in kept for r, rid in zip(plan.refresh, ids)]
-            as_kept = [a and not r for a, r in zip(plan.as_kept, refresh)]
-        self._refreshed = refresh
+        refresh, as_kept = self._reuse_rows(plan)
         scored = [b for b in range(B) if not as_kept[b]]
-        n_fresh = sum(refresh)
-        USAGE["lserve_refreshed_rows"] += n_fresh
-        USAGE["lserve_reused_rows"] += B - n_fresh
-        USAGE["lserve_as_kept_rows"] += B - len(scored)
         K = min(int(k.max()), P)
         rows: list[torch.Tensor | None] = [kept[ids[b]][1] if a else None for b, a in enumerate(as_kept)]
         if scored:
@@ -379,6 +347,15 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         if ids is not None and len(kept) > len(plan.live) + B:  # requests the builder forgot
             self.kept = {r: e for r, e in kept.items() if r in plan.live}
         return picked if len(scored) == B else stack_padded(rows, K)
+
+    def _reuse_rows(self, plan: SelectionPlan) -> tuple[list[bool], list[bool]]:
+        """Per row: whether it chooses afresh (the builder marked it, or this layer holds no kept
+        choice for its request), and whether it reads its kept pages as they are."""
+        B = plan.vpages.shape[0]
+        if plan.req_ids is None:
+            return [True] * B, [False] * B
+        refresh = [r or rid not in self.kept for r, rid in zip(plan.refresh, plan.req_ids)]
+        return refresh, [a and not r for a, r in zip(plan.as_kept, refresh)]
 
     def _lserve_scores(self, sel: LServeSelector, q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tensor,
                        plan: SelectionPlan, k: torch.Tensor, refresh: list[bool],
@@ -415,107 +392,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         virtual_decode(q, kv_cache, chosen, plan, out, self.scale, self.logits_soft_cap,
                        self.sinks, layer._k_scale_float, layer._v_scale_float,
                        self.kv_cache_dtype)
-        if self.shadow is not None:
-            self._check(sel, q, chosen, out, md, S)
         return int((chosen >= 0).sum()), selection_seconds
-
-    def _check(self, sel: PageSelector, q: torch.Tensor, chosen: torch.Tensor,
-               out: torch.Tensor, md: KVKitCPUAttentionMetadata, S: int) -> None:
-        """KVKIT_VLLM_CHECK=1 (tests): redo this step with kvkit's own pieces on an unpacked
-        float32 copy of the K/V and record how far vLLM's result is from it.
-
-        - bounds: the running key max/min equal the max/min of the copy's sub-pages (and LServe's
-          running page boxes those of the copy's pages);
-        - selection: `block_bound_scores`, kvkit's `reduce_group`, `forced_from_positions` and
-          `top_pages` (what `QuestSelector` runs, with sub-page bounds) choose the same pages
-          from the copy, slot positions and lengths; for LServe, `lserve_scores` on the rows
-          that chose afresh and the kept entries on the others;
-        - attention: `sparse_decode_ref` over the chosen pages, bf16 tolerance (2e-2, 2e-2).
-        """
-        from kvkit.attention.ref import sparse_decode_ref
-        from kvkit.scoring import forced_from_positions
-
-        sk, sv, valid = self.shadow
-        B, H = q.shape[0], self.num_kv_heads
-        seq_lens = md.seq_lens[:B].long()
-        P = int(((seq_lens + S - 1) // S).max())
-        slot_pos = torch.full(valid.shape, -1, dtype=torch.int32)  # [NB*H, S]
-        vpages = torch.full((B, H, P), -1, dtype=torch.int64)
-        for b in range(B):
-            n = int(seq_lens[b])
-            for i in range((n + S - 1) // S):
-                rows = int(md.block_table[b, i]) * H + torch.arange(H)
-                vpages[b, :, i] = rows
-                used = min(S, n - i * S)
-                slot_pos[rows, :used] = torch.arange(i * S, i * S + used, dtype=torch.int32)
-        inf = torch.tensor(math.inf)
-        R, D = S // self.sub, sk.shape[-1]
-        sub_valid = valid.view(-1, R, self.sub, 1)
-        kmax = torch.where(sub_valid, sk.view(-1, R, self.sub, D), -inf).amax(2)  # [NB*H, R, D]
-        kmin = torch.where(sub_valid, sk.view(-1, R, self.sub, D), inf).amin(2)
-        # the copy holds bf16 keys exactly, so its max/-min are the running boxes' values
-        ref_bounds = torch.cat([kmax, kmin.neg()], -1).to(self.bounds.dtype)  # [NB*H, R, 2D]
-        listed = vpages[vpages >= 0]
-        ref_boxes = page_boxes(ref_bounds)
-        bounds_ok = bool(torch.equal(ref_bounds[listed], self.bounds[listed])) and (
-            self.boxes is None or bool(torch.equal(ref_boxes[listed], self.boxes[listed])))
-        k = md.plans[max(1, sel.budget // S)].budget_pages
-        plan = replace(md.selection[sel], vpages=vpages)
-        if isinstance(sel, LServeSelector):  # the check keeps its own choices per request
-            bound = self._lserve_scores(sel, q, ref_bounds, ref_boxes, plan, k, self._refreshed, self._check_kept)
-        else:
-            bound = reduce_group(block_bound_scores(q, ref_bounds, vpages), sel.reduce, self.head_size ** -0.5)
-        forced = forced_from_positions(slot_pos, vpages, seq_lens, sel.sink, sel.window)
-        scores = torch.where(forced != 0, forced, bound)
-        entries = top_pages_per_row(scores, torch.arange(P).expand(B, H, P), k)
-        ref_chosen = torch.where(entries >= 0, vpages.gather(-1, entries.clamp(min=0)), -1)
-        if isinstance(sel, LServeSelector) and plan.req_ids is not None:
-            for b in [b for b, r in enumerate(self._refreshed) if r]:
-                self._check_kept[plan.req_ids[b]] = (entries[b], ref_chosen[b])
-        ref, _ = sparse_decode_ref(q.float(), sk, sv, chosen, valid, scale=self.scale)
-        excess = (out.float() - ref).abs() - (2e-2 + 2e-2 * ref.abs())
-        CHECKS.append({"layer": self._layer, "rows": B, "pages": int((chosen >= 0).sum()),
-                       "bounds_equal": bounds_ok,
-                       "selection_equal": bool(torch.equal(ref_chosen, chosen)),
-                       "max_abs_err": float((out.float() - ref).abs().max()),
-                       "within_tol": bool((excess <= 0).all())})
-
-    def _check_read(self, query: torch.Tensor, output: torch.Tensor, md: KVKitCPUAttentionMetadata,
-                    S: int, kept_positions: Callable[[int, int, int], torch.Tensor]) -> None:
-        """KVKIT_VLLM_CHECK=1 (tests): every query of this step against a float32 causal
-        attention over the unpacked copy of its sequence, restricted to the positions the layer
-        reads: `kept_positions(row, first query position, length)`. Kept positions must hold
-        written K/V in blocks no other row reads (never a freed block). bf16 tolerance (2e-2, 2e-2)."""
-        from kvkit.attention.ref import causal_prefill_ref
-
-        sk, sv, valid = self.shadow
-        H, D = self.num_kv_heads, self.head_size
-        n = min(md.seq_lens.shape[0], md.query_start_loc.shape[0] - 1)  # requests (rows)
-        qsl = md.query_start_loc.long()
-        worst, ok, all_written, kept_blocks = 0.0, True, True, []
-        for b in range(n):
-            lo, hi, length = int(qsl[b]), int(qsl[b + 1]), int(md.seq_lens[b])
-            if hi == lo:
-                continue
-            first = length - (hi - lo)
-            pos = kept_positions(b, first, length)
-            blocks = md.block_table[b, pos // S].long()  # [L]
-            kept_blocks.append(blocks.unique())
-            rows = blocks[:, None] * H + torch.arange(H)  # [L, H]
-            offs = (pos % S)[:, None].expand_as(rows)
-            all_written &= bool(valid[rows, offs].all())
-            k, v = sk[rows, offs].transpose(0, 1), sv[rows, offs].transpose(0, 1)  # [H, L, D]
-            q = query[lo:hi].float().transpose(0, 1)  # [Hq, T, D]
-            ref = causal_prefill_ref(q, k, v, torch.arange(first, length), pos, self.scale)
-            got = output[lo:hi].float().view(hi - lo, -1, D).transpose(0, 1)
-            worst = max(worst, float((got - ref).abs().max()))
-            ok &= bool(((got - ref).abs() <= 2e-2 + 2e-2 * ref.abs()).all())
-        kept = torch.cat(kept_blocks) if kept_blocks else torch.zeros(0, dtype=torch.long)
-        CHECKS.append({"layer": self._layer, "rows": n, "read_check": True, "kept_written": all_written,
-                       # a block freed (null block 0) or handed to another request would repeat
-                       "kept_blocks_distinct": bool(kept.unique().numel() == kept.numel()
-                                                    and not (kept == 0).any()),
-                       "max_abs_err": worst, "within_tol": ok})
 
     def _prefill_rows(self, layer, query, kv_cache, md: KVKitCPUAttentionMetadata,
                       output: torch.Tensor) -> None:
@@ -533,22 +410,3 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
             k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype)
 
-
-def _stream_positions(sink: int, window: int, S: int) -> Callable[[int, int, int], torch.Tensor]:
-    """A streaming layer's read (for `_check_read`): the sink blocks and the blocks from the one
-    holding the window start of the row's first query on."""
-    sink_blocks = -(-sink // S)
-
-    def positions(row: int, first: int, length: int) -> torch.Tensor:
-        window_block = max(sink_blocks, max(0, first - window + 1) // S)
-        pos = torch.arange(length)
-        return pos[(pos // S < sink_blocks) | (pos // S >= window_block)]
-    return positions
-
-
-def _kept_positions(kept: list[torch.Tensor], S: int) -> Callable[[int, int, int], torch.Tensor]:
-    """A score-evicting layer's read (for `_check_read`): the row's blocks not evicted."""
-    def positions(row: int, first: int, length: int) -> torch.Tensor:
-        pos = torch.arange(length)
-        return pos[torch.isin(pos // S, kept[row])]
-    return positions

@@ -24,7 +24,7 @@ class Engine:
 
     def start(self, **args) -> subprocess.CompletedProcess:
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        for name in ("KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK"):  # engine_run.py sets them from `args`
+        for name in ("KVKIT_POLICY", "KVKIT_CONFIG"):  # engine_run.py sets them from `args`
             env.pop(name, None)
         cmd = ["nice", "-n", "10", sys.executable, str(RUNNER), json.dumps(args)]
         return subprocess.run(cmd, cwd=self.tmp.mktemp("vllm"), env=env, capture_output=True,

@@ -5,7 +5,10 @@
 `policy` null runs stock vLLM (kvkit's plugin not registered). Started from a temporary folder,
 never the checkout root (FACTS.md: `triton_kernels/` would shadow OpenAI's package), with
 VLLM_ENABLE_V1_MULTIPROCESSING=0 so the engine core lives in this process and its kvkit metrics
-and backend classes can be read back.
+and backend classes can be read back. Where kvkit runs, the attention goes through
+`engine_check.CheckedBackend` (this folder, on sys.path as the script's own), which counts the
+paths every layer call took and, with `"check": true`, compares vLLM's reads with kvkit's
+reference on a float32 shadow of the K/V.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import sys
 
 
 def attention_classes(model) -> list[tuple[str, str]]:
-    """The (backend, impl) class names of the model's attention layers (run in each worker)."""
+    """The (backend, impl) class names of the model's attention layers (run in each worker):
+    kvkit's own classes under the test-side ones of engine_check.py, else vLLM's."""
+    def name(cls: type) -> str:
+        return next((c for c in cls.__mro__ if c.__module__.startswith("kvkit.")), cls).__name__
+
     found = set()
     for mod in model.modules():
         if type(mod).__name__ == "Attention" and hasattr(mod, "impl"):
-            found.add((mod.attn_backend.__name__, type(mod.impl).__name__))
+            found.add((name(mod.attn_backend), name(type(mod.impl))))
     return sorted(found)
 
 
@@ -41,13 +48,17 @@ def kv_bytes(model) -> dict[str, int]:
 
 def main(args: dict) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if args.get("check"):
-        os.environ["KVKIT_VLLM_CHECK"] = "1"
+    kvkit_on = args.get("policy") is not None or bool(args.get("additional_config"))
     if args.get("policy") is not None:
         os.environ["KVKIT_POLICY"] = (args["policy"] if isinstance(args["policy"], str)
                                       else json.dumps(args["policy"]))
-        from kvkit.integrations.vllm import plugin
-        plugin.register()  # what the vllm.general_plugins entry point does in every process
+    if kvkit_on:
+        from vllm.plugins import load_general_plugins
+
+        import engine_check
+
+        load_general_plugins()  # kvkit's register(), as vLLM runs it, once per process
+        engine_check.install(check=bool(args.get("check")))  # then CPU_ATTN -> CheckedBackend
     from vllm import LLM, SamplingParams
 
     from kvkit import metrics
@@ -91,10 +102,9 @@ def main(args: dict) -> dict:
                             "kvkit_bytes_read_total", "kvkit_evicted_tokens_total")):
             name, value = line.rsplit(" ", 1)
             report["metrics"][name] = float(value)
-    if args.get("policy") is not None or args.get("additional_config"):
-        from kvkit.integrations.vllm import impl
-        report["usage"] = dict(impl.USAGE)
-        report["checks"] = impl.CHECKS
+    if kvkit_on:
+        report["usage"] = dict(engine_check.USAGE)
+        report["checks"] = engine_check.CHECKS
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     if connector is not None:  # kvkit's eviction connector: blocks the scheduler freed
         from kvkit.integrations.vllm.eviction import STATE

@@ -67,7 +67,7 @@ SERVER_ARGS = ["--served-model-name", "smollm2", "--dtype", "bfloat16", "--enfor
 def _clean_env() -> dict[str, str]:
     """This process's environment without kvkit's variables and Prometheus' folder: each server
     here gets only what its test sets."""
-    drop = {"KVKIT_POLICY", "KVKIT_CONFIG", "KVKIT_VLLM_CHECK", "PROMETHEUS_MULTIPROC_DIR"}
+    drop = {"KVKIT_POLICY", "KVKIT_CONFIG", "PROMETHEUS_MULTIPROC_DIR"}
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 

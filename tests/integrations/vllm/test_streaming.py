@@ -1,8 +1,8 @@
 """Sink + window layers inside a real vLLM engine: blocks between sinks and window are freed by
 kvkit's KV cache manager, and vLLM's own accounting shows the saving.
 
-- the `streaming` policy (every layer) and `duo` (the layers whose KV heads all stream) run with
-  KVKIT_VLLM_CHECK=1: every layer call is checked against a float32 attention over exactly the
+- the `streaming` policy (every layer) and `duo` (the layers whose KV heads all stream) run under
+  engine_check.py's check: every layer call is checked against a float32 attention over exactly the
   sink and window blocks, which must hold written K/V no other row reads;
 - in the same KV pool (`kv_cache_memory_bytes`), more requests run at once than with stock vLLM,
   and a context longer than the whole pool, which stock vLLM refuses to start for, is served.
