@@ -40,7 +40,7 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     Hkv, P = page_table.shape[1], page_table.shape[2]
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
-    if lengths is not None and P >= MIN_RUN_PAGES and not q.is_cuda:
+    if lengths is not None and P * S >= MIN_RUN_TOKENS and not q.is_cuda:
         run = _shared_run(page_table.numpy(), lengths, S)
         if run is not None:
             return _decode_run_and_tail(q, k_cache, v_cache, page_table, lengths, run, scale)
@@ -69,12 +69,14 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     return _attend(q, k, v, valid, scale)
 
 
-MIN_RUN_PAGES = 8  # below this a copy costs less than the two-part attention
+# Below this many tokens in place, copying every page costs less than attending in two parts
+# and merging (the crossover of this CPU path; re-measure with bench/hf_decode.py).
+MIN_RUN_TOKENS = 4096
 
 
 def _shared_run(table: np.ndarray, lengths: np.ndarray, S: int) -> tuple[int, int, int] | None:
-    """(first page, row stride, m) when every row's list starts with m >= MIN_RUN_PAGES full
-    pages at consecutive ids and row i's run starts at `first + i * stride` (rows sequence-major
+    """(first page, row stride, m) when every row's list starts with m full pages at consecutive
+    ids (m * S >= MIN_RUN_TOKENS) and row i's run starts at `first + i * stride` (rows sequence-major
     then head): the runs are then one strided view of the pool, read without a copy. A first
     prefill lays rows out this way (each row takes its pages in one piece); None otherwise."""
     rows = table.reshape(-1, table.shape[-1])
@@ -82,7 +84,7 @@ def _shared_run(table: np.ndarray, lengths: np.ndarray, S: int) -> tuple[int, in
     consecutive = rows == starts[:, None] + np.arange(rows.shape[1])
     runs = np.where(consecutive.all(1), rows.shape[1], consecutive.argmin(1))
     m = int(min(runs.min(), (lengths.reshape(-1) // S).min()))  # full pages only: the tail holds the rest
-    if m < MIN_RUN_PAGES or starts.min() < 0:
+    if m * S < MIN_RUN_TOKENS or starts.min() < 0:
         return None
     stride = int(starts[1] - starts[0]) if len(starts) > 1 else m
     if stride < m or (len(starts) > 1 and not (np.diff(starts) == stride).all()):

@@ -175,13 +175,15 @@ def test_host_prefix_lengths_read_what_the_positions_read(dtype, lengths, name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths,steps", [([300], 0), ([300], 5), ([300, 300], 21), ([256, 256], 1), ([129], 40)])
-def test_runs_read_in_place_match_the_reference(dtype, lengths, steps):
+def test_runs_read_in_place_match_the_reference(dtype, lengths, steps, monkeypatch):
     """Rows prefilled in one piece hold their pages in one run per row; decode reads the runs as
     a strided view of the pool and gathers only the pages after them (a tail that ends on a
     page boundary, a partial one, or none), merging the two by log-sum-exp."""
     from kvkit import policies
     from kvkit.attention import decode
+    from kvkit.attention import fast
     from kvkit.attention.fast import _shared_run
+    monkeypatch.setattr(fast, "MIN_RUN_TOKENS", 64)  # small cases, the long-context path
     g = torch.Generator().manual_seed(sum(lengths) + steps)
     policy = policies.get("dense")
     store = policy.make_store(1, 3, 64, page_size=16, dtype=dtype)
@@ -199,13 +201,15 @@ def test_runs_read_in_place_match_the_reference(dtype, lengths, steps):
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
-def test_rows_not_laid_out_in_one_run_are_gathered():
+def test_rows_not_laid_out_in_one_run_are_gathered(monkeypatch):
+    from kvkit.attention import fast
     from kvkit.attention.fast import _shared_run
+    monkeypatch.setattr(fast, "MIN_RUN_TOKENS", 128)  # 8 pages of 16
     table = np.arange(40).reshape(1, 2, 20)
     assert _shared_run(table, np.array([[320, 320]]), 16) == (0, 20, 20)
     table[0, 1] = np.arange(100, 120)  # row 1 elsewhere: two rows always have one stride
     assert _shared_run(table, np.array([[320, 320]]), 16) == (0, 100, 20)
-    table[0, 1, 5] = 7  # a broken run: only 5 pages in place
+    table[0, 1, 5] = 7  # a broken run: only 5 pages in place, fewer than the minimum
     assert _shared_run(table, np.array([[320, 320]]), 16) is None
     rows = np.arange(60).reshape(1, 3, 20)
     rows[0, 2] += 5  # starts 0, 20, 45: no single stride
