@@ -1,6 +1,7 @@
 """LServeSelector: two-level selection, reuse across decode steps, invariants, full budget = dense."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from kvkit import policies
 from kvkit.attention import decode
 from kvkit.policies import FullSelector, Policy
 from kvkit.policies.selectors.quest import LServeSelector, QuestSelector
+from kvkit.store import Selection
 from kvkit.testing import random_store as make_store, tiny_llama_generate
 
 
@@ -171,3 +173,35 @@ def test_lean_reuse_drops_a_page_a_fork_copied_on_write():
     assert store.policy_state(child)[("lserve", 0, (0, 1, 2))][0] == 203  # reused, not refreshed
     assert new_last in chosen(again) and old_last not in chosen(again)
     assert set(chosen(again)) <= set(store.page_table(child, 0, 0))
+
+
+@pytest.mark.parametrize("lengths", [[203], [203, 150], [60, 203, 9]])  # rows gain pages at different steps
+def test_reuse_as_kept_reads_what_the_general_reuse_reads(lengths):
+    """Between refreshes, while no page has come since the choice, the kept pages are the
+    choice (read with host lengths); it must read exactly what the general reuse (forced
+    pages, kept pages, top-k) reads, and step aside once a new page appears."""
+    from kvkit.attention import decode
+    from kvkit.scoring import forced_pages, is_listed, top_pages
+    store, seqs = make_store(lengths, seed=9)
+    sel = LServeSelector(budget=48, sink=4, window=8, reuse_steps=16)
+    g = torch.Generator().manual_seed(1)
+    sel.select(store, seqs, 0, torch.randn(len(seqs), 9, 16, generator=g), [0, 1, 2])
+    saw_lean = saw_general = False
+    for step in range(10):
+        append_one(store, seqs, step)
+        q = torch.randn(len(seqs), 9, 16, generator=g)
+        got = sel.select(store, seqs, 0, q, [0, 1, 2])
+        pages = store.page_tables(seqs, 0)
+        kept = torch.nn.utils.rnn.pad_sequence([store.policy_state(s)[("lserve", 0, (0, 1, 2))][1].T for s in seqs],
+                                               padding_value=-1).permute(1, 2, 0)
+        forced = forced_pages(tuple(store.length(s, 0) for s in seqs), pages.shape[-1], 8, 4, 8, "cpu")
+        scores = torch.where(forced != 0, forced, torch.where(is_listed(pages, kept), 0.0, -math.inf))
+        want = top_pages(scores, pages, 6)
+        assert [sorted(set(r) - {-1}) for r in got.pages.reshape(-1, got.pages.shape[-1]).tolist()] == \
+            [sorted(set(r) - {-1}) for r in want.reshape(-1, want.shape[-1]).tolist()]
+        out, _ = decode(q, store, seqs, 0, got)
+        ref, _ = decode(q, store, seqs, 0, Selection(want), backend="ref")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        saw_lean |= got.lengths is not None
+        saw_general |= got.lengths is None
+    assert saw_lean and saw_general

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from kvkit.policies.base import Policy, Rule, Selector, component
@@ -37,6 +38,31 @@ def _forced(store: PagedKVStore, seqs: Sequence[int], layer: int, pages: torch.T
         return forced_pages(tuple(lengths), pages.shape[-1], store.page_size, sink, window, str(pages.device))
     return forced_from_positions(store.slot_positions(layer), pages, torch.tensor(lengths, device=pages.device),
                                  sink, window)
+
+
+def _window_pages(window: int, page_size: int) -> int:
+    """The most pages `window` positions can touch: when they fit the budget, every one of them
+    is chosen (they score +inf), the row's last page among them."""
+    return -(-(window - 1) // page_size) + 1
+
+
+def _reads_as_kept(store: PagedKVStore, seqs: Sequence[int], layer: int, heads: Sequence[int],
+                   kept: torch.Tensor) -> np.ndarray | None:
+    """`[B, Hh]` tokens each row reads when a kept choice (`[B, Hh, K]` pages in list order, -1
+    padded at the end) still ends with the row's last page: then no page came since the choice,
+    every page forced now was forced then, and the choice is read as it was (clean rows: all
+    kept pages but the last are full). None when some row gained a page since."""
+    table, npages, resident = store.table_arrays(layer)
+    rows = store.rows(seqs, heads)
+    ids = kept.cpu().numpy()
+    count = (ids >= 0).sum(-1)  # [B, Hh]
+    if (count == 0).any():
+        return None
+    last_kept = np.take_along_axis(ids, (count - 1)[..., None], -1)[..., 0]
+    if (last_kept != table[rows, npages[rows] - 1]).any():
+        return None
+    S = store.page_size
+    return count * S - (npages[rows] * S - resident[rows])
 
 
 def _check_common(cls: str, budget: int, sink: int, window: int, reduce: str) -> None:
@@ -102,8 +128,8 @@ class QuestSelector(Selector):
             return Selection(pages, lengths=store.prefix_lengths(seqs, layer, heads))
         chosen = top_pages(self.scores(store, seqs, layer, q, pages), pages, budget_pages)
         # when the window's pages fit the budget they are all read (+inf), the last one listed last
-        window_pages = -(-(self.window - 1) // store.page_size) + 1
-        lengths = store.prefix_lengths(seqs, layer, heads, budget_pages) if window_pages <= budget_pages else None
+        fits = _window_pages(self.window, store.page_size) <= budget_pages
+        lengths = store.prefix_lengths(seqs, layer, heads, budget_pages) if fits else None
         return Selection(chosen, lengths=lengths)
 
 
@@ -161,12 +187,18 @@ class LServeSelector(Selector):
         lengths = [store.length(s, layer) for s in seqs]
         fresh = all(st is not None and 0 <= n - st[0] < self.reuse_steps and st[1].shape[0] == len(heads)
                     for st, n in zip(states, lengths))
-        forced = _forced(store, seqs, layer, pages, self.sink, self.window, store.nothing_evicted(seqs, layer))
+        lean = store.nothing_evicted(seqs, layer)
         if fresh:  # reuse: the kept pages that are still listed, plus sink and window pages
-            kept = torch.nn.utils.rnn.pad_sequence([st[1].T for st in states], padding_value=-1)
-            listed = is_listed(pages, kept.permute(1, 2, 0))  # [B, Hh, P]
+            kept = torch.nn.utils.rnn.pad_sequence([st[1].T for st in states], padding_value=-1).permute(1, 2, 0)
+            if lean and _window_pages(self.window, store.page_size) <= budget_pages:
+                lengths = _reads_as_kept(store, seqs, layer, heads, kept)
+                if lengths is not None:  # no page since the choice: the kept pages are the choice
+                    return Selection(kept, lengths=lengths)
+            forced = _forced(store, seqs, layer, pages, self.sink, self.window, lean)
+            listed = is_listed(pages, kept)  # [B, Hh, P]
             scores = torch.where(forced != 0, forced, torch.where(listed, 0.0, -math.inf))
             return Selection(top_pages(scores, pages, budget_pages))
+        forced = _forced(store, seqs, layer, pages, self.sink, self.window, lean)
         key_min, key_max = store.key_bounds(layer)
         scores = lserve_scores(q, signed_boxes(key_min, key_max, pages), budget_pages, self.group, self.coarse,
                                self.reduce)
