@@ -160,7 +160,7 @@ def tripwires(monkeypatch):
     from kvkit import evaluate, metrics, models
     from kvkit.integrations.dashboard import server
     from kvkit.moe.readme import pipeline
-    from kvkit.policies import duo_train
+    from kvkit.tools import duo_train
     for owner, name in ((evaluate, "load"), (models, "load_causal_lm"), (duo_train, "identify_heads"),
                         (pipeline, "calibrate"), (server, "main"), (metrics, "serve")):
         monkeypatch.setattr(owner, name, trip)

@@ -30,6 +30,7 @@ import collections
 import json
 import logging
 import mimetypes
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         dashboard = Dashboard(source, interval=args.interval, history=args.history)
         server = make_server(dashboard, args.addr, args.port)
     except (ValueError, OSError) as exc:
-        print(f"kvkit dashboard: {exc}", flush=True)
+        print(f"kvkit dashboard: {exc}", file=sys.stderr, flush=True)
         return 2
     host, port = server.server_address[:2]
     print(f"kvkit dashboard: http://{url_host(host)}:{port}/ (reading {source.kind} at {source.url})",

@@ -107,6 +107,7 @@ def test_server_serves_page_assets_and_snapshots(metrics_url):
 
 def test_main_rejects_bad_options(capsys):
     assert dashboard_server.main(["--interval", "0", "--port", "0"]) == 2
-    assert "--interval must be > 0" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "--interval must be > 0" in captured.err and captured.out == ""  # one line on stderr
     with pytest.raises(SystemExit):
         dashboard_server.main(["--metrics-url", "x", "--prometheus", "y"])
