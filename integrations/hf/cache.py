@@ -95,6 +95,9 @@ class KVKitCache(Cache):
     The model is switched to the "kvkit" attention implementation (a no-op for calls without
     a KVKitCache). Left-padded batches work: padding tokens are evicted right after prefill.
     Beam search is not supported.
+
+    Raises:
+        ConfigError: a policy that does not fit the model's layers and KV heads (`Policy.check_fits`).
     """
 
     def __init__(self, model: PreTrainedModel | Any, policy: Policy | str | None = None,
@@ -111,6 +114,7 @@ class KVKitCache(Cache):
             raise ValueError(f"policy_params {sorted(policy_params)} only apply to a policy given by name")
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a kvkit Policy or a name, got {type(policy).__name__}")
+        policy.check_fits(self.num_layers, self.num_kv_heads)  # here, not at the first forward
         self.policy, self.page_size, self.max_pages = policy, policy.resolve_page_size(page_size), max_pages
         self.compact = compact
         self.store: PagedKVStore | None = None

@@ -101,9 +101,19 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     name: str = "custom"
     page_size: int | None = None  # tokens per page this policy was tuned for; None: the caller's
+    # (num_layers, num_kv_heads) of the one model this policy was made for (a duo pattern's);
+    # None: any model whose layers and heads its rules name.
+    model_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.model_shape is not None:
+            shape = tuple(self.model_shape) if isinstance(self.model_shape, (list, tuple)) else ()
+            if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                          for n in shape):
+                raise ValueError("Policy.model_shape must be (num_layers, num_kv_heads), two ints >= 1, "
+                                 f"or None; got {self.model_shape!r}")
+            object.__setattr__(self, "model_shape", shape)
         if self.page_size is not None and (not isinstance(self.page_size, int) or self.page_size < 1):
             raise ValueError(f"Policy.page_size must be a positive int or None, got {self.page_size!r}")
         for role, base in (("selector", Selector), ("evictor", Evictor), ("codec", Codec)):
@@ -152,11 +162,37 @@ class Policy:
             return page_size
         return self.page_size if self.page_size is not None else DEFAULT_PAGE_SIZE
 
+    def check_fits(self, num_layers: int, num_kv_heads: int) -> None:
+        """Check this policy against a model (or store) of `num_layers` layers and `num_kv_heads` KV heads.
+
+        A rule naming a layer or head the model lacks would be silently ignored, and a policy
+        made for one model (`model_shape`, e.g. duo's head pattern) would put its streaming heads
+        on the wrong heads of another, so both are refused.
+
+        Raises:
+            ConfigError: naming the rule (or the policy's shape), the offending value and the model's.
+        """
+        model = f"the model has {num_layers} layers x {num_kv_heads} KV heads"
+        if self.model_shape is not None and self.model_shape != (num_layers, num_kv_heads):
+            layers, heads = self.model_shape
+            raise ConfigError(f"policy {self.name!r} was made for {layers} layers x {heads} KV heads; {model}. "
+                              "Build the policy for this model (duo: a pattern from `kvkit identify-heads MODEL`)")
+        for i, rule in enumerate(self.rules):
+            for axis, limit in (("layers", num_layers), ("heads", num_kv_heads)):
+                if beyond := [j for j in getattr(rule, axis) or () if j >= limit]:
+                    raise ConfigError(f"policy {self.name!r} rules[{i}].{axis} names {max(beyond)}, but {model} "
+                                      f"(indices from 0); fix or drop that rule")
+
     def make_store(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int | None = None,
                    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                    max_pages: int | None = None) -> PagedKVStore:
         """A store laid out for this policy: its codecs per layer, the summaries its parts need.
-        `page_size` None: `resolve_page_size()`."""
+        `page_size` None: `resolve_page_size()`.
+
+        Raises:
+            ConfigError: the policy does not fit `num_layers` x `num_kv_heads` (`check_fits`).
+        """
+        self.check_fits(num_layers, num_kv_heads)
         return PagedKVStore(
             num_layers, num_kv_heads, head_dim, page_size=self.resolve_page_size(page_size), dtype=dtype, device=device,
             page_format=[self.codec_for(layer) for layer in range(num_layers)], max_pages=max_pages,
@@ -206,7 +242,8 @@ class Policy:
             rules.append(d)
         return {"name": self.name, "selector": _component_config(self.selector),
                 "evictor": _component_config(self.evictor), "codec": _component_config(self.codec),
-                "rules": rules, "page_size": self.page_size}
+                "rules": rules, "page_size": self.page_size,
+                **({"model_shape": list(self.model_shape)} if self.model_shape is not None else {})}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Policy:
@@ -223,7 +260,7 @@ class Policy:
                 return get_policy(cfg["name"], **(cfg.get("params") or {}))
             except (TypeError, ValueError) as e:
                 raise ConfigError(str(e)) from e
-        known = {"name", "selector", "evictor", "codec", "rules", "page_size"}
+        known = {"name", "selector", "evictor", "codec", "rules", "page_size", "model_shape"}
         if unknown := sorted(set(cfg) - known):
             raise ConfigError(f"policy config does not take {unknown}; it takes {sorted(known)}")
         kwargs: dict[str, Any] = {role: _component_from_config(role, cfg[role])
@@ -243,7 +280,7 @@ class Policy:
                 raise ConfigError(f"rules[{i}]: {e}") from e
         try:
             return cls(**kwargs, rules=tuple(rules), name=str(cfg.get("name", "custom")),
-                       page_size=cfg.get("page_size"))
+                       page_size=cfg.get("page_size"), model_shape=cfg.get("model_shape"))
         except ValueError as e:
             raise ConfigError(str(e)) from e
 

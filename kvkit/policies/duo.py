@@ -21,7 +21,9 @@ they validate.
 
 Limits: prefill stays dense for every head (DuoAttention also runs streaming heads sparsely in
 prefill; here only memory after each prefill chunk and decode reads shrink). The pattern must
-match the model's layers and KV heads: `DuoPattern.check_fits(num_layers, num_kv_heads)`.
+match the model's layers and KV heads: the policy keeps the pattern's shape as
+`Policy.model_shape`, so `Policy.check_fits` (run by `make_store` and `KVKitCache`) refuses
+another model, larger or smaller, even where the rules alone would fit it.
 """
 
 from __future__ import annotations
@@ -199,4 +201,4 @@ def duo(pattern: str | None = None, retrieval_ratio: float | None = None, thresh
     for role, cfg in (("selector", retrieval_selector), ("evictor", retrieval_evictor), ("codec", codec)):
         if cfg is not None:
             kwargs[role] = _component_from_config(role, cfg)
-    return Policy(**kwargs, rules=tuple(rules), name="duo")
+    return Policy(**kwargs, rules=tuple(rules), name="duo", model_shape=(pat.num_layers, pat.num_kv_heads))
