@@ -1,4 +1,5 @@
-"""Helpers shared by tests and benchmarks: random paged cases, tolerances, a tiny Llama."""
+"""Helpers shared by tests and benchmarks: random paged cases, tolerances, a tiny Llama,
+tiny random configs of other transformers families."""
 
 from __future__ import annotations
 
@@ -91,3 +92,41 @@ def tiny_llama_generate(policy: str = "dense", page_size: int = 8, new_tokens: i
     cache = KVKitCache(model, policy, page_size=page_size, **params)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return out, cache
+
+
+# Per family: the transformers config class and what a tiny random model of it needs beyond
+# the shared shape (vocab 256, hidden 64, 2 layers, 4 query / 2 KV heads of 16 dims).
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "gemma2": ("Gemma2Config", {"query_pre_attn_scalar": 16}),  # = head_dim (default 256)
+    "phi3": ("Phi3Config", {}),
+    # multi-head latent attention (keys and values through a rank-16 latent), a small MoE
+    "deepseek_v3": ("DeepseekV3Config", {"kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
+                                         "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8,
+                                         "num_key_value_heads": 4, "n_routed_experts": 4,
+                                         "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                                         "moe_intermediate_size": 32, "first_k_dense_replace": 1}),
+}
+
+
+def tiny_config(family: str, **overrides):
+    """A tiny random-weight config of a transformers model family (one of `TINY_FAMILIES`),
+    built from its config class without a download; `overrides` replace any field.
+
+    Example: `AutoModelForCausalLM.from_config(tiny_config("qwen3"))`.
+    """
+    import transformers
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    cls_name, extra = TINY_FAMILIES[family]
+    params = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  initializer_range=0.1)  # peaked attention, so a wrong scale or cap changes tokens
+    params.update(extra)
+    params.update(overrides)
+    return getattr(transformers, cls_name)(**params)
+

@@ -43,6 +43,43 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def check_supported(config: Any) -> None:
+    """Refuse a model whose attention kvkit would compute differently from transformers.
+
+    kvkit decodes plain causal softmax(q·kᵀ·scaling)·v over every cached token of a layer, with
+    RoPE applied before caching and `scaling` taken from the attention call (so Gemma's
+    `query_pre_attn_scalar` is honoured). Refused, because decoding would differ without a word:
+    a sliding window shorter than `max_position_embeddings` (Mistral, Qwen2/3 with
+    `use_sliding_window`, Gemma2/3's sliding layers), other `layer_types` (chunked, linear),
+    attention logit softcapping (Gemma2; transformers' own SDPA path drops it too), multi-head
+    latent attention (DeepSeek-V2/V3's `kv_lora_rank`) and encoder-decoder models.
+
+    Raises:
+        NotImplementedError: naming the config field, its value and what to do instead.
+    """
+    name = type(config).__name__
+    instead = "use transformers' own cache (DynamicCache) for this model"
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"KVKitCache: {name}.is_encoder_decoder=True: kvkit caches decoder "
+                                  f"self-attention only, not cross-attention; {instead}")
+    if (rank := getattr(config, "kv_lora_rank", None)) is not None:
+        raise NotImplementedError(f"KVKitCache: {name}.kv_lora_rank={rank}: multi-head latent attention "
+                                  f"is not Llama-like attention and kvkit cannot cache it; {instead}")
+    if (softcap := getattr(config, "attn_logit_softcapping", None)) is not None:
+        raise NotImplementedError(f"KVKitCache: {name}.attn_logit_softcapping={softcap}: kvkit's attention "
+                                  f"has no logit softcap; {instead}")
+    layer_types = getattr(config, "layer_types", None)
+    if other := sorted(set(layer_types or ()) - {"full_attention", "sliding_attention"}):
+        raise NotImplementedError(f"KVKitCache: {name}.layer_types has {other}: kvkit runs full causal "
+                                  f"attention in every layer; {instead}")
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in layer_types if layer_types is not None else window is not None
+    # A window no shorter than the model's context never hides a token.
+    if sliding and window is not None and window < getattr(config, "max_position_embeddings", float("inf")):
+        raise NotImplementedError(f"KVKitCache: {name}.sliding_window={window}: kvkit attends over the whole "
+                                  f"cache, not a sliding window, so tokens past it would differ; {instead}")
+
+
 class KVKitLayer(CacheLayerMixin):
     """One decoder layer's view of the shared store."""
 
@@ -97,6 +134,7 @@ class KVKitCache(Cache):
     Beam search is not supported.
 
     Raises:
+        NotImplementedError: a model kvkit would decode differently (`check_supported`).
         ConfigError: a policy that does not fit the model's layers and KV heads (`Policy.check_fits`).
     """
 
@@ -104,7 +142,9 @@ class KVKitCache(Cache):
                  page_size: int | None = None, max_pages: int | None = None, metrics: bool = False,
                  recall_every: int = 16, compact: bool = True, **policy_params: Any):
         config = getattr(model, "config", model)
+        check_supported(config)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        check_supported(text)
         self.num_layers = text.num_hidden_layers
         self.num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
