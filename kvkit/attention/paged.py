@@ -96,7 +96,9 @@ class PagedAttention(nn.Module):
     It replaces the `k_cache`/`v_cache` + SDPA of a gpt-fast-style attention layer: compute q,
     k, v and RoPE as usual, then `out = self.attn(q, k, v)` with q `[B, Hq, T, D]` and k, v
     `[B, Hkv, T, D]`. Layers of one model may share a store (`store=`, `layer=`), which
-    cross-layer policies need. Call `reset()` before a new batch of sequences.
+    cross-layer policies need; a store of its own has `num_layers` layers (default
+    `layer + 1`), so give the model's count for a policy whose rules or head pattern were made
+    for the whole model (e.g. `duo`). Call `reset()` before a new batch of sequences.
 
     Example:
         >>> attn = PagedAttention(num_heads=9, num_kv_heads=3, head_dim=64,
@@ -106,14 +108,18 @@ class PagedAttention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, policy=None,
                  page_size: int = 16, store: PagedKVStore | None = None, layer: int = 0,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 num_layers: int | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.policy = policies.get(policy) if isinstance(policy, str) else policy or policies.get("dense")
         self.layer = layer
-        self.store = store or self.policy.make_store(1 + layer, num_kv_heads, head_dim, page_size,
+        num_layers = num_layers if num_layers is not None else layer + 1
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer must be in [0, num_layers={num_layers}), got {layer}")
+        self.store = store or self.policy.make_store(num_layers, num_kv_heads, head_dim, page_size,
                                                      dtype=dtype, device=device)
         self.seqs: list[int] = []
 

@@ -97,3 +97,16 @@ def test_paged_attention_streaming_matches_windowed_sdpa():
                                              attn_mask=keep[None, None, None], enable_gqa=True)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert attn.store.num_resident(attn.seqs[0], 0, 0) == sink + window
+
+
+def test_paged_attention_takes_the_models_layer_count_for_a_whole_model_policy():
+    """SmolLM2's duo pattern names 30 layers x 3 KV heads: a one-layer store of its own is
+    refused (the pattern was not made for it); with num_layers=30 layer 17 runs it."""
+    from kvkit import ConfigError
+    with pytest.raises(ConfigError, match="30"):
+        PagedAttention(9, 3, 16, policy="duo", layer=0)
+    attn = PagedAttention(9, 3, 16, policy="duo", layer=17, num_layers=30, page_size=8)
+    q, k, v = torch.randn(1, 9, 12, 16), torch.randn(1, 3, 12, 16), torch.randn(1, 3, 12, 16)
+    assert attn(q, k, v).shape == (1, 9, 12, 16)
+    with pytest.raises(ValueError, match=r"layer must be in \[0, num_layers=30\)"):
+        PagedAttention(9, 3, 16, policy="duo", layer=30, num_layers=30)
