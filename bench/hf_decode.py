@@ -6,8 +6,10 @@ end to end (the whole model, not only attention) when the KV cache is a `KVKitCa
 same run? And how much of each token is kvkit's own attention (selection, read, decode)?
 
 Each config prefills the same prompt into a fresh cache, then decodes `--new-tokens` greedily,
-one timed step at a time; the table gives the median step and how many tokens came out as
-DynamicCache's before the first difference (dense: all; a sparse policy may part ways).
+one timed step at a time; the table gives the median step, how many tokens came out as
+DynamicCache's before the first difference (dense: all; a sparse policy may part ways) and
+whether the answer holds the passkey. `--rounds` runs every config in turn that many times:
+the ratios are taken within a round.
 
     OMP_NUM_THREADS=1 python bench/hf_decode.py --context 8000 --dtype float32
 """
@@ -64,42 +66,67 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds over the configs, interleaved")
     ap.add_argument("--out", default=None, help="results stem (default bench/results/hf_decode_<dtype>)")
     args = ap.parse_args(argv)
-    if args.context < 64 or args.new_tokens < 1:
-        ap.error("--context must be >= 64 and --new-tokens >= 1")
+    if args.context < 64 or args.new_tokens < 1 or args.rounds < 1:
+        ap.error("--context must be >= 64, --new-tokens and --rounds >= 1")
     torch.set_num_threads(args.threads)
     model, tok = evaluate.load(dtype=getattr(torch, args.dtype))
-    ids = evaluate.passkey_prompt(tok, args.context, 0.5, evaluate.passkey_keys(1)[0])
+    key = evaluate.passkey_keys(1)[0]
+    ids = evaluate.passkey_prompt(tok, args.context, 0.5, key)
     budget = ids.shape[1] // 8
-    rows = []
+    runs = []  # every (round, config), in the order run: rounds interleave the configs
     with torch.inference_mode():
-        for name in args.configs:
-            rows.append(run(model, ids, name, budget, args.new_tokens))
-            r = rows[-1]
-            print(f"{name:8s} prefill {r['prefill_s']:.1f} s, step p50 {r['step_ms_p50']:.1f} ms", flush=True)
-    base = next((r for r in rows if r["config"] == "dynamic"), None)
-    for r in rows:
+        for round_ in range(args.rounds):
+            for name in args.configs:
+                r = run(model, ids, name, budget, args.new_tokens)
+                r["round"] = round_
+                r["passkey"] = key in tok.decode(r["tokens"], skip_special_tokens=True)  # the answer holds the key
+                runs.append(r)
+                print(f"round {round_} {name:8s} prefill {r['prefill_s']:.1f} s, step p50 {r['step_ms_p50']:.1f} ms",
+                      flush=True)
+    for r in runs:  # ratios within a round: both sides saw the same machine
+        base = next((b for b in runs if b["config"] == "dynamic" and b["round"] == r["round"]), None)
         if base is not None:
             r["speedup_vs_dynamic"] = round(base["step_ms_p50"] / r["step_ms_p50"], 2)
             same = [a == b for a, b in zip(r["tokens"], base["tokens"])] + [False]
             r["tokens_as_dynamic"] = same.index(False)  # generated alike up to the first difference
+    rows = []
+    for name in args.configs:
+        mine = [r for r in runs if r["config"] == name]
+        row = {k: mine[0][k] for k in ("config", "budget", "tokens")}
+        row["passkey"] = f"{sum(r['passkey'] for r in mine)}/{len(mine)}"
+        row["step_ms_p50"] = round(statistics.median(r["step_ms_p50"] for r in mine), 2)
+        row["prefill_s"] = round(statistics.median(r["prefill_s"] for r in mine), 2)
+        shares = [r["kvkit_attention_share"] for r in mine if r["kvkit_attention_share"] is not None]
+        row["kvkit_attention_share"] = round(statistics.median(shares), 3) if shares else None
+        if all("speedup_vs_dynamic" in r for r in mine):
+            row["speedup_vs_dynamic"] = round(statistics.median(r["speedup_vs_dynamic"] for r in mine), 2)
+            row["speedup_each_round"] = [r["speedup_vs_dynamic"] for r in mine]
+            row["tokens_as_dynamic"] = min(r["tokens_as_dynamic"] for r in mine)
+        rows.append(row)
     table = markdown_table(
-        ["cache", "budget", "prefill s", "ms per token (p50)", "vs DynamicCache", "kvkit attention share",
-         "same tokens as DynamicCache"],
+        ["cache", "budget", "prefill s", "ms per token (p50)", "vs DynamicCache", "each round",
+         "kvkit attention share", "same tokens as DynamicCache", "passkey"],
         [[r["config"], r["budget"] or "–", f"{r['prefill_s']:.1f}", f"{r['step_ms_p50']:.1f}",
           f"{r['speedup_vs_dynamic']:.2f}x" if "speedup_vs_dynamic" in r else "–",
+          " ".join(f"{x:.2f}" for x in r.get("speedup_each_round", [])) or "–",
           "–" if r["kvkit_attention_share"] is None else f"{100 * r['kvkit_attention_share']:.0f}%",
-          f"first {r['tokens_as_dynamic']} of {len(r['tokens'])}" if "tokens_as_dynamic" in r else "–"]
+          f"first {r['tokens_as_dynamic']} of {len(r['tokens'])}" if "tokens_as_dynamic" in r else "–",
+          r["passkey"]]
          for r in rows])
     table += (f"\n\nSmolLM2-135M-Instruct in {args.dtype}, {ids.shape[1]}-token passkey prompt, "
               f"{args.new_tokens} tokens decoded greedily after the prefill's first (same tokens: up to the first "
-              "that differs). ms per token: median wall time of one decode step (the whole model). kvkit "
+              "that differs; passkey: runs whose answer holds the key). ms per token: median wall time of one "
+              "decode step (the whole model). kvkit "
               "attention share: KVKitCache's decode seconds (append, selection, attention, eviction) over the "
-              "decode wall time. quest (8-token pages) and lserve read layers 0-1 densely.")
+              "decode wall time. quest (8-token pages) and lserve read layers 0-1 densely. vs DynamicCache: "
+              f"the median over {args.rounds} rounds of each round's ratio (rounds run every config in turn); "
+              "each round: those ratios.")
     name = Path(args.out).name if args.out else f"hf_decode_{args.dtype}"
     write_results(name, {"context_tokens": int(ids.shape[1]), "dtype": args.dtype, "new_tokens": args.new_tokens,
-                         "rows": rows}, "generation through transformers: KVKitCache vs DynamicCache", table,
+                         "rounds": args.rounds, "rows": rows, "runs": runs}, "generation through transformers: KVKitCache vs DynamicCache", table,
                   Path(args.out).parent if args.out else RESULTS)
     return 0
 
