@@ -475,7 +475,7 @@ class PagedKVStore:
         raises `OutOfPages` (nothing written) if one cannot. A caller about to write a step into
         every layer (a model's forward) checks here first, so no layer is left half written.
         Counts the pages appends would take (new pages, copies of shared ones), before any eviction."""
-        S, H = self.page_size, self.num_kv_heads
+        S = self.page_size
         for layer in range(self.num_layers) if layers is None else layers:
             pool = self._pools[self._check_layer(layer)]
             need = 0

@@ -98,7 +98,7 @@ def _decode_run_and_tail(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     pool, no copy) and over the rest of its list (gathered), merged by their log-sum-exps.
     What `sparse_decode_fast` computes, without copying the bulk of the keys and values."""
     B, Hq, D = q.shape
-    Hkv, P = page_table.shape[1], page_table.shape[2]
+    Hkv = page_table.shape[1]
     S = k_cache.shape[1]
     first, stride, m = run
     size, step = (B, Hkv, m * S, D), (Hkv * stride * S * D, stride * S * D, D, 1)

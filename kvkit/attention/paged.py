@@ -6,7 +6,6 @@ Shapes: B sequences, Hq/Hkv query/KV heads, G = Hq // Hkv, T new tokens, D head_
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Sequence
 

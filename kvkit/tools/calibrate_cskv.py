@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import glob
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from kvkit.evaluate import load
-from kvkit.policies.codecs.bases import KEYS, load_bases, save_bases  # noqa: F401 (re-exported)
+from kvkit.policies.codecs.bases import save_bases
 
 logger = logging.getLogger(__name__)
 
