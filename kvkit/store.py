@@ -688,9 +688,9 @@ class PagedKVStore:
         return bool((pool.resident[rows] == lengths[:, None]).all())
 
     def prefix_lengths(self, seqs: Sequence[int], layer: int, heads: Sequence[int] | None = None,
-                       pages_read: int | None = None) -> np.ndarray | None:
-        """`[B, H]` tokens each row reads when it reads `pages_read` pages of its list (all when
-        None), its last page among them and listed last, every other one full; None unless
+                       pages_read: int | np.ndarray | None = None) -> np.ndarray | None:
+        """`[B, H]` tokens each row reads when it reads `pages_read` pages of its list (an int or
+        `[B, H]`; all when None), its last page among them and listed last, every other one full; None unless
         every row is clean (no evicted holes: its tokens fill the first slots of its pages in
         list order). What selectors hand decode as `Selection.lengths`."""
         pool = self._pools[self._check_layer(layer)]

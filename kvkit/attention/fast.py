@@ -107,13 +107,12 @@ def _decode_run_and_tail(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     qg = q.view(B, Hkv, Hq // Hkv, D).to(k_cache.dtype)  # the G query heads of a KV head as G queries
     out, lse = _attend_lse(qg, k_run, v_run, None, scale)  # [B, Hkv, G, D], [B, Hkv, G]
     tail_len = lengths - m * S  # [B, Hkv] tokens after the run
-    if tail_len.max() > 0:
-        tail = page_table[:, :, m:]
-        t = -(-int(tail_len.max()) // S)
-        idx = tail[:, :, :t].reshape(-1).clamp(min=0)
+    n = int(tail_len.max())
+    if n > 0:
+        t = -(-n // S)  # pages after the run
+        idx = page_table[:, :, m:m + t].reshape(-1).clamp(min=0)
         k_t = k_cache.index_select(0, idx).view(B, Hkv, t * S, D)
         v_t = v_cache.index_select(0, idx).view(B, Hkv, t * S, D)
-        n = int(tail_len.max())
         if int(tail_len.min()) == n:  # the usual step: every row's tail is n tokens
             out_t, lse_t = _attend_lse(qg, k_t[:, :, :n], v_t[:, :, :n], None, scale)
         else:

@@ -52,7 +52,7 @@ def _reads_as_kept(store: PagedKVStore, seqs: Sequence[int], layer: int, heads: 
     padded at the end) still ends with the row's last page: then no page came since the choice,
     every page forced now was forced then, and the choice is read as it was (clean rows: all
     kept pages but the last are full). None when some row gained a page since."""
-    table, npages, resident = store.table_arrays(layer)
+    table, npages, _ = store.table_arrays(layer)
     rows = store.rows(seqs, heads)
     ids = kept.cpu().numpy()
     count = (ids >= 0).sum(-1)  # [B, Hh]
@@ -61,8 +61,7 @@ def _reads_as_kept(store: PagedKVStore, seqs: Sequence[int], layer: int, heads: 
     last_kept = np.take_along_axis(ids, (count - 1)[..., None], -1)[..., 0]
     if (last_kept != table[rows, npages[rows] - 1]).any():
         return None
-    S = store.page_size
-    return count * S - (npages[rows] * S - resident[rows])
+    return store.prefix_lengths(seqs, layer, heads, count)
 
 
 def _check_common(cls: str, budget: int, sink: int, window: int, reduce: str) -> None:
