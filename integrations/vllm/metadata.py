@@ -123,11 +123,13 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if (configured := plugin.policy_from_vllm_config(vllm_config)) is not None:
             plugin.install(configured, "additional_config")  # raises if $KVKIT_POLICY differs
         self.policy = current_policy()
+        heads = model_kv_heads(vllm_config)
+        num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        self.policy.check_fits(num_layers, heads)  # a pattern or rule made for another model: refuse
         budgets = set()
         self.selectors: set[PageSelector] = set()
         # LServe: per selector, request id -> its length when its pages were last chosen
         self.chosen_at: dict[LServeSelector, dict[str, int]] = {}
-        heads = model_kv_heads(vllm_config)
         self.streams: set[tuple[int, int]] = set()  # (sink, window) of this group's streaming layers
         partial: list[int] = []  # layers where only some KV heads stream: they keep everything
         for name in layer_names:
@@ -141,7 +143,6 @@ class KVKitCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                      for e, _ in self.policy.evictors(layer_index(name), heads)):
                 partial.append(layer_index(name))
         self.budget_pages = sorted(budgets)
-        num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
         self.evictor = score_evictor(self.policy, num_layers, heads)
         if self.evictor is not None:
             _check_eviction_config(vllm_config, self.policy.name)

@@ -173,3 +173,49 @@ def test_memory_planning_counts_what_the_backend_allocates(name, boxes):
     blocks = scaled_memory(64 << 20, per_block, extra) // per_block
     assert blocks * (per_block + extra) <= 64 << 20 < (blocks + 1) * (per_block + extra)
     assert scaled_memory(64 << 20, per_block, 0) == 64 << 20
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A config-only Llama folder (3 layers, 2 KV heads): enough for vLLM's ModelConfig."""
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=256).save_pretrained(path)
+    return path
+
+
+def _builder(model_dir, policy_config):
+    import torch
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvkit.integrations.vllm.metadata import KVKitCPUAttentionMetadataBuilder
+
+    vllm_config = VllmConfig(model_config=ModelConfig(model=str(model_dir), skip_tokenizer_init=True,
+                                                      dtype="bfloat16"),
+                             additional_config={"kvkit": policy_config})
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=16, dtype=torch.bfloat16)
+    return KVKitCPUAttentionMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vllm_config,
+                                            torch.device("cpu"))
+
+
+@pytest.mark.parametrize("policy_config, match", [
+    ("duo", r"made for 30 layers x 3 KV heads; the model has 3 layers x 2 KV heads"),
+    ({"name": "r", "rules": [{"layers": [7], "evictor": {"type": "sink_window", "sink": 4, "window": 64}}]},
+     r"rules\[0\]\.layers names 7, but the model has 3 layers"),
+    ({"name": "r", "rules": [{"heads": [2], "evictor": {"type": "sink_window", "sink": 4, "window": 64}}]},
+     r"rules\[0\]\.heads names 2, but the model has 3 layers x 2 KV heads"),
+])
+def test_metadata_builder_refuses_a_policy_for_another_model_shape(clean, tiny_model_dir, policy_config, match):
+    clean.delenv(plugin.ENV, raising=False)
+    with pytest.raises(ConfigError, match=match):
+        _builder(tiny_model_dir, policy_config)
+
+
+def test_metadata_builder_takes_a_policy_that_fits(clean, tiny_model_dir):
+    clean.delenv(plugin.ENV, raising=False)
+    fits = {"name": "r", "rules": [{"layers": [2], "heads": [1],
+                                    "evictor": {"type": "sink_window", "sink": 4, "window": 64}}]}
+    assert _builder(tiny_model_dir, fits).policy.name == "r"
