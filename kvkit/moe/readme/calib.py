@@ -1,8 +1,11 @@
 """Text that ships with the machine, cut into token chunks, and the dense profile of the MLPs.
 
-Sources (no download): ``vim`` (``/usr/share/vim/vim90/doc/*.txt``, English technical prose),
-``licenses`` (``/usr/share/common-licenses/*``, English legal prose) and ``stdlib`` (Python's own
-standard-library sources, code). kvkit calibrates on one source and evaluates on another.
+Sources (no download), the defaults first: ``pydoc`` (Python's language reference from
+``pydoc_data.topics``, one text per topic: English technical prose that ships with CPython),
+``kvkit`` (the texts shipped in ``kvkit/data``: the Apache-2.0 license, English legal prose) and
+``stdlib`` (Python's own standard-library sources, code); where a Debian image has them, also
+``vim`` (``/usr/share/vim/vim*/doc/*.txt``) and ``licenses`` (``/usr/share/common-licenses/*``).
+kvkit calibrates on one source and evaluates on another (``pydoc:0/2`` vs ``pydoc:1/2``).
 
 The profile is what extraction and router training need from one dense pass: per layer, the
 MLP input ``x`` and the per-neuron contribution ``|act(gate) * up| * ||down[:, j]||``.
@@ -39,15 +42,12 @@ def source_files(source: str) -> list[Path]:
         ValueError: unknown source name and not an existing path, or a source with no files.
     """
     name, _, split = source.partition(":")
-    if split and name in ("vim", "licenses", "stdlib"):
-        try:
-            i, n = (int(v) for v in split.split("/"))
-            if not 0 <= i < n:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"bad split {split!r} in {source!r}; use name:i/n with 0 <= i < n")
+    if split and name in ("vim", "licenses", "stdlib", "kvkit"):
+        i, n = _split(split, source)
         return source_files(name)[i::n]
-    if source == "vim":
+    if source == "kvkit":
+        files = glob.glob(str(Path(__file__).resolve().parents[2] / "data" / "*.txt"))
+    elif source == "vim":
         files = glob.glob("/usr/share/vim/vim*/doc/*.txt")
     elif source == "licenses":
         files = glob.glob("/usr/share/common-licenses/*")
@@ -58,12 +58,42 @@ def source_files(source: str) -> list[Path]:
     elif os.path.isfile(source):
         files = [source]
     else:
-        raise ValueError(
-            f"unknown text source {source!r}; use vim, licenses, stdlib, or a file/folder path")
+        raise ValueError(f"unknown text source {source!r}; use pydoc, kvkit, stdlib, vim, licenses, "
+                         "or a file/folder path")
     files = sorted(f for f in files if os.path.isfile(f))
     if not files:
         raise ValueError(f"text source {source!r} has no files on this machine")
     return [Path(f) for f in files]
+
+
+def _split(split: str, source: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in split.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bad split {split!r} in {source!r}; use name:i/n with 0 <= i < n") from None
+    return i, n
+
+
+def source_texts(source: str) -> list[str]:
+    """The texts of ``source``: ``pydoc`` (``pydoc:i/n``) is Python's language reference, one text
+    per distinct topic in name order; any other source is its ``source_files`` read as UTF-8.
+
+    Raises:
+        ValueError: as ``source_files``, or a Python built without ``pydoc_data``.
+    """
+    name, _, split = source.partition(":")
+    if name != "pydoc":
+        return [f.read_text(encoding="utf-8", errors="replace") for f in source_files(source)]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ValueError("text source 'pydoc' needs Python's pydoc_data, which this Python lacks; "
+                         "use kvkit, stdlib or a file/folder path") from None
+    i, n = _split(split, source) if split else (0, 1)
+    unique = dict.fromkeys(topics[k] for k in sorted(topics))  # two topics share one text
+    return list(unique)[i::n]
 
 
 def token_chunks(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int,
@@ -76,13 +106,12 @@ def token_chunks(tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int,
     """
     if seq_len < 2 or num_chunks < 1:
         raise ValueError(f"need seq_len >= 2 and num_chunks >= 1, got {seq_len}, {num_chunks}")
-    files = source_files(source)
+    texts = source_texts(source)
     want = skip_chunks + num_chunks
-    per_file = max(1, math.ceil(want / len(files)))
+    per_file = max(1, math.ceil(want / len(texts)))
     chunks: list[torch.Tensor] = []
     for rnd in range(64):  # more rounds from each file when the source has few files
-        for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
+        for text in texts:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             start = rnd * per_file * seq_len
             for j in range(per_file):

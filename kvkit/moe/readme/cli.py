@@ -49,7 +49,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--router", default="pregate", choices=ROUTERS,
                    help="default routing of the saved model")
     p.add_argument("--ks", type=_ints, default=[], help="top-k values the routers serve (default: top-k)")
-    p.add_argument("--calib", default="vim:0/2", help="vim | licenses | stdlib | path, "
+    p.add_argument("--calib", default="pydoc:0/2", help="pydoc | kvkit | stdlib | vim | licenses | path, "
                    "optionally name:i/n for every n-th file")
     p.add_argument("--calib-chunks", type=positive_int, default=96)
     p.add_argument("--seq-len", type=positive_int, default=256)
@@ -67,7 +67,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="folder written by `kvkit moe extract`")
     p.add_argument("--router", default=None, choices=ROUTERS)
     p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--text", default="vim:1/2", help="evaluation text (not the calibration)")
+    p.add_argument("--text", default="pydoc:1/2", help="evaluation text (not the calibration)")
     p.add_argument("--chunks", type=positive_int, default=16)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--passkey", type=nonneg_int, default=0, help="passkey trials (0: skip)")
@@ -78,7 +78,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("trace", help="record a routing trace (kvkit.moe.trace format)")
     p.add_argument("path", help="folder written by `kvkit moe extract`")
-    p.add_argument("--text", default="licenses")
+    p.add_argument("--text", default="kvkit", help="text source, as --calib of extract")
     p.add_argument("--requests", type=positive_int, default=4)
     p.add_argument("--tokens", type=positive_int, default=128, help="tokens per request")
     p.add_argument("--router", default=None, choices=ROUTERS)

@@ -24,7 +24,7 @@ def load_dense(base_model: str | Path, dtype: torch.dtype = torch.float32):
     return load_causal_lm(str(base_model), dtype), load_tokenizer(str(base_model))
 
 
-def calibrate(base_model: str | Path, source: str = "vim", num_chunks: int = 128,
+def calibrate(base_model: str | Path, source: str = "pydoc:0/2", num_chunks: int = 128,
               seq_len: int = 256, progress: bool = True) -> Profile:
     """Profile the dense model's MLPs on ``num_chunks`` x ``seq_len`` tokens of ``source``."""
     model, tok = load_dense(base_model)
