@@ -286,12 +286,20 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
-        """Read a JSON policy config (never pickle) and validate it."""
+        """Read a JSON policy config (never pickle) and validate it.
+
+        Raises:
+            ConfigError: naming `path`, when it is not UTF-8 JSON, is nested too deep for Python's
+                parser, or is not a valid policy config.
+        """
         try:
-            cfg = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
+            cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); a policy file is a JSON object "
                               "as written by `policy.to_config()`") from e
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deep to parse; a policy file is a JSON object "
+                              "a few levels deep, as written by `policy.to_config()`") from None
         return cls.from_config(cfg)
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -67,6 +68,18 @@ def test_corrupt_config_file_is_reported(tmp_path):
         Policy.from_file(path)
     path.write_text(json.dumps(policies.get("int8").to_config()))
     assert Policy.from_file(path) == policies.get("int8")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[" * 100_000 + "]" * 100_000, "is nested too deep to parse"),
+    ('{"name": ' * 100_000 + '"x"' + "}" * 100_000, "is nested too deep to parse"),
+    (b'{"name": "\xff"}', "is not valid JSON"),
+])
+def test_a_config_file_python_cannot_parse_is_a_config_error_naming_the_file(tmp_path, text, match):
+    path = tmp_path / "deep.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}.*{match}"):
+        Policy.from_file(path)
 
 
 def test_rules_resolve_per_layer_and_head():
