@@ -1,0 +1,289 @@
+"""`kvkit tune`: the policy that loses least on calibration text within a resident-bytes budget.
+
+    kvkit tune --budget-bytes 0.125 --ctx 4800 -o tuned.json      # 8x less KV than bf16 dense
+
+The budget is a fraction of what a bf16 dense store of the model really allocates for `ctx`
+tokens of one sequence. The search space is per layer and per KV head:
+
+- a **codec** per layer (a layer's pages share one pool): bf16, int8, or GEAR/KIVI group
+  quantization at 4, 3 or 2 bits (rank 0, 1% outliers), whose open page stays full precision;
+- per KV head, **keep everything** (a retrieval head) or **stream** with `sink` first tokens and a
+  recent window (DuoAttention's streaming head), the window chosen from `windows`.
+
+`tune_measure` measures the loss of every such choice (relative change of the residual stream at
+scored positions of the calibration text and of synthetic passkey prompts, so heads that carry
+retrieval are seen) and the bytes of each codec's page in a real store; `tune_alloc` picks the
+least-loss combination under the budget (a multiple-choice knapsack by Lagrangian relaxation and
+a greedy fill). The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
+per-(layer, head) eviction rules, the page size) with `model_shape` set, so `Policy.from_file`
+plus `KVKitCache`, `PagedAttention` or `kvkit serve` load it as it is and refuse another model.
+
+Limits: selectors (quest, lserve, tidal) change what a step reads, not what stays resident, so they
+are not searched (add one to the written policy if decode speed matters); a codec's error is
+measured per layer and a window's per head, and the allocator adds losses across parts (no
+interactions); the per-part loss is a first-order proxy of perplexity, not perplexity itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kvkit.cli import input_file, nonneg_float, output_file, positive_int
+from kvkit.policies.base import Policy, Rule
+from kvkit.policies.codecs.gear import GearCodec
+from kvkit.policies.codecs.plain import PlainCodec
+from kvkit.policies.codecs.quant import Int8Codec
+from kvkit.policies.evictors.sink_window import SinkWindowEvictor
+from kvkit.policies.roles import Codec
+from kvkit.tools.tune_alloc import Allocation, allocate
+from kvkit.tools.tune_measure import dense_bytes, head_bytes, sensitivities
+
+logger = logging.getLogger(__name__)
+
+CODECS: dict[str, Codec] = {
+    "bf16": PlainCodec("bf16"),
+    "int8": Int8Codec(),
+    "q4": GearCodec(bits=4, rank=0, outliers=0.01),
+    "q3": GearCodec(bits=3, rank=0, outliers=0.01),
+    "q2": GearCodec(bits=2, rank=0, outliers=0.01),
+}
+WINDOWS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+PASSKEY_DEPTHS: tuple[float, ...] = (0.1, 0.3)
+
+
+@dataclass
+class TuneResult:
+    """The tuned policy and what it was tuned for."""
+
+    policy: Policy
+    allocation: Allocation
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Markdown: per layer, its codec, each KV head's window and its bytes."""
+        rows = ["| layer | codec | windows per KV head | KiB at ctx |", "|---|---|---|---|"]
+        for r in self.report["layers"]:
+            heads = " ".join("all" if w is None else str(w) for w in r["windows"])
+            rows.append(f"| {r['layer']} | {r['codec']} | {heads} | {r['bytes'] / 1024:.0f} |")
+        return "\n".join(rows)
+
+
+def calibration_text() -> str:
+    """Default calibration text: Python's language reference (`pydoc_data.topics`), which ships
+    with CPython and is neither of the texts kvkit evaluates perplexity on."""
+    from kvkit.tools.calibrate_cskv import reference_text
+
+    text = reference_text()
+    if not text:
+        raise ValueError("this Python has no pydoc_data; give calibration text with --calib FILE")
+    return text
+
+
+def _passkey_sequence(tokenizer: Any, tokens: int, depth: float, key: str) -> tuple[torch.Tensor, int]:
+    from kvkit.evaluate import passkey_prompt
+
+    prompt = passkey_prompt(tokenizer, tokens, depth, key)
+    answer = tokenizer(f" {key}.", add_special_tokens=False, return_tensors="pt").input_ids
+    return torch.cat([prompt, answer], 1), answer.shape[1] + 1  # the question's last token predicts the key
+
+
+@dataclass
+class Measurement:
+    """What every choice loses on one model: loss `[L, C, W, H]`, and the choices measured."""
+
+    loss: torch.Tensor
+    codecs: list[str]
+    windows: list[int | None]  # windows[0] is None: keep everything
+    shape: tuple[int, int, int]  # num_layers, num_kv_heads, head_dim
+    page_size: int
+    sink: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
+            page_size: int = 32, sink: int = 16, windows: Sequence[int] = WINDOWS,
+            codecs: Sequence[str] = tuple(CODECS), passkey_weight: float = 1.0,
+            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, progress: bool = True) -> Measurement:
+    """Measure the loss of every (layer, codec, window, KV head) and each codec's bytes per page.
+
+    text: calibration text (default `calibration_text()`); its last `calib_tokens` tokens are read
+    and the last `scored` positions scored. Passkey prompts of `calib_tokens` tokens, one per
+    depth, are scored on their answer and weigh `passkey_weight` against the text.
+
+    Raises:
+        ValueError: an unknown codec, bad windows, a text shorter than `calib_tokens`, or
+            `calib_tokens` beyond the model's context.
+    """
+    from kvkit.evaluate import check_context, context_limit, passkey_keys
+
+    if unknown := sorted(set(codecs) - set(CODECS)):
+        raise ValueError(f"unknown codecs {unknown}; known: {', '.join(CODECS)}")
+    if not windows or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in windows):
+        raise ValueError(f"windows must be ints >= 1, got {list(windows)}")
+    check_context(calib_tokens + 8, context_limit(model), f"calibration sequences of {calib_tokens} tokens")
+    start = time.perf_counter()
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    ids = tokenizer(text if text is not None else calibration_text(), return_tensors="pt").input_ids
+    if ids.shape[1] < calib_tokens:
+        raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {calib_tokens} are needed")
+    seqs = [(ids[:, -calib_tokens:], scored, 1.0 / scored)]
+    for depth, key in zip(passkey_depths, passkey_keys(len(passkey_depths), seed=1)):
+        pk, n = _passkey_sequence(tokenizer, calib_tokens, depth, key)
+        seqs.append((pk, n, passkey_weight / (n * len(passkey_depths))))
+    chosen = [CODECS[c] for c in codecs]
+    wins: list[int | None] = [None, *sorted(set(windows))]
+    loss = sensitivities(model, seqs, chosen, wins, sink, page_size, progress)  # [L, C, W, H]
+    info = {"calib_tokens": calib_tokens, "scored": scored, "passkey_depths": list(passkey_depths),
+            "passkey_weight": passkey_weight, "measure_seconds": round(time.perf_counter() - start, 1),
+            "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
+    return Measurement(loss=loss, codecs=list(codecs), windows=wins, shape=(L, H, D),
+                       page_size=page_size, sink=sink, info=info)
+
+
+def costs(m: Measurement, ctx: int, decode: int = 64) -> torch.Tensor:
+    """`[C, W]` bytes one KV head costs with each codec and window at `ctx` tokens plus `decode`
+    decode steps, from real one-layer stores (`head_bytes`)."""
+    L, H, D = m.shape
+    return torch.tensor([[head_bytes(CODECS[c], w, m.sink, ctx, H, D, m.page_size, decode) for w in m.windows]
+                         for c in m.codecs], dtype=torch.float64)
+
+
+def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64) -> TuneResult:
+    """The least-loss policy of measurement `m` whose store holds at most `budget` x a bf16 dense
+    store after `ctx` prompt tokens and `decode` generated ones.
+
+    Raises:
+        ValueError: a budget outside (0, 1] or below the cheapest choice.
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction of bf16 dense in (0, 1], got {budget}")
+    L, H, D = m.shape
+    cost = costs(m, ctx, decode)  # [C, W]
+    dense = dense_bytes(L, H, D, ctx + decode)
+    alloc = allocate(m.loss, cost, budget * dense)
+    policy = build_policy(alloc, m.codecs, m.windows, m.sink, m.page_size, (L, H))
+    layers = [{"layer": i, "codec": m.codecs[alloc.codec[i]],
+               "windows": [m.windows[w] for w in alloc.window[i]],
+               "bytes": float(sum(cost[alloc.codec[i], w] for w in alloc.window[i])),
+               "loss": float(sum(m.loss[i, alloc.codec[i], w, h] for h, w in enumerate(alloc.window[i])))}
+              for i in range(L)]
+    report = {"budget": budget, "ctx": ctx, "decode": decode, "dense_bf16_bytes": dense,
+              "predicted_bytes": alloc.nbytes, "predicted_fraction": alloc.nbytes / dense,
+              "predicted_loss": alloc.loss, "page_size": m.page_size, "sink": m.sink, "windows": m.windows,
+              "head_bytes": {c: dict(zip(map(str, m.windows), cost[i].tolist())) for i, c in enumerate(m.codecs)},
+              **m.info, "layers": layers}
+    return TuneResult(policy=policy, allocation=alloc, report=report)
+
+
+def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: bool = True,
+         **measure_args: Any) -> TuneResult:
+    """`measure` then `choose`: a policy for `model` within `budget` x bf16 dense at `ctx` tokens.
+
+    Raises:
+        ValueError: as `measure` and `choose` (the budget is checked first).
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction of bf16 dense in (0, 1], got {budget}")
+    return choose(measure(model, tokenizer, progress=progress, **measure_args), budget, ctx)
+
+
+def build_policy(alloc: Allocation, codecs: Sequence[str], windows: Sequence[int | None], sink: int,
+                 page_size: int, model_shape: tuple[int, int], name: str = "tuned") -> Policy:
+    """The Policy of an allocation: bf16 pages, a codec rule per group of layers sharing a codec,
+    an eviction rule per (KV head, window) naming its layers; `model_shape` pins the model."""
+    rules = []
+    for c, codec_name in enumerate(codecs):
+        layers = tuple(i for i, ci in enumerate(alloc.codec) if ci == c)
+        if layers and codec_name != "bf16":
+            rules.append(Rule(layers=layers, codec=CODECS[codec_name]))
+    num_heads = model_shape[1]
+    for h in range(num_heads):
+        for w, window in enumerate(windows):
+            layers = tuple(i for i, row in enumerate(alloc.window) if row[h] == w)
+            if layers and window is not None:
+                rules.append(Rule(layers=layers, heads=(h,), evictor=SinkWindowEvictor(sink=sink, window=window)))
+    return Policy(codec=PlainCodec("bf16"), rules=tuple(rules), name=name, page_size=page_size,
+                  model_shape=model_shape)
+
+
+# ---- the command --------------------------------------------------------------------------------
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of bf16 dense such as 0.125, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction of bf16 dense bytes), got {text}")
+    return value
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _codecs(text: str) -> list[str]:
+    names = [c for c in text.split(",") if c]
+    if not names or (unknown := sorted(set(names) - set(CODECS))):
+        raise argparse.ArgumentTypeError(f"codecs are a comma-separated subset of {','.join(CODECS)}, got {text!r}")
+    return names
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `tune` to a `kvkit` subparsers object."""
+    p = subparsers.add_parser("tune", help="the least-loss policy for a KV memory budget; writes a policy JSON",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
+    p.add_argument("--budget-bytes", type=_fraction, required=True,
+                   help="resident KV bytes as a fraction of a bf16 dense store at --ctx tokens (0.125: 8x less)")
+    p.add_argument("--ctx", type=positive_int, default=4800, help="context length the budget holds for")
+    p.add_argument("--calib", type=input_file, default=None,
+                   help="calibration text file (default: Python's language reference, pydoc_data)")
+    p.add_argument("--calib-tokens", type=positive_int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--scored", type=positive_int, default=128, help="scored positions at the text's end")
+    p.add_argument("--page-size", type=positive_int, default=32)
+    p.add_argument("--sink", type=positive_int, default=16, help="first tokens a streaming head keeps")
+    p.add_argument("--windows", type=_ints, default=list(WINDOWS), help="streaming windows to consider")
+    p.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"codecs to consider ({','.join(CODECS)})")
+    p.add_argument("--passkey-weight", type=nonneg_float, default=1.0, help="weight of the passkey answers vs the text")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--report", type=output_file, default=None, help="also write the tuning report (JSON)")
+    p.add_argument("-o", "--out", type=output_file, required=True, help="policy JSON to write")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kvkit import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = Path(args.calib).read_text(encoding="utf-8", errors="replace") if args.calib else None
+    model, tok = evaluate.load(args.model)
+    result = tune(model, tok, args.budget_bytes, ctx=args.ctx, text=text, calib_tokens=args.calib_tokens,
+                  scored=args.scored, page_size=args.page_size, sink=args.sink, windows=args.windows,
+                  codecs=args.codecs, passkey_weight=args.passkey_weight)
+    Path(args.out).write_text(json.dumps(result.policy.to_config(), indent=1) + "\n")
+    if args.report:
+        Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n")
+    r = result.report
+    print(result.table())
+    print(f"\npredicted {r['predicted_bytes'] / 2**20:.1f} MiB = {r['predicted_fraction']:.3f}x of bf16 dense "
+          f"({r['dense_bf16_bytes'] / 2**20:.1f} MiB at {r['ctx']} tokens); budget {r['budget']}x; "
+          f"measured in {r['measure_seconds']:.0f} s. Wrote {args.out}")
+    return 0
