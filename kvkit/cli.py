@@ -1,9 +1,11 @@
-"""The `kvkit` command: demo, passkey, ppl, serve, policies, identify-heads, dashboard, moe.
+"""The `kvkit` command: demo, passkey, ppl, serve, policies, doctor, identify-heads, dashboard, moe.
 
-    kvkit demo                                  passkey at ~2.4K tokens, dense vs streaming
+    kvkit demo                                  dense, streaming, quest, duo and a composition
+                                                on the same passkey prompts (~2.4K tokens)
     kvkit passkey --policy streaming --param window=512 --ctx 4800 --samples 6
     kvkit ppl --policy int8 --tokens 256        (default text: the Apache-2.0 license, shipped)
     kvkit serve --policy quest --param budget=1024 -- --block-size 32   (vLLM's OpenAI server)
+    kvkit tune --budget-bytes 0.125 --ctx 4800 -o tuned.json   (a policy for 8x less KV than bf16)
 
 Arguments are checked right after parsing, before any model loads. A bad one ends the command
 with one line, `kvkit CMD: error: ...`, on stderr and exit status 2; a failure while running is
@@ -22,6 +24,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "apache-2.0.txt"
 DEBUG_ENV = "KVKIT_DEBUG"
+DEMO_ROWS = ("dense", "streaming", "quest", "duo", "best")
 
 
 class UsageError(ValueError):
@@ -215,9 +218,18 @@ def _mib(n: int) -> str:
 
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvkit import evaluate, policies
+    import torch
+
+    from kvkit import demo, evaluate
     path, limit = _model(args)
     _fits(args.ctx + evaluate.PASSKEY_NEW_TOKENS, limit, f"--ctx {args.ctx} plus the answer")
+    try:
+        chosen = demo.build_rows(args.policies.split(","), args.ctx, args.window, args.budget)
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(f"--policies {args.policies}: {e}") from e
+    if args.plot is not None:
+        from kvkit import plot
+        plot.require()  # before the model runs, not after
     if args.metrics_port is not None:
         from kvkit import metrics
         try:
@@ -226,26 +238,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise UsageError(f"--metrics-port {args.metrics_port}: cannot listen ({e.strerror or e}); "
                              "pick a free port, or 0 for any") from e
         print(f"kvkit metrics on http://127.0.0.1:{port_}/metrics")
-    model, tok = evaluate.load(path)
-    chosen = [policies.get("dense"), policies.get("streaming", sink=4, window=args.window)]
-    rows, records = [], []
-    dense_bytes = None
-    for policy in chosen:
-        results = evaluate.passkey(model, tok, policy, args.ctx, depths(args.samples), page_size=args.page_size,
-                                   on_cache=_observe if args.metrics_port is not None else None)
-        hits = sum(r.correct for r in results)
-        kv = max(r.kv_bytes for r in results)
-        dense_bytes = dense_bytes or kv
-        ms = sorted(r.decode_ms_per_token for r in results)[len(results) // 2]
-        rows.append([policy.name, f"{hits}/{len(results)}", _mib(kv), f"{kv / dense_bytes:.2f}x", f"{ms:.1f}"])
-        records += evaluate.as_dicts(results)
+    model, tok = evaluate.load(path, getattr(torch, args.dtype))
+    rows = demo.run(model, tok, chosen, args.ctx, depths(args.samples), page_size=args.page_size,
+                    on_cache=_observe if args.metrics_port is not None else None)
+    what = (f"passkey at ~{args.ctx} tokens, {args.samples} depths, "
+            f"{args.model or 'SmolLM2-135M-Instruct'} in {args.dtype} on {torch.get_num_threads()} threads")
+    if args.plot is not None:
+        plot.demo(rows, args.plot, what)
     if args.json:
-        print(json.dumps({"command": "demo", "results": records}, indent=1))
+        print(json.dumps({"command": "demo", "context_tokens": args.ctx, "dtype": args.dtype,
+                          "rows": [demo.as_dict(r) for r in rows]}, indent=1))
         return 0
-    ctx = records[0]["context_tokens"]
-    print(f"\npasskey retrieval, {ctx} tokens, {args.samples} depths, SmolLM2-135M (float32, CPU)"
-          if args.model is None else f"\npasskey retrieval, {ctx} tokens, {args.samples} depths, {args.model}")
-    print(_table(["policy", "accuracy", "resident KV", "vs dense", "decode attention ms/token"], rows))
+    print(f"\n{what}; ratios against dense in this run")
+    print(demo.table(rows))
+    print(demo.verdict(rows))
+    if args.plot is not None:
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -379,11 +387,19 @@ class Parser(argparse.ArgumentParser):
 def make_parser() -> Parser:
     parser = Parser(prog="kvkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="passkey retrieval with dense and streaming on SmolLM2")
+    p = sub.add_parser("demo", help="passkey, memory, read and speed of a few policies against dense")
     _common(p, policy=False)
     p.add_argument("--ctx", type=positive_int, default=2400, help="prompt tokens")
     p.add_argument("--samples", type=positive_int, default=3, help="depths to hide the key at")
+    p.add_argument("--policies", default=",".join(DEMO_ROWS), metavar="LIST",
+                   help="comma-separated registered names, `best` (the best composition) or JSON "
+                        "policy files; dense is always run first (default: %(default)s)")
     p.add_argument("--window", type=positive_int, default=256, help="streaming window")
+    p.add_argument("--budget", type=positive_int, default=None,
+                   help="tokens read per KV head by quest/lserve/tidal (default: 1/8 of --ctx)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="model dtype")
+    p.add_argument("--plot", type=output_file, default=None, metavar="FILE",
+                   help="also draw the run to FILE (.png/.svg/.pdf; needs kvkit[plot])")
     p.add_argument("--metrics-port", type=port, default=None, help="serve kvkit_* metrics on this port (0: any)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("passkey", help="passkey retrieval through a policy")
@@ -412,6 +428,8 @@ def make_parser() -> Parser:
     p.set_defaults(func=cmd_policies)
     from kvkit.tools.duo_train import register_cli as add_identify_heads
     add_identify_heads(sub).set_defaults(check_args=check_identify_heads)  # DuoAttention's retrieval heads
+    from kvkit.tools.tune import register_cli as add_tune
+    add_tune(sub)  # the least-loss policy for a memory budget
     p = sub.add_parser("dashboard", help="live web dashboard of kvkit_* metrics", add_help=False)
     p.set_defaults(func=None)
     moe = sub.add_parser("moe", help="MoE expert scheduling and the Read-ME model")
