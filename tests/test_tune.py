@@ -1,0 +1,179 @@
+"""`kvkit tune`: the allocation is the least-loss choice under the budget, the measured losses mean
+what they say, and the policy it writes loads everywhere and only for the model it was tuned on."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvkit.errors import ConfigError
+from kvkit.policies import Policy
+from kvkit.policies.codecs.gear import GearCodec
+from kvkit.policies.codecs.plain import PlainCodec
+from kvkit.tools import tune_measure
+from kvkit.tools.tune import CODECS, build_policy, choose, measure
+from kvkit.tools.tune_alloc import Allocation, _layer_best, _totals, allocate
+
+
+def _instance(seed: int, L: int = 3, C: int = 2, W: int = 3, H: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(C, W, generator=g).double() * 100 + 1
+    loss = torch.rand(L, C, W, H, generator=g).double()
+    return loss, cost
+
+
+def _brute_force(loss: torch.Tensor, cost: torch.Tensor, budget: float) -> float:
+    L, C, W, H = loss.shape
+    best = float("inf")
+    for codecs in itertools.product(range(C), repeat=L):
+        for wins in itertools.product(range(W), repeat=L * H):
+            b = sum(float(cost[codecs[i], wins[i * H + h]]) for i in range(L) for h in range(H))
+            if b <= budget:
+                best = min(best, sum(float(loss[i, codecs[i], wins[i * H + h], h]) for i in range(L) for h in range(H)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_is_optimal_where_the_price_meets_the_budget(seed):
+    loss, cost = _instance(seed)
+    for lam in (1e-3, 1e-2, 3e-2):
+        codec, window = _layer_best(loss, cost, lam)
+        want_loss, budget = _totals(loss, cost, codec, window)
+        got = allocate(loss, cost, budget)
+        assert got.nbytes <= budget + 1e-9
+        assert got.loss == pytest.approx(_brute_force(loss, cost, budget), abs=1e-9)
+        assert got.loss <= want_loss + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_allocation_fits_any_budget_and_is_near_the_optimum(seed):
+    loss, cost = _instance(seed)
+    lo, hi = float(cost.min()) * 6, float(cost.max()) * 6
+    for budget in torch.linspace(lo, hi, 5, dtype=torch.float64).tolist():
+        got = allocate(loss, cost, budget)
+        best = _brute_force(loss, cost, budget)
+        assert got.nbytes <= budget + 1e-9
+        assert best - 1e-9 <= got.loss <= best + 0.35 * float(loss.max())  # hull solution + greedy fill
+
+
+def test_allocation_refuses_a_budget_below_the_cheapest_choice():
+    loss, cost = _instance(0)
+    with pytest.raises(ValueError, match="below the cheapest choice"):
+        allocate(loss, cost, float(cost.min()) * 6 - 1)
+    with pytest.raises(ValueError, match=r"loss must be \[L, C, W, H\]"):
+        allocate(loss[0], cost, 1e9)
+
+
+def test_window_masks_keep_sink_and_recent_keys():
+    masks = tune_measure.window_masks(T=10, scored=2, sink=2, windows=[None, 3])
+    assert masks.shape == (2, 2, 10)
+    assert masks[0, 0].tolist() == [True] * 9 + [False]          # query at 8: all before it
+    assert masks[1, 1].nonzero().flatten().tolist() == [0, 1, 6, 7, 8, 9]  # query at 9: sink + 9-3..9
+
+
+def test_head_bytes_come_from_a_real_store_and_order_as_expected():
+    dense = tune_measure.dense_bytes(1, 3, 64, 2400 + 64) / 3
+    full = {c: tune_measure.head_bytes(CODECS[c], None, 16, 2400, 3, 64, 32) for c in ("bf16", "q4", "q2")}
+    assert full["bf16"] >= dense > full["q4"] > full["q2"] > 0.15 * dense  # 2 bits plus scales, staging
+    streaming = tune_measure.head_bytes(CODECS["bf16"], 128, 16, 2400, 3, 64, 32)
+    assert 2 * (16 + 128) * 64 * 2 <= streaming < 0.15 * dense  # sink + window pages, not the prompt
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A seeded tiny random Llama with SmolLM2's tokenizer (the vocabulary a calibration text needs)."""
+    from transformers import LlamaForCausalLM
+
+    from kvkit.models import load_tokenizer, resolve_model
+    from kvkit.testing import tiny_llama_config
+
+    tok = load_tokenizer(resolve_model(None))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), max_position_embeddings=2048)).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def measured(tiny):
+    model, tok = tiny
+    return measure(model, tok, calib_tokens=256, scored=16, page_size=16, sink=4, windows=(16, 64),
+                   codecs=("bf16", "q4", "q2"), passkey_depths=(0.2,), progress=False)
+
+
+def test_measured_losses_grow_as_windows_shrink_and_bits_drop(measured):
+    loss = measured.loss  # [L, C, W, H]: codecs bf16, q4, q2; windows all, 16, 64
+    assert loss.shape == (3, 3, 3, 2) and (loss >= 0).all()
+    assert (loss[:, :, 1] >= loss[:, :, 2] - 1e-9).all()  # window 16 loses at least what 64 does
+    assert (loss[:, :, 2] >= loss[:, :, 0] - 1e-9).all()  # and 64 at least what keeping all does
+    assert loss[:, 2, 0].sum() > loss[:, 1, 0].sum() > loss[:, 0, 0].sum()  # 2 bits > 4 bits > bf16
+
+
+def test_layer_losses_are_zero_for_a_lossless_choice(tiny):
+    model, tok = tiny
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 30, return_tensors="pt").input_ids[:, :200]
+    cap = tune_measure.capture(model, ids, scored=8)[0]
+    loss = tune_measure.layer_losses(cap, model.model.layers[0].self_attn.o_proj.weight, [PlainCodec("fp32")],
+                                     [None, 500], sink=4, page_size=16)
+    assert loss.abs().max() < 1e-10  # fp32 pages, a window longer than the sequence
+
+
+def test_tuned_policy_holds_its_budget_in_a_real_cache_and_loads_unchanged(tiny, measured, tmp_path):
+    from kvkit.attention.paged import PagedAttention
+    from kvkit.integrations.hf import KVKitCache
+
+    model, tok = tiny
+    ctx = 600
+    result = choose(measured, 0.3, ctx=ctx)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(result.policy.to_config()))
+    policy = Policy.from_file(path)
+    assert policy == result.policy and policy.model_shape == (3, 2) and policy.page_size == 16
+    ids = torch.randint(3, len(tok), (1, ctx), generator=torch.Generator().manual_seed(0))
+    cache = KVKitCache(model, policy)
+    model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    dense = tune_measure.dense_bytes(3, 2, 16, ctx + 2)
+    assert cache.store.nbytes() <= 0.3 * dense * 1.1  # the pool rounds to pages; 10% slack
+    attn = PagedAttention(num_heads=6, num_kv_heads=2, head_dim=16, policy=policy, num_layers=3,
+                          page_size=policy.page_size)
+    assert attn(torch.randn(1, 6, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)).shape == (1, 6, 40, 16)
+
+
+def test_a_policy_tuned_for_another_shape_is_refused(tiny, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from kvkit.attention.paged import PagedAttention
+    from kvkit.integrations.hf import KVKitCache
+    from kvkit.testing import tiny_llama_config
+
+    alloc = Allocation(codec=(1,) * 30, window=((0, 1, 0),) * 30, loss=0.0, nbytes=0.0)
+    tuned = build_policy(alloc, ["bf16", "q4"], [None, 128], 16, 32, (30, 3))  # SmolLM2's shape
+    assert any(r.codec == GearCodec(bits=4, rank=0, outliers=0.01) for r in tuned.rules)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(tuned.to_config()))
+    policy = Policy.from_file(path)
+    other = LlamaForCausalLM(tiny_llama_config()).eval()  # 3 layers x 2 KV heads
+    with pytest.raises(ConfigError, match=r"made for 30 layers x 3 KV heads; the model has 3 layers x 2 KV heads"):
+        KVKitCache(other, policy)
+    with pytest.raises(ConfigError, match="made for 30 layers x 3 KV heads"):
+        PagedAttention(num_heads=6, num_kv_heads=2, head_dim=16, policy=policy, num_layers=3)
+    with pytest.raises(ConfigError, match="made for 30 layers x 3 KV heads"):
+        policy.make_store(30, 2, 64)
+    assert policy.make_store(30, 3, 64).num_layers == 30
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--budget-bytes", "0", "-o", "x.json"], "must be in (0, 1]"),
+    (["--budget-bytes", "0.1", "--codecs", "q5", "-o", "x.json"], "codecs are a comma-separated subset"),
+    (["--budget-bytes", "0.1", "--windows", "64,-1", "-o", "x.json"], "expected integers >= 1"),
+    (["--budget-bytes", "0.1"], "required: -o/--out"),
+])
+def test_bad_tune_arguments_are_one_line_before_any_model_loads(argv, match, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kvkit.cli", "tune", *argv], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and match in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
