@@ -245,3 +245,16 @@ def test_generate_through_kvkit_cache_on_a_tiny_llama():
     for a, b in zip(dense.scores, gear.scores):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
     assert cache.nbytes() > 0 and cache.store.stats().tokens_resident == 3 * 2 * 61
+
+
+def test_registered_gear_defaults_to_rank_0_which_holds_fewer_bytes():
+    default, ranked = policies.get("gear"), policies.get("gear", rank=2)
+    assert default.codec.rank == 0
+    sizes = []
+    for policy in (default, ranked):
+        store = policy.make_store(1, 3, 64, dtype=torch.float32)
+        seq = store.add_sequence()
+        g = torch.Generator().manual_seed(0)
+        store.append(seq, 0, torch.randn(256, 3, 64, generator=g), torch.randn(256, 3, 64, generator=g))
+        sizes.append(store.nbytes())
+    assert sizes[0] < 0.8 * sizes[1]

@@ -327,10 +327,14 @@ class GearCodec(Codec):
 
 
 @register("gear")
-def gear(bits: int = 4, rank: int = 2, outliers: float = 0.01, v_group: int | None = None,
+def gear(bits: int = 4, rank: int = 0, outliers: float = 0.01, v_group: int | None = None,
          buffer_dtype: str = "fp16") -> Policy:
     """GEAR (arXiv:2403.05527): dense reads over `bits`-bit K/V pages repaired by a rank-`rank`
-    residual and `outliers` exact entries per page; the open page stays full precision."""
+    residual and `outliers` exact entries per page; the open page stays full precision.
+
+    rank defaults to 0: on kvkit's pages (16 tokens) the fp16 low-rank factors cost more bytes
+    than they save error, so rank 0 both holds fewer bytes and measures better perplexity; give
+    rank >= 1 for GEAR's low-rank repair."""
     return Policy(codec=GearCodec(bits=bits, rank=rank, outliers=outliers, v_group=v_group,
                                   buffer_dtype=buffer_dtype), name="gear")
 
