@@ -47,9 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvkit.moe.sched import SchedConfig, Scheduler
+from kvkit.moe.sim import PROFILES, get_profile
+
 logger = logging.getLogger(__name__)
 
-POLICIES = ("lru", "lookahead")
+POLICIES = ("lru", "lookahead", "sched")
 TIERS = ("auto", "file", "host")
 
 __all__ = ["OffloadConfig", "OffloadHandle", "OffloadedExperts", "offload", "POLICIES", "TIERS"]
@@ -57,9 +60,12 @@ __all__ = ["OffloadConfig", "OffloadHandle", "OffloadedExperts", "offload", "POL
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """capacity: fast-tier experts per MoE layer. policy: "lru" (on-demand loads, LRU eviction)
-    or "lookahead" (evict experts not predicted first, prefetch predicted ones in the
-    background). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or "auto" (file
+    """capacity: fast-tier experts per MoE layer. policy: "lru" (on-demand loads, LRU eviction),
+    "lookahead" (evict experts not predicted first, prefetch predicted ones in the
+    background) or "sched" (every decision by `kvkit.moe.sched.Scheduler` built from `sched`,
+    default `SchedConfig(capacity)`, on the modelled clock of `profile`, so a trace of this run
+    replayed by `schedule_trace` takes the same decisions; "cpu" misses are computed from the
+    slow tier's weights where they are). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or "auto" (file
     on CPU, host on CUDA). path: the safetensors file (default: a temporary file, deleted on
     close). predict_distance: layers ahead the router-based predictor looks (transformers
     models; Read-ME models use their pre-gating router for all later layers)."""
@@ -70,6 +76,8 @@ class OffloadConfig:
     path: str | None = None
     predict_distance: int = 1
     record_metrics: bool = True
+    sched: SchedConfig | None = None
+    profile: str = "a100-pcie4"
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -80,6 +88,12 @@ class OffloadConfig:
         if self.slow_tier not in TIERS:
             raise ValueError(f"OffloadConfig.slow_tier must be one of {TIERS}, "
                              f"got {self.slow_tier!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"OffloadConfig.profile must be one of {sorted(PROFILES)}, "
+                             f"got {self.profile!r}")
+        if self.sched is not None and self.sched.capacity != self.capacity:
+            raise ValueError(f"OffloadConfig.sched.capacity={self.sched.capacity} differs from "
+                             f"capacity={self.capacity}; give the same number")
         if self.predict_distance < 1:
             raise ValueError(f"OffloadConfig.predict_distance must be >= 1, "
                              f"got {self.predict_distance}")
@@ -139,6 +153,10 @@ class _Layer:
         # the future completes. Not exercised on this CPU-only machine.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
+    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """The fast-tier copy of the expert in `slot`, by parameter name."""
+        return {name: t[slot] for name, t in self.slots.items()}
+
     def copy_in(self, slot: int, expert: int) -> None:
         if self.stream is None:
             for name, dst in self.slots.items():
@@ -157,13 +175,91 @@ class _Runtime:
         self.config, self.device = config, device
         self.layers: list[_Layer] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvkit-prefetch") \
-            if config.policy == "lookahead" else None
+            if config.policy in ("lookahead", "sched") else None
         self.lock = threading.Lock()
+        self.sched: Scheduler | None = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self.counts = {"hits": 0, "misses": 0, "prefetch_issued": 0, "prefetch_useful": 0,
-                       "bytes_moved": 0, "stall_s": 0.0, "calls": 0}
+                       "cpu": 0, "bytes_moved": 0, "stall_s": 0.0, "calls": 0}
+
+    def start_scheduler(self, hidden_size: int) -> None:
+        """Build the scheduler once the layers are known (policy "sched")."""
+        c, first = self.config, self.layers[0]
+        self.sched = Scheduler(c.sched or SchedConfig(c.capacity), len(self.layers),
+                               first.num_experts, first.expert_bytes, get_profile(c.profile),
+                               hidden_size)
+
+    def hint(self, layer: _Layer, experts: list[int]) -> None:
+        """A predictor named `experts` for the next call of `layer`."""
+        if self.sched is not None:
+            self.sched.hint(layer.index, experts)
+        else:
+            self.prefetch(layer, experts)
+
+    def weights_for(self, layer: _Layer, experts: list[int]
+                    ) -> Callable[[int], dict[str, torch.Tensor]]:
+        """Make `experts` computable; returns expert -> its weights by parameter name."""
+        if self.sched is not None:
+            return self._run_plan(layer, experts).__getitem__
+        if len(experts) <= layer.capacity:
+            slots = self.ensure(layer, experts)
+            return lambda e: layer.weights(slots[e])
+        # more experts than slots (long prefill): stream them one by one
+        return lambda e: layer.weights(self.ensure(layer, [e])[e])
+
+    def _slot_for(self, layer: _Layer, victim: int) -> int:
+        """The slot the scheduler frees: the victim's (its copy finished), else a free one."""
+        if victim < 0:
+            return next(s for s in range(layer.capacity) if layer.expert_in[s] is None)
+        slot = layer.slot_of[victim]
+        fut = layer.loading.pop(slot, None)
+        if fut is not None:
+            fut.result()
+        return slot
+
+    def _run_plan(self, layer: _Layer, experts: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Carry out the scheduler's decisions for one call of `layer`."""
+        assert self.sched is not None and self.pool is not None
+        decisions, background = self.sched.plan(layer.index, experts)
+        for l, e, victim in background:
+            target = self.layers[l]
+            slot = self._slot_for(target, victim)
+            self._assign(target, slot, e)
+            target.prefetched.add(slot)
+            target.loading[slot] = self.pool.submit(target.copy_in, slot, e)
+            self.counts["prefetch_issued"] += 1
+            self.counts["bytes_moved"] += target.expert_bytes
+        t0, stalled, out = time.perf_counter(), False, {}
+        for e, how, victim in decisions:
+            if how in ("hit", "prefetch", "wait"):
+                slot = layer.slot_of[e]
+                fut = layer.loading.pop(slot, None)
+                if fut is not None:
+                    stalled = stalled or not fut.done()
+                    fut.result()
+                layer.prefetched.discard(slot)
+                self.counts["hits" if how == "hit" else "prefetch_useful"] += 1
+                out[e] = layer.weights(slot)
+                continue
+            self.counts["misses"] += 1
+            if how == "load":
+                slot = self._slot_for(layer, victim)
+                self._assign(layer, slot, e)
+                layer.copy_in(slot, e)
+                out[e] = layer.weights(slot)
+            elif how == "stream":
+                out[e] = {k: v[e].to(self.device, copy=True) for k, v in layer.slow.items()}
+            else:            # "cpu": computed where the slow tier keeps the weights
+                self.counts["cpu"] += 1
+                out[e] = {k: v[e] for k, v in layer.slow.items()}
+                continue
+            stalled = True
+            self.counts["bytes_moved"] += layer.expert_bytes
+        if stalled:
+            self.counts["stall_s"] += time.perf_counter() - t0
+        return out
 
     # victim: a slot not needed now, not in flight; unpredicted ones first, then LRU
     def _victim(self, layer: _Layer, protect: set[int]) -> int | None:
@@ -224,10 +320,11 @@ class _Runtime:
                 if fut is not None:
                     stalled = stalled or not fut.done()
                     fut.result()
-                self.counts["hits"] += 1
-                if slot in layer.prefetched:
+                if slot in layer.prefetched:     # first use of a prefetch: not a demand hit
                     self.counts["prefetch_useful"] += 1
                     layer.prefetched.discard(slot)
+                else:
+                    self.counts["hits"] += 1
             else:
                 slot = self._victim(layer, need)
                 while slot is None:          # every other slot is in flight: wait for one
@@ -269,25 +366,24 @@ class OffloadedExperts(nn.Module):
         rt, layer = self._runtime, self._layer
         with torch.no_grad():   # lookahead: later layers' routers on this input
             for route, later in self._predictors:
-                rt.prefetch(later, torch.unique(route(hidden_states)).tolist())
+                rt.hint(later, torch.unique(route(hidden_states)).tolist())
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
             expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
             expert_mask = expert_mask.permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
         hit = [int(e) for e in expert_hit[:, 0].tolist() if e != self.num_experts]
-        fits = len(hit) <= layer.capacity     # else (long prefill) stream experts one by one
-        slot = rt.ensure(layer, hit) if fits else {}
-        gate_up, down = layer.slots["gate_up_proj"], layer.slots["down_proj"]
+        weights = rt.weights_for(layer, hit)
         for expert_idx in hit:
-            if not fits:
-                slot = rt.ensure(layer, [expert_idx])
+            w = weights(expert_idx)
+            gate_up, down = w["gate_up_proj"], w["down_proj"]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            current_state = hidden_states[token_idx]
-            gate, up = nn.functional.linear(current_state, gate_up[slot[expert_idx]]).chunk(2, dim=-1)
+            current_state = hidden_states[token_idx].to(gate_up.device)   # a "cpu" miss runs there
+            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
             current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = nn.functional.linear(current_hidden_states, down[slot[expert_idx]])
-            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            current_hidden_states = nn.functional.linear(current_hidden_states, down)
+            current_hidden_states = current_hidden_states.to(hidden_states.device) \
+                * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
 
@@ -314,7 +410,7 @@ def _readme_experts_forward(mlp: nn.Module, layer: _Layer, runtime: _Runtime,
         if mlp.mode == "pregate":           # exact lookahead: later layers already routed
             for other, other_layer in later:
                 if other.pending is not None:
-                    runtime.prefetch(other_layer, torch.unique(other.pending).tolist())
+                    runtime.hint(other_layer, torch.unique(other.pending).tolist())
         n, k = idx.shape
         if mlp.shared.numel():
             out = (mlp.act_fn(x @ mlp.s_gate.T) * (x @ mlp.s_up.T)) @ mlp.s_down.T
@@ -325,20 +421,17 @@ def _readme_experts_forward(mlp: nn.Module, layer: _Layer, runtime: _Runtime,
         tokens = torch.arange(n, device=x.device).repeat_interleave(k)[order]
         counts = torch.bincount(flat, minlength=mlp.num_experts).tolist()
         used = [e for e, c in enumerate(counts) if c]
-        fits = len(used) <= layer.capacity    # else (long prefill) stream experts one by one
-        slot = runtime.ensure(layer, used) if fits else {}
-        wg, wu, wd = layer.slots["w_gate"], layer.slots["w_up"], layer.slots["w_down"]
+        weights = runtime.weights_for(layer, used)
         lo = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            if not fits:
-                slot = runtime.ensure(layer, [e])
+            w = weights(e)
             t = tokens[lo:lo + c]
             lo += c
-            xe = x[t]
-            h = mlp.act_fn(xe @ wg[slot[e]].T) * (xe @ wu[slot[e]].T)
-            out = out.index_add(0, t, h @ wd[slot[e]].T)
+            xe = x[t].to(w["w_gate"].device)      # a "cpu" miss runs where its weights are
+            h = mlp.act_fn(xe @ w["w_gate"].T) * (xe @ w["w_up"].T)
+            out = out.index_add(0, t, (h @ w["w_down"].T).to(out.device))
         return out
 
     return experts_forward
@@ -355,12 +448,17 @@ class OffloadHandle:
         self._reported = dict(runtime.counts)
 
     @property
+    def scheduler(self) -> Scheduler | None:
+        """The scheduler of policy "sched" (its `log` holds every decision), else None."""
+        return self._rt.sched
+
+    @property
     def num_layers(self) -> int:
         return len(self._rt.layers)
 
     def stats(self) -> dict[str, Any]:
         c = dict(self._rt.counts)
-        acc = c["hits"] + c["misses"]
+        acc = c["hits"] + c["prefetch_useful"] + c["misses"]
         c.update(hit_rate=c["hits"] / acc if acc else 0.0, layers=self.num_layers,
                  capacity=self._rt.config.capacity, policy=self._rt.config.policy,
                  kind=self.kind, fast_tier_bytes=self.fast_tier_bytes())
@@ -448,6 +546,8 @@ def offload(model: nn.Module, config: OffloadConfig | None = None) -> OffloadHan
     rt = _Runtime(config, device)
     for i in range(len(found)):
         rt.layers.append(_Layer(i, {p: slow[f"{i}.{p}"] for p in params}, config.capacity, device))
+    if config.policy == "sched":
+        rt.start_scheduler(hidden_size=int(getattr(found[0][1], params[0]).shape[-1]))
     modules = dict(model.named_modules())
     for i, (name, m) in enumerate(found):
         if hf:
@@ -460,12 +560,12 @@ def offload(model: nn.Module, config: OffloadConfig | None = None) -> OffloadHan
                     gate = getattr(later_parent, "gate", None)
                     if callable(gate):
                         preds.append((lambda h, g=gate: g(h)[2], rt.layers[i + d]))
-            new = OffloadedExperts(m, rt.layers[i], rt, preds if config.policy == "lookahead"
+            new = OffloadedExperts(m, rt.layers[i], rt, preds if config.policy != "lru"
                                    else [])
             setattr(parent, name.rsplit(".", 1)[-1], new)
         else:
             later = [(found[j][1], rt.layers[j]) for j in range(i + 1, len(found))] \
-                if config.policy == "lookahead" else []
+                if config.policy != "lru" else []
             m.experts_forward = _readme_experts_forward(m, rt.layers[i], rt, later)
             for p in params:    # free the fast-tier copies: the slow tier has them
                 setattr(m, p, nn.Parameter(torch.empty(0, device=device), requires_grad=False))

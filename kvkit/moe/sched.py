@@ -248,7 +248,9 @@ class Scheduler:
             return
         token = max(self.token, 0) + tokens_ahead + (1 if layer <= self.layer < self.L
                                                       and self.token >= 0 else 0)
-        self.pending[layer][token * self.L + layer] = {int(e) for e in experts}
+        target = token * self.L + layer
+        self.pending[layer][target] = {int(e) for e in experts}
+        self.log.append(("hint", target, layer, tuple(sorted(self.pending[layer][target]))))
 
     def _values(self, layer: int | None = None) -> np.ndarray:
         """Keep value of every (layer, expert) [L, E], or of one layer's experts [E]: the last
@@ -267,8 +269,8 @@ class Scheduler:
     # -- one layer call --------------------------------------------------------------------
     def plan(self, layer: int, experts: Sequence[int], request: int = 0
              ) -> tuple[list[tuple[int, str, int]], list[tuple[int, int, int]]]:
-        """Decide one layer call. Returns (per needed expert: (expert, how, evicted expert or
-        -1), background transfers started now: (layer, expert, evicted or -1)). `how` is
+        """Decide one layer call. Returns (per needed expert, ascending: (expert, how, evicted
+        expert or -1), background transfers started now: (layer, expert, evicted or -1)). `how` is
         "hit", "prefetch" (first use of a background transfer), "wait" (transfer in flight,
         finished as demand), "load" (kept in the fast tier), "stream" (loaded, used once) or
         "cpu"."""
@@ -282,7 +284,7 @@ class Scheduler:
         c, res, now = self.config, self.result, self.now
         for l, e in self.link.advance(now):
             self.ready[l, e] = True
-        need = [int(e) for e in experts]
+        need = sorted({int(e) for e in experts})   # order-free: same decisions for any order
         bg = self._background(layer, set(need), step) if c.background else []
         hows: dict[int, str] = {}
         inflight, missing = [], []

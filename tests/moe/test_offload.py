@@ -13,31 +13,6 @@ from kvkit.moe.offload import OffloadConfig, offload
 transformers = pytest.importorskip("transformers")
 
 
-def _mixtral():
-    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
-                                     num_hidden_layers=3, num_attention_heads=4,
-                                     num_key_value_heads=2, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=128)
-    return transformers.MixtralForCausalLM(cfg)
-
-
-def _qwen2_moe():
-    cfg = transformers.Qwen2MoeConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
-                                      moe_intermediate_size=48, shared_expert_intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
-                                      max_position_embeddings=128)
-    return transformers.Qwen2MoeForCausalLM(cfg)
-
-
-def _olmoe():
-    cfg = transformers.OlmoeConfig(vocab_size=96, hidden_size=64, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=4, num_experts=8, num_experts_per_tok=3,
-                                   max_position_embeddings=128)
-    return transformers.OlmoeForCausalLM(cfg)
-
-
 def _pair(build, eager: bool = True):
     """The model and an offloadable copy. Offloaded experts run transformers' eager loop, so
     the reference uses it too (bitwise); the default grouped_mm differs by float rounding."""
@@ -48,19 +23,19 @@ def _pair(build, eager: bool = True):
     return ref, copy.deepcopy(ref)
 
 
-@pytest.mark.parametrize("build", [_mixtral, _qwen2_moe, _olmoe])
-def test_offloaded_matches_default_experts_implementation_closely(build):
-    ref, model = _pair(build, eager=False)
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
+def test_offloaded_matches_default_experts_implementation_closely(moe_builders, name):
+    ref, model = _pair(moe_builders[name], eager=False)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     with offload(model, OffloadConfig(capacity=2, slow_tier="host")), torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("build", [_mixtral, _qwen2_moe, _olmoe])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
 @pytest.mark.parametrize("policy,capacity,tier", [("lru", 2, "file"), ("lookahead", 3, "file"),
                                                   ("lookahead", 1, "host"), ("lru", 8, "host")])
-def test_offloaded_model_matches_original(build, policy, capacity, tier, tmp_path):
-    ref, model = _pair(build)
+def test_offloaded_model_matches_original(moe_builders, name, policy, capacity, tier, tmp_path):
+    ref, model = _pair(moe_builders[name])
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
     path = str(tmp_path / "experts.safetensors") if tier == "file" else None
     with offload(model, OffloadConfig(capacity=capacity, policy=policy, slow_tier=tier,
@@ -77,8 +52,8 @@ def test_offloaded_model_matches_original(build, policy, capacity, tier, tmp_pat
         assert stats["prefetch_issued"] == 0
 
 
-def test_expert_weights_leave_the_model(tmp_path):
-    ref, model = _pair(_mixtral)
+def test_expert_weights_leave_the_model(moe_builders, tmp_path):
+    ref, model = _pair(moe_builders["mixtral"])
     before = sum(p.numel() for p in model.parameters())
     handle = offload(model, OffloadConfig(capacity=2, path=str(tmp_path / "e.safetensors")))
     after = sum(p.numel() for p in model.parameters())
@@ -89,8 +64,8 @@ def test_expert_weights_leave_the_model(tmp_path):
     assert not (tmp_path / "e.safetensors").exists() or handle.path is not None
 
 
-def test_lookahead_prefetch_is_used():
-    _, model = _pair(_mixtral)
+def test_lookahead_prefetch_is_used(moe_builders):
+    _, model = _pair(moe_builders["mixtral"])
     with offload(model, OffloadConfig(capacity=4, policy="lookahead", slow_tier="host")) as h:
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=8, do_sample=False)
         s = h.stats()
@@ -112,29 +87,10 @@ def test_offload_config_errors(kwargs, match):
         OffloadConfig(**kwargs)
 
 
-def _tiny_readme():
-    readme = pytest.importorskip("kvkit.moe.readme.model")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128)
-    dense = transformers.LlamaForCausalLM(cfg).eval()
-    E, s = 4, 8
-    m = (64 - s) // E
-    perms = [torch.randperm(64) for _ in range(3)]
-    neurons = torch.stack([p[:E * m].reshape(E, m) for p in perms])
-    shared = torch.stack([p[E * m:] for p in perms])
-    moe = readme.ReadME(dense, readme.MoEConfig(num_experts=E, top_k=2, shared_neurons=s,
-                                                 router="pregate", pregate_width=16,
-                                                 layer_router_hidden=0, pregate_window=2),
-                        "tiny-llama", (neurons, shared))
-    return moe
-
-
 @pytest.mark.parametrize("policy,capacity", [("lookahead", 2), ("lru", 3), ("lookahead", 1)])
-def test_readme_model_offloaded_matches(policy, capacity):
+def test_readme_model_offloaded_matches(moe_builders, policy, capacity):
     try:
-        moe = _tiny_readme()
+        moe = moe_builders["readme"]()
     except (TypeError, AttributeError) as err:   # the Read-ME API moved under us
         pytest.skip(f"Read-ME model API changed: {err}")
     ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(2))
