@@ -31,11 +31,14 @@ def onehot(experts: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 def recall(trace: Trace, predicted: np.ndarray, start: int = 0, stop: int | None = None) -> float:
-    """Share of the experts used by tokens [start, stop) that `predicted` [T, L, k'] names."""
+    """Share of the experts used by tokens [start, stop) that `predicted` [T, L, k'] names,
+    over the (token, layer) rows with a prediction (layers < d of a d-layer-ahead predictor and
+    a request's first token under `frequency_predictions` have none)."""
     used = onehot(trace.experts[start:stop], trace.num_experts)
     pred = predicted[start:stop]
+    rows = (pred >= 0).any(-1)                                    # [T', L]
     hit = np.take_along_axis(used, np.maximum(pred, 0), -1) * (pred >= 0)
-    return float(hit.sum() / max(used.sum(), 1))
+    return float(hit[rows].sum() / max(used[rows].sum(), 1))
 
 
 def _previous_in_request(trace: Trace) -> np.ndarray:
