@@ -311,13 +311,29 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    import inspect
-
     from kvkit import policies
-    from kvkit.policies.registry import builder
-    for name in policies.names():
-        doc = (inspect.getdoc(builder(name)) or "").splitlines()[0]
-        print(f"{name:12s} {doc}")
+    from kvkit.policies.registry import describe
+    found = [describe(name) for name in policies.names()]
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0
+    width = max(len(d["name"]) for d in found) + 2
+    for d in found:
+        params = " ".join(f"{k}={json.dumps(v)}" for k, v in d["params"].items()) or "(no parameters)"
+        print(f"{d['name']:{width}s}{d['description']}\n{'':{width}s}{params}")
+    print("\nkvkit passkey --policy NAME --param KEY=VALUE runs one; `kvkit policies --json` for scripts.")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from kvkit import doctor
+    found = doctor.report()
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0
+    width = max(map(len, found)) + 2
+    for key, value in found.items():
+        print(f"{key:{width}s}{value}")
     return 0
 
 
@@ -385,7 +401,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> Parser:
+    from kvkit import __version__
     parser = Parser(prog="kvkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kvkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="passkey, memory, read and speed of a few policies against dense")
     _common(p, policy=False)
@@ -424,8 +442,12 @@ def make_parser() -> Parser:
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then vLLM server arguments")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("policies", help="list the registered policies")
+    p = sub.add_parser("policies", help="the registered policies, their parameters and defaults")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_policies)
+    p = sub.add_parser("doctor", help="versions, the model cache, and whether Triton, vLLM and a GPU are usable")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_doctor)
     from kvkit.tools.duo_train import register_cli as add_identify_heads
     add_identify_heads(sub).set_defaults(check_args=check_identify_heads)  # DuoAttention's retrieval heads
     from kvkit.tools.tune import register_cli as add_tune

@@ -42,3 +42,18 @@ def get(name: str, **params: Any) -> Policy:
     if unknown := sorted(set(params) - set(accepted)):
         raise ValueError(f"policy {name!r} does not take {unknown}; it takes {accepted}")
     return build(**params)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """`{"name", "description", "params"}` of a registered policy: the first sentence of its
+    builder's docstring, and each parameter with its default (None where it has none).
+
+    Raises:
+        ValueError: unknown name (listing the known ones).
+    """
+    build = builder(name)
+    paragraph = " ".join((inspect.getdoc(build) or "").split("\n\n")[0].split())
+    head, sep, _ = paragraph.partition(". ")
+    params = {p.name: None if p.default is inspect.Parameter.empty else p.default
+              for p in inspect.signature(build).parameters.values()}
+    return {"name": name, "description": head + ("." if sep else ""), "params": params}
