@@ -261,7 +261,13 @@ class ReplayResult:
 
     @property
     def hit_rate(self) -> float:
+        """Demand hits / accesses: an expert's first use after a prefetch is not counted."""
         return self.hits / max(self.accesses, 1)
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        """Accesses served by a prefetched expert's first use / accesses."""
+        return self.prefetch_useful / max(self.accesses, 1)
 
     @property
     def prefetch_accuracy(self) -> float:
@@ -273,7 +279,9 @@ class ReplayResult:
 
     def summary(self) -> dict[str, Any]:
         return {"policy": self.policy, "capacity": self.capacity, "scope": self.scope,
-                "hit_rate": round(self.hit_rate, 4), "hits": self.hits, "misses": self.misses,
+                "hit_rate": round(self.hit_rate, 4),
+                "prefetch_hit_rate": round(self.prefetch_hit_rate, 4),
+                "hits": self.hits, "misses": self.misses,
                 "bytes_moved": self.bytes_moved, "bytes_per_token": round(self.bytes_per_token, 1),
                 "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
                 "prefetch_accuracy": round(self.prefetch_accuracy, 4),
@@ -296,7 +304,8 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
            miss_handler: Any | None = None, record: bool = False) -> ReplayResult:
     """Replay `trace` through `policy` with the fast tier sized by `config`.
 
-    A hit is a needed expert resident when its step runs (prefetched ones included). Bytes moved
+    A hit is a needed expert resident when its step runs and not brought there by a prefetch
+    it has not used yet (that first use is a prefetch hit, `prefetch_useful`). Bytes moved
     count every full load (demand or prefetch) plus what the miss handler moved.
     `miss_handler.choose(...)` (see `kvkit.moe.miss`) is asked on each miss when given.
     `record=True` fills the per-step log used by `kvkit.moe.sim.simulate`.
@@ -442,10 +451,11 @@ def replay(trace: Trace, policy: Policy | str, config: CacheConfig,
                 if counting:
                     res.accesses += 1
                 if hit:
-                    if counting:
-                        res.hits += 1
+                    if counting:        # the first use of a prefetch is not a demand hit
                         if prefetched[k] == 2:
                             res.prefetch_useful += 1
+                        else:
+                            res.hits += 1
                     prefetched[k] = 0
                 else:
                     how, moved = "load", ebytes

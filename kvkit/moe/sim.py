@@ -246,6 +246,7 @@ def compare_policies(trace: Trace, policies: list[str], config: CacheConfig,
         rows.append({
             "policy": name, "capacity": res.capacity, "scope": res.scope,
             "hit_rate": round(res.hit_rate, 4),
+            "prefetch_hit_rate": round(res.prefetch_hit_rate, 4),
             "gap_to_belady": round(belady - res.hit_rate, 4),
             "lru_belady_gap_closed": round((res.hit_rate - lru_res.hit_rate) / gap, 3)
             if gap > 0 else None,
