@@ -76,6 +76,7 @@ def main() -> int:
         for name, (res, sim) in out.items():
             gap = bel - lru.hit_rate
             rows.append({"capacity": cap, "policy": name, "hit_rate": round(res.hit_rate, 4),
+                         "prefetch_hit_rate": round(res.prefetch_hit_rate, 4),
                          "gap_closed": round((res.hit_rate - lru.hit_rate) / gap, 3),
                          "bytes_per_token_MB": round(res.bytes_per_token / 1e6, 1),
                          "bytes_vs_lru": round(lru.bytes_moved / max(res.bytes_moved, 1), 3),
@@ -100,7 +101,8 @@ def main() -> int:
                 miss_handler=miss, record=True)
             sim = simulate(tr, res, prof, warmup_tokens=cfg.warmup_tokens)
             rows.append({"capacity": args.profile_capacity, "policy": f"[{pname}] {name}",
-                         "hit_rate": round(res.hit_rate, 4), "gap_closed": None,
+                         "hit_rate": round(res.hit_rate, 4),
+                         "prefetch_hit_rate": round(res.prefetch_hit_rate, 4), "gap_closed": None,
                          "bytes_per_token_MB": round(res.bytes_per_token / 1e6, 1),
                          "bytes_vs_lru": round(lru.bytes_moved / max(res.bytes_moved, 1), 3),
                          "prefetch_acc": round(res.prefetch_accuracy, 3),

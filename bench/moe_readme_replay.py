@@ -40,14 +40,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg = CacheConfig(cap, scope="layer", warmup_tokens=warm)
             for r in compare_policies(trace, ["lfu", "lookahead"], cfg, profile, None, record_metrics=False):
                 rows.append({"trace": name.removesuffix(".npz"), **r})
-    keep = ("trace", "capacity", "policy", "hit_rate", "gap_to_belady", "lru_belady_gap_closed",
+    keep = ("trace", "capacity", "policy", "hit_rate", "prefetch_hit_rate", "gap_to_belady", "lru_belady_gap_closed",
             "bytes_per_token", "bytes_vs_lru", "prefetch_accuracy", "ms_per_token")
     table_rows = [{k: r.get(k) for k in keep} for r in rows]
-    notes = ("\nReading the table: `hit_rate` counts an expert that `lookahead` prefetched before its layer ran as a "
-             "hit, so lookahead can pass Belady's demand-only hit rate (and 'gap closed' above 1) while moving the same "
-             "bytes as LRU (pre-gating: the predictions are exact, every prefetch is used) or about twice LRU's "
-             "(per-layer routers: 22-34% of the prefetches are never used). Its modelled time per token is above "
-             "LRU's on this profile: the model is so small that the prefetch transfers cannot hide behind compute.\n")
+    notes = ("\nReading the table: `hit_rate` counts demand hits only; the first use of an expert `lookahead` "
+             "prefetched is `prefetch_hit_rate`. Lookahead moves the same bytes as LRU with the pre-gating router "
+             "(exact predictions, every prefetch used) and more with per-layer routers (some prefetches are never "
+             "used); its modelled time per token is above LRU's on this profile: the model is so small that the "
+             "prefetch transfers cannot hide behind compute. bench/moe_sched.py ranks the online scheduler's "
+             "configurations on these traces by time.\n")
     result = {"bench": "moe_readme_replay", "command": "python " + " ".join(["bench/moe_readme_replay.py", *sys.argv[1:]]),
               "machine": machine_info(), "profile": profile.__dict__, "rows": rows}
     write_results("moe_readme_replay", result, table_rows,
