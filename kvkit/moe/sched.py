@@ -44,7 +44,8 @@ MISS = ("load", "cpu", "auto")
 KEEP = ("lru", "reuse")
 REUSE = ("request", "global")
 
-__all__ = ["SchedConfig", "Scheduler", "SchedResult", "schedule_trace", "MISS", "KEEP", "REUSE"]
+__all__ = ["SchedConfig", "Scheduler", "SchedResult", "schedule_trace", "standard_configs",
+           "compare_schedules", "MISS", "KEEP", "REUSE"]
 
 
 @dataclass(frozen=True)
@@ -506,3 +507,38 @@ def _tokens_ahead(token: int, layer: int, target_token: int, target_layer: int) 
     # hint() counts from the current token's call of target_layer if it has not run yet
     # (target_layer >= layer when the current step has not run), else from the next token's
     return target_token - token - (1 if target_layer < layer else 0)
+
+
+def standard_configs(capacity: int) -> list[tuple[str, SchedConfig]]:
+    """The rows without predictions: the two baselines, each part alone, their composition."""
+    no = dict(background=False, hints=False)
+    return [
+        ("lru (on-demand loads)", SchedConfig(capacity, miss="load", keep="lru", **no)),
+        ("all-cpu misses", SchedConfig(capacity, miss="cpu", keep="lru", **no)),
+        ("cpu misses + keep by reuse", SchedConfig(capacity, **no)),
+        ("warm cache, loads only", SchedConfig(capacity, miss="load", hints=False)),
+        ("hybrid: cpu misses + warm cache", SchedConfig(capacity, hints=False)),
+        ("hybrid, global frequency", SchedConfig(capacity, reuse="global", hints=False)),
+    ]
+
+
+def compare_schedules(variants: list[tuple[str, Trace, SchedConfig]], profile: HardwareProfile,
+                      warmup_tokens: int = 0, hidden_size: int = 2048) -> list[dict[str, Any]]:
+    """Run each (label, trace, config) and return one row each, fastest first: modelled time and
+    stall per token, demand hit rate, prefetch hit rate, share of expert work per tier, bytes
+    moved (all and in the background) and the background transfers' accuracy."""
+    rows = []
+    for label, trace, cfg in variants:
+        s = schedule_trace(trace, cfg, profile, warmup_tokens, hidden_size)[0].summary()
+        acc = s["background_accuracy"]
+        rows.append({"config": label, "scheduler": cfg.label(), "capacity": cfg.capacity,
+                     "ms_per_token": round(s["ms_per_token"], 4),
+                     "stall_ms_per_token": round(s["stall_ms_per_token"], 4),
+                     "hit_rate": round(s["hit_rate"], 4),
+                     "prefetch_hit_rate": round(s["prefetch_hit_rate"], 4),
+                     "fast_share": round(s["fast_share"], 4), "cpu_share": round(s["cpu_share"], 4),
+                     "MB_per_token": round(s["bytes_per_token"] / 1e6, 3),
+                     "background_MB_per_token": round(s["background_bytes_per_token"] / 1e6, 3),
+                     "background_accuracy": None if acc is None else round(acc, 3),
+                     "hint_confidence": cfg.hint_confidence if cfg.hints else None})
+    return sorted(rows, key=lambda r: r["ms_per_token"])
