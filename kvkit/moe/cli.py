@@ -1,4 +1,5 @@
-"""`kvkit moe replay` and `kvkit moe sim`: score expert-cache policies on a trace.
+"""`kvkit moe replay` and `kvkit moe sim`: score expert-cache policies on a trace;
+`kvkit moe schedule`: rank the online scheduler's configurations (kvkit.moe.sched) by time.
 
 Mounted by `kvkit.cli` through `register_cli(subparsers)`; each subcommand sets
 `func(args) -> int`. Prints a markdown table, and JSON with `--json PATH` (or `--json -`).
@@ -166,6 +167,40 @@ def _sim(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    from kvkit.moe.predict import recall
+    from kvkit.moe.sched import SchedConfig, compare_schedules, standard_configs
+    from kvkit.moe.sim import get_profile
+    from kvkit.moe.trace import load_trace
+
+    try:
+        trace = load_trace(Path(args.trace))
+        cap = args.capacity or max(1, trace.num_experts // 4)
+        warm = args.warmup_tokens if args.warmup_tokens is not None else trace.num_tokens // 2
+        profile = get_profile(args.profile)
+        variants = [(label, trace, cfg) for label, cfg in standard_configs(cap)]
+        if trace.predicted is not None:
+            # confidence from the warm-up tokens only: the counted ones stay unseen
+            conf = recall(trace, trace.predicted, 0, warm) if warm else 1.0
+            variants.append(("hybrid + hints: trace predictions", trace,
+                             SchedConfig(cap, hint_confidence=round(conf, 4))))
+        rows = compare_schedules(variants, profile, warm, args.hidden_size)
+    except (FileNotFoundError, ValueError) as err:  # TraceError is a ValueError
+        raise UsageError(str(err)) from err
+    print(f"{args.trace}: {trace.num_tokens} tokens ({warm} warm-up) x {trace.num_layers} layers, "
+          f"{trace.num_experts} experts top-{trace.top_k}, {cap} cached per layer; "
+          f"profile {profile.name}, modelled; fastest first")
+    print(_table(rows))
+    if args.json:
+        text = json.dumps({"command": " ".join(sys.argv), "trace": str(args.trace),
+                           "profile": profile.__dict__, "rows": rows}, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            args.json.write_text(text + "\n")
+    return 0
+
+
 def register_cli(subparsers: Any) -> None:
     """Add `replay` and `sim` to an argparse subparsers object (mounted as `kvkit moe ...`)."""
     p = subparsers.add_parser("replay", help="replay a routing trace through cache policies",
@@ -189,6 +224,22 @@ def register_cli(subparsers: Any) -> None:
     s.add_argument("--skip-calibration-check", action="store_true")
     _common(s)
     s.set_defaults(func=_sim)
+    d = subparsers.add_parser("schedule", help="rank the online scheduler's configurations",
+                              description="Run an .npz trace through kvkit.moe.sched: LRU with "
+                                          "on-demand loads, all-CPU misses, each part alone and "
+                                          "their compositions, ranked by modelled time per "
+                                          "token (hit_rate counts demand hits only).")
+    d.add_argument("trace", help="trace file (.npz)")
+    d.add_argument("--capacity", type=positive_int, default=None,
+                   help="fast-tier experts per layer (default: a quarter of the experts)")
+    d.add_argument("--profile", default="a100-pcie4",
+                   help="hardware profile: a100-pcie4, h100-pcie5, rtx4090-pcie4")
+    d.add_argument("--warmup-tokens", type=nonneg_int, default=None,
+                   help="tokens run before counting (default: half of the trace)")
+    d.add_argument("--hidden-size", type=positive_int, default=2048,
+                   help="model hidden size: activations shipped for a CPU miss")
+    d.add_argument("--json", type=_json_out, default=None, help="write JSON here ('-' for stdout)")
+    d.set_defaults(func=_schedule)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,3 +57,24 @@ def test_sim_checks_calibration_first(capsys):
         assert "calibration ok" in out.out and "| lru |" in out.out
     else:   # a short trace may miss the curves: then it must refuse to report numbers
         assert rc == 3 and "no simulated numbers" in out.err
+
+
+def test_schedule_ranks_configurations_by_time(tmp_path, capsys):
+    from kvkit.moe.synth import noisy_oracle_predictions
+
+    trace = noisy_oracle_predictions(simple_trace(tokens=80, num_experts=12, top_k=2,
+                                                  expert_bytes=10**6), 0.9, 0)
+    path = save_trace(tmp_path / "t.npz", trace)
+    out = tmp_path / "s.json"
+    assert main(["schedule", str(path), "--json", str(out)]) == 0
+    assert "| config |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    times = [r["ms_per_token"] for r in rows]
+    assert times == sorted(times) and rows[0]["capacity"] == 3
+    assert {"lru (on-demand loads)", "all-cpu misses",
+            "hybrid + hints: trace predictions"} <= {r["config"] for r in rows}
+
+
+def test_schedule_bad_trace_is_a_usage_error(tmp_path, capsys):
+    assert main(["schedule", str(tmp_path / "missing.npz")]) == 2
+    assert "no trace at" in capsys.readouterr().err
