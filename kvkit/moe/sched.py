@@ -222,7 +222,8 @@ class Scheduler:
         self.link = _Link(c.chunk_bytes / profile.link_bytes_per_s)
         self.resident = np.zeros((L, E), dtype=bool)
         self.ready = np.zeros((L, E), dtype=bool)
-        self.fresh = np.zeros((L, E), dtype=bool)       # brought in the background, unused
+        # brought in the background and not used yet: 1 issued in warm-up, 2 issued counting
+        self.fresh = np.zeros((L, E), dtype=np.int8)
         self.last_use = np.full((L, E), -1.0)
         self.rate = 1.0 - 0.5 ** (1.0 / c.reuse_half_life)
         self.glob_rate = 1.0 - 0.5 ** (1.0 / c.global_half_life)
@@ -337,8 +338,8 @@ class Scheduler:
             res.stall_seconds += end - now - fast_work
         for e in need:
             if hows[e] in ("prefetch", "wait") and self.fresh[layer, e]:
-                self.fresh[layer, e] = False
-                res.background_used += counting
+                res.background_used += counting and self.fresh[layer, e] == 2
+                self.fresh[layer, e] = 0
         for target in [t for t in self.pending[layer] if t <= step]:
             del self.pending[layer][target]
         self.last_step_s = end - now
@@ -385,7 +386,8 @@ class Scheduler:
         return int(np.argmin(np.where(cand, values, np.inf)))
 
     def _evict(self, layer: int, e: int) -> None:
-        self.resident[layer, e] = self.ready[layer, e] = self.fresh[layer, e] = False
+        self.resident[layer, e] = self.ready[layer, e] = False
+        self.fresh[layer, e] = 0
 
     def _admit(self, layer: int, e: int, protect: set[int]) -> int:
         """Keep a demand-loaded expert if it is worth at least its victim; returns the victim,
@@ -421,7 +423,8 @@ class Scheduler:
             e, victim = int(best_e[l]), int(victims[l])
             if victim >= 0:
                 self._evict(l, victim)
-            self.resident[l, e], self.fresh[l, e] = True, True
+            self.resident[l, e] = True
+            self.fresh[l, e] = 2 if self.token >= self.warm_token else 1
             self.link.queue.append([l, e, self.load_s, self.load_s])
             backlog += self.load_s
             started.append((l, e, victim))

@@ -43,6 +43,8 @@ def test_hit_rate_counts_demand_hits_only():
     assert served == res.accesses
     assert res.hit_rate == pytest.approx(res.demand_hits / res.accesses)
     assert res.summary()["prefetch_hit_rate"] == pytest.approx(res.prefetch_hits / res.accesses)
+    warm, _ = schedule_trace(trace, SchedConfig(3, miss="load"), A100, warmup_tokens=75)
+    assert 0 < warm.background_used <= warm.background_issued   # warm-up issues not counted
 
 
 def test_demand_load_waits_at_most_one_chunk_behind_a_background_transfer():
