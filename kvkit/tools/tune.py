@@ -12,7 +12,8 @@ tokens of one sequence. The search space is per layer and per KV head:
 
 `tune_measure` measures the loss of every such choice (relative change of the residual stream at
 scored positions of the calibration text and of synthetic passkey prompts, so heads that carry
-retrieval are seen) and the bytes of each codec's page in a real store; `tune_alloc` picks the
+retrieval are seen), scaled per layer to the end-to-end KL one forward per layer measures, and
+what each choice costs a KV head in a real store; `tune_alloc` picks the
 least-loss combination under the budget (a multiple-choice knapsack by Lagrangian relaxation and
 a greedy fill). The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
 per-(layer, head) eviction rules, the page size) with `model_shape` set, so `Policy.from_file`
@@ -44,7 +45,7 @@ from kvkit.policies.codecs.quant import Int8Codec
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.roles import Codec
 from kvkit.tools.tune_alloc import Allocation, allocate
-from kvkit.tools.tune_measure import dense_bytes, head_bytes, sensitivities
+from kvkit.tools.tune_measure import dense_bytes, head_bytes, layer_bytes, layer_gains, sensitivities
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,14 @@ class Measurement:
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
             page_size: int = 32, sink: int = 16, windows: Sequence[int] = WINDOWS,
             codecs: Sequence[str] = tuple(CODECS), passkey_weight: float = 1.0,
-            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, progress: bool = True) -> Measurement:
+            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, gain_tokens: int = 512,
+            progress: bool = True) -> Measurement:
     """Measure the loss of every (layer, codec, window, KV head) and each codec's bytes per page.
 
     text: calibration text (default `calibration_text()`); its last `calib_tokens` tokens are read
     and the last `scored` positions scored. Passkey prompts of `calib_tokens` tokens, one per
-    depth, are scored on their answer and weigh `passkey_weight` against the text.
+    depth, are scored on their answer and weigh `passkey_weight` against the text. The losses are
+    then scaled per layer to nats of KL (`layer_gains` on the text's last `gain_tokens` tokens).
 
     Raises:
         ValueError: an unknown codec, bad windows, a text shorter than `calib_tokens`, or
@@ -143,8 +146,12 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     chosen = [CODECS[c] for c in codecs]
     wins: list[int | None] = [None, *sorted(set(windows))]
     loss = sensitivities(model, seqs, chosen, wins, sink, page_size, progress)  # [L, C, W, H]
+    gain_ids = seqs[0][0][:, -min(gain_tokens, calib_tokens):]
+    gains = layer_gains(model, gain_ids, min(64, gain_ids.shape[1] // 4), sink, wins[1], progress)  # [L]
+    loss = loss * gains[:, None, None, None]  # residual energy -> nats of KL, per layer
     info = {"calib_tokens": calib_tokens, "scored": scored, "passkey_depths": list(passkey_depths),
-            "passkey_weight": passkey_weight, "measure_seconds": round(time.perf_counter() - start, 1),
+            "passkey_weight": passkey_weight, "gain_tokens": gain_tokens,
+            "layer_gains": [round(g, 3) for g in gains.tolist()], "measure_seconds": round(time.perf_counter() - start, 1),
             "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
     return Measurement(loss=loss, codecs=list(codecs), windows=wins, shape=(L, H, D),
                        page_size=page_size, sink=sink, info=info)
@@ -170,7 +177,14 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64) -> 
     L, H, D = m.shape
     cost = costs(m, ctx, decode)  # [C, W]
     dense = dense_bytes(L, H, D, ctx + decode)
-    alloc = allocate(m.loss, cost, budget * dense)
+    target = budget * dense
+    for _ in range(4):  # the cost table adds heads; a layer's pool is shared: check with real stores
+        alloc = allocate(m.loss, cost, target)
+        real = sum(layer_bytes(CODECS[m.codecs[c]], [m.windows[w] for w in alloc.window[i]], m.sink, ctx, D,
+                               m.page_size, decode) for i, c in enumerate(alloc.codec))
+        if real <= budget * dense:
+            break
+        target *= budget * dense / real * 0.99
     policy = build_policy(alloc, m.codecs, m.windows, m.sink, m.page_size, (L, H))
     layers = [{"layer": i, "codec": m.codecs[alloc.codec[i]],
                "windows": [m.windows[w] for w in alloc.window[i]],
@@ -178,7 +192,7 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64) -> 
                "loss": float(sum(m.loss[i, alloc.codec[i], w, h] for h, w in enumerate(alloc.window[i])))}
               for i in range(L)]
     report = {"budget": budget, "ctx": ctx, "decode": decode, "dense_bf16_bytes": dense,
-              "predicted_bytes": alloc.nbytes, "predicted_fraction": alloc.nbytes / dense,
+              "predicted_bytes": real, "predicted_fraction": real / dense,
               "predicted_loss": alloc.loss, "page_size": m.page_size, "sink": m.sink, "windows": m.windows,
               "head_bytes": {c: dict(zip(map(str, m.windows), cost[i].tolist())) for i, c in enumerate(m.codecs)},
               **m.info, "layers": layers}

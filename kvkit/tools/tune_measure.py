@@ -12,6 +12,9 @@ per layer, without another forward:
   the residual stream, `|| W_o[:, head] (out - out_dense) ||^2`, summed over scored positions and
   divided by the energy of the residual stream entering the layer there. It is a first-order,
   per-part sensitivity: the allocator adds it over parts (interactions are not measured).
+- `layer_gains` turns that unit into nats: one forward per layer with all its heads streaming
+  measures the end-to-end KL from dense, divided by the residual-energy loss of the same change
+  (layers differ by two orders of magnitude in how much of a change reaches the logits).
 
 Bytes come from real allocations: a one-layer store of each (codec, window) run through a
 prefill and decode steps as `KVKitCache` runs them gives what a KV head costs; a bf16 dense store
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvkit.policies.roles import Codec
@@ -59,6 +63,11 @@ def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """transformers attention function: SDPA, keeping this layer's q tail, k and v."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    perturb = getattr(_local, "perturb", None)
+    if perturb is not None and perturb[0] == module.layer_idx:
+        keep, scale = perturb[1], scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
     sink = getattr(_local, "sink", None)
     if sink is not None:
         n = _local.scored
@@ -110,6 +119,49 @@ def capture(model: Any, ids: torch.Tensor, scored: int) -> list[LayerCapture]:
         resid = hidden[i][0, -scored:].float().pow(2).sum()
         layers.append(LayerCapture(q=q, k=k, v=v, scaling=scale, resid=resid))
     return layers
+
+
+def streaming_mask(T: int, scored: int, sink: int, window: int) -> torch.Tensor:
+    """`[T, T]` bool: causal everywhere, and for the last `scored` queries only the keys a
+    streaming head keeps (`window_masks`): what a layer reads when all its heads stream."""
+    keep = torch.ones(T, T, dtype=torch.bool).tril()
+    keep[T - scored:] = window_masks(T, scored, sink, [window])[0]
+    return keep
+
+
+@torch.inference_mode()
+def layer_gains(model: Any, ids: torch.Tensor, scored: int, sink: int, window: int,
+                progress: bool = True) -> torch.Tensor:
+    """`[L]` nats of end-to-end KL per unit of the residual-energy loss `layer_losses` measures.
+
+    For each layer, every head of that layer alone streams (`sink`, `window`) at the last `scored`
+    positions of `ids` `[1, T]`; the KL from dense of the next-token distributions there, summed
+    over positions, is divided by the loss `layer_losses` gives the same change. One forward per
+    layer plus one dense: the only place the tuner looks past a layer's own output.
+    """
+    from kvkit.policies.codecs.plain import PlainCodec
+
+    T = ids.shape[1]
+    caps = capture(model, ids, scored)
+    dense = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)  # [N, V]
+    layers = model.model.layers
+    keep = streaming_mask(T, scored, sink, window)
+    gains = torch.empty(len(layers))
+    before = model.config._attn_implementation
+    _register()
+    model.set_attn_implementation(ATTN_NAME)
+    try:
+        for i in tqdm(range(len(layers)), desc="tune: layer gains", disable=not progress):
+            _local.perturb = (i, keep)
+            logp = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)
+            kl = float((dense.exp() * (dense - logp)).sum())
+            proxy = float(layer_losses(caps[i], layers[i].self_attn.o_proj.weight, [PlainCodec("fp32")],
+                                       [None, window], sink, page_size=16)[0, 1].sum())
+            gains[i] = kl / max(proxy, 1e-12)
+    finally:
+        _local.perturb = None
+        model.set_attn_implementation(before)
+    return gains
 
 
 def roundtrip(codec: Codec, k: torch.Tensor, v: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,32 +246,39 @@ def sensitivities(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float
     return total
 
 
-def head_bytes(codec: Codec, window: int | None, sink: int, ctx: int, num_kv_heads: int, head_dim: int,
-               page_size: int, decode: int = 64, prefill_chunk: int = 512) -> float:
-    """Bytes one KV head costs in a real one-layer store of `codec` where every head keeps all
-    (`window` None) or streams: `ctx` tokens prefilled as `KVKitCache` does for an evicting policy
-    (chunks of `prefill_chunk`, eviction after each, then `compact`), then `decode` tokens one at a
-    time with eviction after each. The store's own rules decide what that allocates: pool growth
-    steps, pages a compressed layer cannot give back, staging rows."""
-    from kvkit.policies.base import Policy
+def layer_bytes(codec: Codec, windows: Sequence[int | None], sink: int, ctx: int, head_dim: int,
+                page_size: int, decode: int = 64, prefill_chunk: int = 512) -> int:
+    """Bytes of a real one-layer store of `codec` whose KV head h keeps all (`windows[h]` None)
+    or streams with that window: `ctx` tokens prefilled as `KVKitCache` does for an evicting
+    policy (chunks of `prefill_chunk`, eviction after each, then `compact`), then `decode` tokens
+    one at a time with eviction after each. The store's own rules decide what that allocates:
+    pool growth steps, pages a compressed layer cannot give back, staging rows."""
+    from kvkit.policies.base import Policy, Rule
     from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 
-    evictor = SinkWindowEvictor(sink=sink, window=window) if window is not None else None
-    policy = Policy(codec=codec, **({"evictor": evictor} if evictor else {}), page_size=page_size)
-    store = policy.make_store(1, num_kv_heads, head_dim, dtype=torch.float32)
+    H = len(windows)
+    rules = tuple(Rule(heads=(h,), evictor=SinkWindowEvictor(sink=sink, window=w))
+                  for h, w in enumerate(windows) if w is not None)
+    policy = Policy(codec=codec, rules=rules, page_size=page_size)
+    store = policy.make_store(1, H, head_dim, dtype=torch.float32)
     seq = store.add_sequence()
     g = torch.Generator().manual_seed(0)
-    for start in range(0, ctx, prefill_chunk):
-        n = min(prefill_chunk, ctx - start)
-        store.append(seq, 0, torch.randn(n, num_kv_heads, head_dim, generator=g),
-                     torch.randn(n, num_kv_heads, head_dim, generator=g))
+    evicts = bool(rules)
+    for start in range(0, ctx, prefill_chunk if evicts else ctx):
+        n = min(prefill_chunk if evicts else ctx, ctx - start)
+        store.append(seq, 0, torch.randn(n, H, head_dim, generator=g), torch.randn(n, H, head_dim, generator=g))
         policy.evict(store, [seq], 0, None)
     store.compact([0])
     for _ in range(decode):
-        store.append_step([seq], 0, torch.randn(1, num_kv_heads, head_dim, generator=g),
-                          torch.randn(1, num_kv_heads, head_dim, generator=g))
+        store.append_step([seq], 0, torch.randn(1, H, head_dim, generator=g), torch.randn(1, H, head_dim, generator=g))
         policy.evict(store, [seq], 0, None)
-    return store.nbytes() / num_kv_heads
+    return store.nbytes()
+
+
+def head_bytes(codec: Codec, window: int | None, sink: int, ctx: int, num_kv_heads: int, head_dim: int,
+               page_size: int, decode: int = 64) -> float:
+    """Bytes one KV head costs when every head of a layer makes the same choice (`layer_bytes`)."""
+    return layer_bytes(codec, [window] * num_kv_heads, sink, ctx, head_dim, page_size, decode) / num_kv_heads
 
 
 def dense_bytes(num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, page_size: int = 16) -> int:
