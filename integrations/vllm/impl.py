@@ -11,7 +11,7 @@ block tables; score-evicting layers on the compacted ones, then add their attent
 block to the worker's eviction state (eviction.py). Prefill rows take the stock kernel.
 
 Sub-pages: the CPU kernel takes blocks of 32 tokens or more, and Quest's bound is loose on big
-pages (bench/results/quest_page_size.md: 8-token pages keep every needle, 16 and 32 lose some).
+pages (what that costs on the embedded model: bench/results/quest_page_size.md).
 So the boxes are kept per sub-page of `policy.page_size` tokens (8 for `quest`, and 8 for a
 policy that names none, such as `lserve`: `layers.sub_page_size`) and a block is scored by its
 best sub-page — still an upper bound of q·k over the block, and a tighter one. The block is what

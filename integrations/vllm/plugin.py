@@ -82,7 +82,7 @@ def check_supported(policy: Policy) -> None:
     the same selector), the `sink_window` evictor (`streaming`, DuoAttention: its blocks are freed in
     layers where every KV head streams, see streaming.py), the `h2o`/`a2sf` evictors on every
     layer and head with the full selector (whole blocks, through kvkit's KV connector: see
-    eviction.py), the plain codec. kvkit codecs are a later step of issue 6.
+    eviction.py), the plain codec. kvkit's codecs do not run in vLLM yet (NOTES.md beside this file).
     """
     for comp in policy.components():
         kind = type(comp)

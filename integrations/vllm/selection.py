@@ -116,7 +116,7 @@ def choose_afresh(chosen_at: dict[str, int], req_ids: list[str], lengths: list[i
     that was preempted and recomputed), as `LServeSelector` decides; and, when any row's choice
     is that old, every row whose choice is a step old or more. The batch then chooses together
     (one scoring call per layer every `reuse_steps` steps, not a few rows on most steps, which
-    costs ~2x on this CPU) and no choice serves more than `reuse_steps` steps.
+    costs more: a scoring call's fixed cost is paid on every step) and no choice serves more than `reuse_steps` steps.
 
     A row whose pages all fit its budget (`fits`) reads them all and keeps nothing. Updates
     `chosen_at` (request id -> length at its last choice) and forgets requests that left the

@@ -1,10 +1,10 @@
 """Synthetic routing traces calibrated to published real routing, and the statistics that
 check them.
 
-Real traces of big MoE models are not on this machine, so the simulator runs on synthetic ones
+Real traces of big MoE models do not ship with kvkit, so the simulator runs on synthetic ones
 whose statistics are fitted to published measurements of DeepSeek-V2-Lite-Chat (64 experts,
-top-6, 26 MoE layers; "Not All Models Suit Expert Offloading", arXiv:2505.16056, and the
-kvkit issue 8 calibration table, `CALIBRATION`). No simulated number is reported before
+top-6, 26 MoE layers; "Not All Models Suit Expert Offloading", arXiv:2505.16056), gathered in
+`CALIBRATION`. No simulated number is reported before
 `check_calibration()` reproduces the LRU and Belady hit-rate curves within 3 points.
 
 Generative model (per token t of request r; L layers, E experts, C latent token types):
@@ -33,7 +33,7 @@ import numpy as np
 from kvkit.moe.cache import CacheConfig, replay
 from kvkit.moe.trace import Trace
 
-# DeepSeek-V2-Lite-Chat, per-layer cache, warm (issue 8, "Calibration facts").
+# DeepSeek-V2-Lite-Chat, per-layer cache, warm: the published hit rates the synthetic traces must reproduce.
 CALIBRATION: dict[str, Any] = {
     "model": "DeepSeek-V2-Lite-Chat", "num_experts": 64, "top_k": 6, "num_layers": 26,
     "lru": {8: 0.32, 16: 0.48, 32: 0.72},

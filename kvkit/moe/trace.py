@@ -1,7 +1,7 @@
 """Routing traces: which experts each token used in each MoE layer, in arrival order.
 
 A trace is what every other part of `kvkit.moe` consumes: the cache policies replay it, the
-simulator prices it, batching regroups its requests. The Read-ME model (issue 7) writes traces
+simulator prices it, batching regroups its requests. The Read-ME model (`kvkit.moe.readme`) writes traces
 with `save_trace`; so can any other MoE model or an external tool via the CSV loader.
 
 File format (`.npz`, written by `np.savez_compressed`, read with `allow_pickle=False`):

@@ -2,15 +2,18 @@
 pages are stored (Codec), composed per layer and head in a `Policy` and found by name here.
 
     >>> from kvkit import policies
-    >>> policies.names()
-    ['dense', 'int8', 'streaming']
     >>> policy = policies.get("streaming", sink=4, window=256)
+    >>> "quest" in policies.names()
+    True
+
+`names()` lists every registered policy (each built-in module below registers its own on
+import); `describe(name)` and `kvkit policies` give each one's parameters and defaults.
 """
 
 from __future__ import annotations
 
 from kvkit.policies.base import Codec, Evictor, Policy, Rule, Selector, component
-from kvkit.policies.registry import get, names, register
+from kvkit.policies.registry import describe, get, names, register
 
 # Every built-in module registers its components and policies on import, so names() is complete.
 from kvkit.policies import builtin  # noqa: E402,F401  (dense, streaming, int8)
@@ -27,5 +30,5 @@ from kvkit.policies import duo as _duo  # noqa: E402,F401  (duo: DuoAttention he
 from kvkit.policies.codecs import gear as _gear  # noqa: E402,F401  (gear, kivi)
 from kvkit.policies.codecs import cskv as _cskv  # noqa: E402,F401  (cskv)
 
-__all__ = ["Policy", "Rule", "Selector", "Evictor", "Codec", "component", "register", "get", "names",
+__all__ = ["Policy", "Rule", "Selector", "Evictor", "Codec", "component", "register", "get", "names", "describe",
            "FullSelector", "NoEvictor", "SinkWindowEvictor", "PlainCodec", "Int8Codec"]

@@ -1,8 +1,8 @@
 """Calibration of CSKV's low-rank channel bases on a model's own activations.
 
 CSKV (arXiv:2409.10593) caches keys and values in a low-rank channel space. Projecting onto the
-singular vectors of the K/V projection *weights* is catastrophic on SmolLM2 (issue 4 measured
-x174 perplexity at 75% of channels), so the bases here come from activations: the model runs on
+singular vectors of the K/V projection *weights* loses far more on SmolLM2 (bench/results/NOTES.md,
+"CSKV"), so the bases here come from activations: the model runs on
 text *other than* the evaluation text (Python standard-library sources by default) and, per
 layer and KV head, we keep
 

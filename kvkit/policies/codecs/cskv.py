@@ -4,15 +4,14 @@ arXiv:2409.10593.
 Per layer and KV head, an encoder `E [r, D]` maps a token's key (value) to `r` coefficients
 `c = E (x - mean)`; reading reconstructs `x_hat = mean + D c` with a decoder `D [D, r]`. The
 bases come from calibration on activations (`kvkit.tools.calibrate_cskv`), not from the
-projection weights' singular vectors, which the issue measured as catastrophic on SmolLM2:
+projection weights' singular vectors, which lose far more on SmolLM2 (bench/results/NOTES.md):
 keys are fitted in the metric of the queries that read them (so the attention logits are
 kept), values in the metric of `o_proj` (so the layer output is kept). RoPE is applied before
 caching in kvkit, so keys are calibrated and compressed *after* RoPE.
 
 The most recent `window` tokens of each (sequence, KV head) stay full size (fp16) in a staging
 buffer, CSKV's full-size window; so do the pages holding the first `sink` tokens (attention
-sinks: atypical, heavily attended values that a calibrated basis reconstructs worst — on
-SmolLM2 they carried a third of the attention-output error at 75% of channels); older pages
+sinks: atypical, heavily attended values that a calibrated basis reconstructs worst); older pages
 hold only `r`-dim fp16 coefficients. The rank is
 chosen per layer (one for keys, one for values) by the `cskv` builder: a share of the
 channels, spread over layers by calibrated energy, or the smallest rank reaching an energy

@@ -39,10 +39,7 @@ class TidalSelector(Selector):
     of each query head's q·k logits in the selection layer and masks each head to its own in
     the layers after; here a KV head's pages serve all its query heads, so the choice is one
     token set per KV head (`shared=False`) or one for the layer (`shared=True`, the default).
-    On SmolLM2 it misses one of 12 passkey depths at 4.6K and 7.2K tokens (one digit wrong, at
-    1/8 and 1/4 of the context; bench/results/selection_quality.md). On that sample neither
-    `shared` setting, nor ranking tokens by the group's max probability or by each query head's
-    best rank, finds the needle at 1/4 (a one-off check, not kept in bench/).
+    What it keeps on the embedded model: bench/results/selection_quality.md and NOTES.md there.
     Limits: a selection layer costs a full read (2 of 30 layers by default); the reuse assumes
     the layers between attend like the selection layer.
     """
