@@ -5,8 +5,8 @@ then float32 attention; at one query per head its per-op overhead and the float3
 every gathered key cost more than the attention itself. This path takes the pool tensors of a
 plain (dense) storage directly, gathers the selected pages with one `index_select` per K and V,
 and attends in the pool's dtype (`_attend`: SDPA for bf16, matmul-softmax for float32, the
-faster of the two for each on this CPU). `kvkit.attention.decode` runs it for plain pages on the
-CPU. It is tested against `kvkit.attention.ref.sparse_decode_ref`.
+faster of the two in bench/results/speed*.md). `kvkit.attention.decode` runs it for plain
+pages on the CPU. It is tested against `kvkit.attention.ref.sparse_decode_ref`.
 
 Shapes: B sequences, Hq/Hkv query/KV heads, G = Hq // Hkv, P pages per list, S page_size,
 D head_dim, N pages in the pool, T tokens per list.
