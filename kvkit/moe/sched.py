@@ -32,7 +32,7 @@ Limits: one token per step in the trace driver; low-bit copies are not among the
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
