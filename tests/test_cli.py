@@ -188,3 +188,28 @@ def test_a_bug_is_not_passed_off_as_bad_input(monkeypatch, capsys):
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(TypeError, match="unsupported operand"):
         cli.main(["policies"])
+
+
+def test_demo_json_and_plot(tiny_model, tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    assert cli.main(["demo", "--model", tiny_model, "--ctx", "300", "--samples", "1", "--policies",
+                     "streaming,lserve", "--window", "64", "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in out["rows"]] == ["dense", "streaming 64", "lserve 37"]
+    assert out["dtype"] == "bfloat16"
+    assert all(r["kv_bytes"] > 0 and r["read_bytes_per_token"] > 0 for r in out["rows"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_refuses_bad_arguments_in_one_line(tiny_model, tmp_path, capsys, monkeypatch):
+    assert cli.main(["demo", "--model", tiny_model, "--ctx", "300", "--policies", "dense,qeust"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown policy 'qeust'" in err
+    assert cli.main(["demo", "--model", tiny_model, "--ctx", "300", "--policies", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--plot", str(tmp_path / "no" / "such" / "x.png")])
+    assert "no folder" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if kvkit[plot] were not installed
+    assert cli.main(["demo", "--model", tiny_model, "--ctx", "300", "--plot", str(tmp_path / "x.png")]) == 1
+    assert "pip install 'kvkit[plot]'" in capsys.readouterr().err
