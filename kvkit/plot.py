@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from kvkit.demo import DemoRow
 
 INSTALL_HINT = "drawing needs matplotlib: pip install 'kvkit[plot]'"
+FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0)  # ticks of the bytes-vs-dense axes
 
 
 def require():
@@ -63,6 +64,8 @@ def _scatter(ax, points: Sequence[Point], y: str, ylabel: str, xlabel: str, lege
                 ax.annotate(p.note, (p.bytes_vs_dense, getattr(p, y)), textcoords="offset points",
                             xytext=(3, -10), fontsize=6, alpha=0.8)
     ax.set_xscale("log")
+    ax.set_xticks(FRACTIONS, [f"1/{round(1 / f)}" if f < 1 else f"{f:g}" for f in FRACTIONS])
+    ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
