@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if not pts:
             continue
         xs, ys, keys = zip(*pts)
-        ax.plot(xs, ys, marker=marker, label=method)
+        ax.plot(xs, ys, marker=marker, label=method, ls="" if method == "single" else "-")  # singles differ in kind
         for x, y, k in pts:
             ax.annotate(k, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for b in doc["budgets"]:

@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     records.append({"budget": None, "method": "dense", "config": "dense (fp32 pages)", **dense})
     write(args, records, kept, dropped, m)
     for budget in args.budgets:
-        tuned = choose(m, budget, args.ctx)
-        runs = [("tuned", "tuned", tuned.policy, tuned.report["predicted_fraction"])]
+        try:
+            tuned = choose(m, budget, args.ctx)
+            runs = [("tuned", "tuned", tuned.policy, tuned.report["predicted_fraction"])]
+        except ValueError as e:  # below the cheapest choice the tuner offers
+            records.append({"budget": budget, "method": "tuned", "config": f"infeasible: {e}"})
+            runs = []
         for kind, label, alloc in baselines(m, budget, args.ctx):
             policy = build_policy(alloc, m.codecs, m.windows, m.sink, m.page_size, m.shape[:2], name=kind)
             runs.append((kind, label, policy, alloc.nbytes / dense_bytes(*m.shape, args.ctx + 64)))
