@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ from kvkit.policies.roles import Codec
 from kvkit.tools.tune_alloc import Allocation, allocate
 from kvkit.tools.tune_measure import dense_bytes, head_bytes, layer_bytes, layer_gains, sensitivities
 
-logger = logging.getLogger(__name__)
 
 CODECS: dict[str, Codec] = {
     "bf16": PlainCodec("bf16"),
