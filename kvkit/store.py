@@ -21,6 +21,7 @@ P pages in a list, B sequences.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import warnings
@@ -125,11 +126,17 @@ class Selection:
         of its listed pages, in list order (every listed page but the last is full). Selectors
         set it when the store says so (`PagedKVStore.prefix_lengths`), and decode then needs
         no per-slot positions; None: the slots' positions decide.
+    run: optional (first page, row stride, m): every row's list starts with m pages of
+        consecutive ids, row r's at `first + r * stride` (rows sequence-major, then head), so
+        decode reads them as one strided view of the pool, without a copy (`shared_run`).
+
+    A Selection may be shared by several layers (`PagedKVStore.read_all`): treat it as read-only.
     """
 
     pages: torch.Tensor
     slot_mask: torch.Tensor | None = None
     lengths: np.ndarray | None = None
+    run: tuple[int, int, int] | None = None
 
     @property
     def num_pages(self) -> torch.Tensor:
@@ -150,15 +157,46 @@ class StoreStats:
 
 
 MAX_PAGE_SIZE = 4096  # tokens per page; larger pages only waste memory (a pool grows by whole pages)
+# A row's first write sets floor(1/HEADROOM) of its page count aside after them (free, but taken
+# last), so the tokens decode appends land in the same run of page ids (see `_Layer.take_pages`).
+HEADROOM = 8
 
 
 def _locked(method):
-    """Run a store method under the store's lock: calls from several threads are serialized."""
+    """Run a store method under the store's lock: calls from several threads are serialized.
+    A call that raises leaves the store's contents as they were, but not always its free-page
+    order: every layer then gets a history of its own (`PagedKVStore._advance`)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except BaseException:
+                for pool in self._pools:
+                    self._advance(pool, None)
+                raise
     return run
+
+
+def shared_run(table: np.ndarray, lengths: np.ndarray, S: int) -> tuple[int, int, int] | None:
+    """`Selection.run` of page lists `table` `[B, H, P]` (-1 padded) read to `lengths` `[B, H]`
+    tokens: (first page, row stride, m) when every row's list starts with m >= 1 pages at
+    consecutive ids (at most the pages it reads) and row i's run starts at `first + i * stride`;
+    None otherwise. A first prefill lays rows out this way, with room after each row for the
+    pages decode appends (`HEADROOM`)."""
+    rows = table.reshape(-1, table.shape[-1])
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return None
+    starts = rows[:, 0]
+    if starts.min() < 0:
+        return None
+    consecutive = rows == starts[:, None] + np.arange(rows.shape[1])
+    runs = np.where(consecutive.all(1), rows.shape[1], consecutive.argmin(1))
+    m = int(np.minimum(runs, -(-lengths.reshape(-1) // S)).min())
+    stride = int(starts[1] - starts[0]) if len(starts) > 1 else m
+    if m < 1 or stride < m or (len(starts) > 1 and not (np.diff(starts) == stride).all()):
+        return None
+    return int(starts[0]), stride, m
 
 
 class _Layer:
@@ -179,6 +217,7 @@ class _Layer:
         self.slot_pos = torch.empty(0, page_size, dtype=torch.int32, device=device)
         self.refcount = np.zeros(0, dtype=np.int32)
         self.free_pages: list[int] = []  # a stack: the lowest ids on top
+        self.spare: list[int] = []  # free pages set aside for the row before them, taken last
         self.key_min = torch.empty(0, head_dim, dtype=bounds_dtype, device=device) if key_bounds else None
         self.key_max = torch.empty(0, head_dim, dtype=bounds_dtype, device=device) if key_bounds else None
         self.scores = torch.empty(0, page_size, device=device) if slot_scores else None
@@ -186,6 +225,7 @@ class _Layer:
         self.npages = np.zeros(0, dtype=np.int64)         # [R]
         self.resident = np.zeros(0, dtype=np.int64)       # [R]
         self.holes: dict[int, list[int]] = {}
+        self.stamp = 0  # the history of the tables: equal stamps, equal tables (PagedKVStore._advance)
 
     # ---- the pool ----------------------------------------------------------------------------
     def grow(self, capacity: int) -> None:
@@ -201,10 +241,36 @@ class _Layer:
             self.scores = torch.cat([self.scores, self.scores.new_zeros(extra, self.scores.shape[1])])
         self.capacity = capacity
 
-    def take_pages(self, n: int) -> list[int]:
-        pages = [self.free_pages.pop() for _ in range(n)]
+    def take_pages(self, n: int, after: int = -1) -> list[int]:
+        """n free pages. With `after` (a row's last page), each page is the one right after the
+        previous when that one is free, so a row grows in place: its pages stay one run of ids,
+        which decode reads as a view (`kvkit.attention.fast`)."""
+        pages = []
+        for _ in range(n):
+            nxt = after + 1
+            if after >= 0 and nxt < self.capacity and self.refcount[nxt] == 0 and nxt not in pages:
+                (self.spare if nxt in self.spare else self.free_pages).remove(nxt)
+            else:
+                nxt = self.free_pages.pop() if self.free_pages else self.spare.pop()
+            pages.append(nxt)
+            after = nxt
         self.refcount[pages] = 1
         return pages
+
+    def set_aside(self, n: int) -> None:
+        """Set the next n free pages aside: they stay free (counted, and taken when no other is
+        left) for the row that ends just before them to grow into."""
+        for _ in range(min(n, len(self.free_pages))):
+            self.spare.append(self.free_pages.pop())
+
+    def all_free(self, pages: np.ndarray) -> bool:
+        """Whether every page id in `pages` is in the pool and free."""
+        inside = pages < self.capacity
+        return bool(inside.all()) and bool((self.refcount[pages] == 0).all())
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_pages) + len(self.spare)
 
     def release(self, pages: Iterable[int]) -> None:
         """Drop one reference to each page; pages nobody holds go back to the free stack."""
@@ -341,6 +407,12 @@ class PagedKVStore:
         self._policy_state: dict[int, dict] = {}
         self._next_seq = 0
         self._lock = threading.RLock()
+        # Layers whose page tables went through the same calls hold the same tables (a model's
+        # layers, when nothing evicts): `_advance` gives them one stamp, and what decode derives
+        # from the tables (write slots, page lists, runs) is computed once per step for all of them.
+        self._stamps: dict[tuple, int] = {}
+        self._new_stamp = itertools.count(1)
+        self._memo: dict[tuple, object] = {}
 
     # ---- sequences -------------------------------------------------------------------------
     @_locked
@@ -359,6 +431,8 @@ class PagedKVStore:
         self._slots[seq] = slot
         self._length[slot] = 0
         self._policy_state[seq] = {}
+        for pool in self._pools:
+            self._advance(pool, ("add", seq, slot))
         return seq
 
     @_locked
@@ -376,6 +450,7 @@ class PagedKVStore:
                 if s in layer.holes:
                     layer.holes[d] = list(layer.holes[s])
                 np.add.at(layer.refcount, layer.table[s, :layer.npages[s]], 1)
+            self._advance(layer, ("fork", seq, child))
         self._policy_state[child] = dict(self._policy_state[seq])
         return child
 
@@ -387,6 +462,7 @@ class PagedKVStore:
             for row in rows.tolist():
                 layer.release(layer.pages_of(row))
                 layer.clear_row(row)
+            self._advance(layer, ("free", seq))
         self._free_slots.append(self._slots.pop(seq))
         del self._policy_state[seq]
 
@@ -430,13 +506,19 @@ class PagedKVStore:
             free = pool.free_slots(row, S)
             shared = sorted({s // S for s in free[:T] if pool.refcount[s // S] > 1})
             plans.append((free, -(-(T - len(free[:T])) // S), shared))
-        self._reserve(layer, sum(n + len(shared) for _, n, shared in plans), f"append of {T} tokens to seq {seq}")
+        need = sum(n + len(shared) for _, n, shared in plans)
+        room = [0 if pool.npages[row] else n // HEADROOM for row, (_, n, _) in zip(rows, plans)]
+        if not self._fits(pool, need + sum(room)):
+            room = [0] * H  # the headroom is a speed-up, never a reason to fail
+        self._reserve(layer, need + sum(room), f"append of {T} tokens to seq {seq}")
         flat: list[int] = []
         taken: list[int] = []
         moves = []  # per row: shared page -> its copy, new pages, the new pages' slots left free
-        for free, new_pages, shared in plans:
+        for row, (free, new_pages, shared), extra in zip(rows, plans, room):
             remap = dict(zip(shared, pool.take_pages(len(shared))))
-            fresh = pool.take_pages(new_pages)
+            n = int(pool.npages[row])
+            fresh = pool.take_pages(new_pages, after=int(pool.table[row, n - 1]) if n else -1)
+            pool.set_aside(extra)
             taken += [*remap.values(), *fresh]
             fresh_slots = [p * S + i for p in fresh for i in range(S)]
             use = len(free[:T])
@@ -467,6 +549,7 @@ class PagedKVStore:
                 pool.holes[row] = [remap.get(s // S, s // S) * S + s % S for s in free[T:]] + spare
             pool.resident[row] += T
         self._length[slot, layer] += T
+        self._advance(pool, ("append", seq, T))
         return positions
 
     @_locked
@@ -491,6 +574,9 @@ class PagedKVStore:
         over sequences and heads when every row is clean (nothing evicted into it, no page
         shared with a fork where the token lands); else one `append` per sequence.
 
+        A step that takes no new page is planned once for every layer with the same history:
+        the other layers only write (the slots, from `_memo`) and count.
+
         Raises as `append`; on `OutOfPages` no sequence got its token.
         """
         pool = self._pools[self._check_layer(layer)]
@@ -501,6 +587,15 @@ class PagedKVStore:
                              f"got {list(k.shape)} and {list(v.shape)}")
         if type(pool.storage) is not DenseStorage or not (k.dtype.is_floating_point and v.dtype.is_floating_point):
             self._check_kv(k, v, pool)  # the full checks (finite values for an encoding codec)
+        op = ("step", tuple(seqs))
+        plan = self._memo.get((op, pool.stamp))
+        if plan is not None:  # (rows, slots, flat slots, positions) of this step, from another layer
+            rows, slots, idx, pos = plan
+            self._write(pool, idx, pos, k.reshape(B * H, -1), v.reshape(B * H, -1))
+            pool.resident[rows] += 1
+            self._length[slots, layer] += 1
+            self._advance(pool, op)
+            return
         slots = np.fromiter((self._slot(s) for s in seqs), dtype=np.int64, count=B)
         rows = (slots[:, None] * H + np.arange(H)).reshape(-1)  # [B*H]
         n, held = pool.npages[rows], pool.resident[rows]
@@ -513,10 +608,15 @@ class PagedKVStore:
         if not clean or (pool.refcount[last[~full]] > 1).any():  # the target page is shared: copy on write
             return self._append_each(seqs, layer, k, v)
         need = int(full.sum())
+        if need:
+            after = last[full & (n > 0)] + 1  # where each row would grow in place
+            if not pool.all_free(after) and self._relayout(pool):
+                self._advance(pool, ("relayout",))
+                last = pool.table[rows, np.maximum(n - 1, 0)]
+            self._reserve(layer, need, f"decode step of {B} sequences")
+            fresh = np.array([pool.take_pages(1, after=int(p))[0] for p in last[full]], dtype=np.int64)
         page = last.astype(np.int64)
         if need:
-            self._reserve(layer, need, f"decode step of {B} sequences")
-            fresh = np.array(pool.take_pages(need), dtype=np.int64)
             page[full] = fresh
         idx = torch.from_numpy(page * S + held % S).to(self.device)  # [B*H] flat slots
         pos = torch.from_numpy(np.repeat(self._length[slots, layer].astype(np.int32), H)).to(self.device)
@@ -530,8 +630,11 @@ class PagedKVStore:
             grow = rows[full]
             pool.table[grow, n[full]] = fresh
             pool.npages[grow] += 1
+        else:  # no page taken: the same slots serve every layer with this history
+            self._memoized((op, pool.stamp), lambda: (rows, slots, idx, pos))
         pool.resident[rows] += 1
         self._length[slots, layer] += 1
+        self._advance(pool, op)
 
     def _append_each(self, seqs: Sequence[int], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         done = []
@@ -579,6 +682,7 @@ class PagedKVStore:
             if gone.numel():
                 self.evict(seq, layer, head, gone)
         self._length[slot, layer] = length
+        self._advance(self._pools[layer], None)
 
     @_locked
     def evict(self, seq: int, layer: int, head: int, positions: torch.Tensor | Iterable[int]) -> int:
@@ -622,6 +726,7 @@ class PagedKVStore:
         pool.set_pages(row, table)
         pool.resident[row] -= int(want.numel())
         self._release_empty(pool, row, {remap.get(p, p) for p in touched})
+        self._advance(pool, None)
         return int(want.numel())
 
     @_locked
@@ -647,6 +752,7 @@ class PagedKVStore:
                     for row in range(slot * self.num_kv_heads, (slot + 1) * self.num_kv_heads):
                         self._pack(pool, row)
                 self._shrink(pool)
+                self._advance(pool, None)
         for state in self._policy_state.values():
             state.clear()
         return before - self.nbytes()
@@ -703,6 +809,20 @@ class PagedKVStore:
         n = pool.npages[rows]
         return np.minimum(n, pages_read) * self.page_size - (n * self.page_size - held)
 
+    @_locked
+    def read_all(self, seqs: Sequence[int], layer: int, heads: Sequence[int] | None = None) -> Selection:
+        """Every page each (seq, KV head) holds, as a Selection: `page_tables`, with
+        `prefix_lengths` and the in-place `run` when the rows are clean. Computed once for all
+        layers whose tables have the same history (the dense read of a decode step); read-only."""
+        pool = self._pools[self._check_layer(layer)]
+
+        def make() -> Selection:
+            pages = self.page_tables(seqs, layer, heads)
+            lengths = self.prefix_lengths(seqs, layer, heads)
+            run = shared_run(pages.numpy(), lengths, self.page_size) if lengths is not None and not pages.is_cuda else None
+            return Selection(pages, lengths=lengths, run=run)
+        return self._memoized(("read_all", pool.stamp, tuple(seqs), None if heads is None else tuple(heads)), make)
+
     def num_resident(self, seq: int, layer: int, head: int) -> int:
         """Tokens (seq, layer, head) holds now."""
         return int(self._pools[layer].resident[self._row(seq, layer, head)])
@@ -756,7 +876,7 @@ class PagedKVStore:
     @_locked
     def stats(self) -> StoreStats:
         capacity = sum(p.capacity for p in self._pools)
-        free = sum(len(p.free_pages) for p in self._pools)
+        free = sum(p.num_free for p in self._pools)
         resident = sum(int(p.resident.sum()) for p in self._pools)
         appended = int(self._length[list(self._slots.values())].sum()) if self._slots else 0
         return StoreStats(
@@ -805,23 +925,50 @@ class PagedKVStore:
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k has {k.shape[0]} tokens, v {v.shape[0]}; they must match")
 
+    def _advance(self, pool: _Layer, op: tuple | None) -> None:
+        """Record a change of `pool`'s tables. `op` names a change that depends only on the
+        tables and its arguments (an append of T tokens, a decode step of these sequences):
+        layers with equal stamps that make the same change get equal stamps again. None (an
+        eviction, which depends on scores, or a failed call): a stamp of its own."""
+        if op is None:
+            pool.stamp = next(self._new_stamp)
+            return
+        if len(self._stamps) > 4096:  # old histories: forgetting them only costs recomputation
+            self._stamps.clear()
+        key = (pool.stamp, op)
+        pool.stamp = self._stamps.get(key) or self._stamps.setdefault(key, next(self._new_stamp))
+
+    def _memoized(self, key: tuple, make):
+        """`make()` once per key (keys hold a stamp); forgotten in bulk now and then."""
+        value = self._memo.get(key)
+        if value is None:
+            if len(self._memo) > 256:
+                self._memo.clear()
+            value = self._memo[key] = make()
+        return value
+
+    def _fits(self, pool: _Layer, pages: int) -> bool:
+        """Whether `pages` more pages fit under `max_pages`."""
+        return self.max_pages is None or pool.capacity - pool.num_free + pages <= self.max_pages
+
     def _reserve(self, layer: int, pages: int, what: str) -> None:
         """Make sure `pages` free pages exist in `layer`'s pool, growing it; else raise OutOfPages."""
         pool = self._pools[layer]
-        if pages <= len(pool.free_pages):
+        if pages <= pool.num_free:
             return
         limit = self.max_pages if self.max_pages is not None else math.inf
-        if pool.capacity - len(pool.free_pages) + pages > limit:
-            free = len(pool.free_pages) + (self.max_pages - pool.capacity)
+        if not self._fits(pool, pages):
+            free = pool.num_free + (self.max_pages - pool.capacity)
             raise OutOfPages(f"{what} needs {pages} pages; {free} free in layer {layer} "
                              f"(max_pages={self.max_pages}). Free sequences, evict, or build the store "
                              "with more pages. The store is unchanged.")
-        short = pages - len(pool.free_pages)
+        short = pages - pool.num_free
         # grow by a quarter, and by at least 16 pages' worth of 16-token pages (fewer big pages)
         target = max(pool.capacity + short, math.ceil(pool.capacity * 1.25),
                      pool.capacity + max(1, 256 // self.page_size))
         with torch.inference_mode(False):  # see __init__
             pool.grow(int(min(target, limit)))
+        self._advance(pool, ("grow", pool.capacity))
 
     def _pack(self, pool: _Layer, row: int) -> None:
         """Move a row's resident tokens, in position order, to the front of its own pages;
@@ -860,23 +1007,55 @@ class PagedKVStore:
     def _shrink(self, pool: _Layer) -> None:
         """Drop the free pages of a pool and renumber the pages in use, in order."""
         used = np.flatnonzero(pool.refcount > 0)
-        if len(used) == pool.capacity:
-            return
-        idx = torch.from_numpy(used).to(self.device)
-        pool.storage.k = pool.storage.k.index_select(0, idx)
-        pool.storage.v = pool.storage.v.index_select(0, idx)
-        pool.slot_pos = pool.slot_pos.index_select(0, idx)
-        for name in ("key_min", "key_max", "scores"):
-            if getattr(pool, name) is not None:
-                setattr(pool, name, getattr(pool, name).index_select(0, idx))
+        if len(used) < pool.capacity:
+            self._renumber(pool, used)
+
+    def _relayout(self, pool: _Layer) -> bool:
+        """Lay the pool out again so that each row's pages are one run of ids with room after
+        it (1/HEADROOM of its pages, at least one), rows in order: decode then keeps reading
+        each row in place as it grows. Only for plain pages, clean rows and no page shared;
+        False (nothing done) otherwise or when the pool may not grow so far. Page ids change,
+        so the selections policies keep (`policy_state`) are dropped, as `compact` does."""
+        if type(pool.storage) is not DenseStorage or pool.holes or (pool.refcount > 1).any():
+            return False
+        live = np.flatnonzero(pool.npages > 0)
+        n = pool.npages[live]
+        room = np.maximum(1, n // HEADROOM)
+        if not self._fits(pool, int((n + room).sum()) - (pool.capacity - pool.num_free)):
+            return False
+        src = np.concatenate([np.concatenate([pool.table[row, :k], np.full(h, -1, dtype=np.int32)])
+                              for row, k, h in zip(live, n, room)])  # each row's pages, then its room
+        self._renumber(pool, src)
+        for state in self._policy_state.values():
+            state.clear()
+        return True
+
+    def _renumber(self, pool: _Layer, src: np.ndarray) -> None:
+        """Rebuild `pool` so that page i holds what page `src[i]` held (-1: an empty page, left
+        free); page tables, holes and reference counts follow. Plain pages only."""
+        keep = src >= 0
+        idx = torch.from_numpy(np.maximum(src, 0).astype(np.int64)).to(self.device)
+        empty = torch.from_numpy(~keep).to(self.device)
+
+        def pick(t: torch.Tensor, fill: float) -> torch.Tensor:
+            out = t.index_select(0, idx)
+            return out.masked_fill_(empty.view(-1, *[1] * (t.dim() - 1)), fill) if not keep.all() else out
+        with torch.inference_mode(False):  # see __init__
+            pool.storage.k, pool.storage.v = pick(pool.storage.k, 0.0), pick(pool.storage.v, 0.0)
+            pool.slot_pos = pick(pool.slot_pos, -1)
+            if pool.key_min is not None:
+                pool.key_min, pool.key_max = pick(pool.key_min, math.inf), pick(pool.key_max, -math.inf)
+            if pool.scores is not None:
+                pool.scores = pick(pool.scores, 0.0)
         new_id = np.full(pool.capacity + 1, -1, dtype=np.int32)  # old id -> new; -1 stays -1 (index -1)
-        new_id[used] = np.arange(len(used), dtype=np.int32)
-        pool.refcount = pool.refcount[used]
-        pool.free_pages, pool.capacity = [], len(used)
+        new_id[src[keep]] = np.flatnonzero(keep).astype(np.int32)
+        pool.refcount = np.where(keep, pool.refcount[np.maximum(src, 0)], 0).astype(np.int32)
         pool.table = new_id[pool.table]
         S = self.page_size
         for row, free in pool.holes.items():
             pool.holes[row] = [int(new_id[s // S]) * S + s % S for s in free]
+        pool.capacity = len(src)
+        pool.free_pages, pool.spare = [], np.flatnonzero(~keep)[::-1].tolist()
 
     def _release_empty(self, pool: _Layer, row: int, pages: set[int]) -> None:
         empty = [p for p in pages if not bool((pool.slot_pos[p] >= 0).any())]

@@ -122,8 +122,9 @@ class KVKitCache(Cache):
         policy: a Policy, a registered policy name, or None for "dense".
         page_size: token slots per page; None: the policy's own (`Policy.resolve_page_size`).
         max_pages: per-layer page cap (None: grow as needed).
-        compact: after the first prefill of each layer, pack the tokens eviction left in
-            half-empty pages and shrink the pool to the pages in use (`PagedKVStore.compact`).
+        compact: after the first prefill of each layer of a policy that evicts, pack the tokens
+            eviction left in half-empty pages and shrink the pool to the pages in use
+            (`PagedKVStore.compact`).
         metrics: report each decode step to `kvkit.metrics` (pages and bytes read, time,
             sampled selection recall every `recall_every` layer-steps, resident bytes,
             evictions); needs prometheus-client.
@@ -239,7 +240,9 @@ def kvkit_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise
     if first_prefill and attention_mask is not None:
         evicted += _evict_padding(store, cache.seqs, layer, attention_mask)
-    if first_prefill and cache.compact:  # give back what prefill-time eviction and growth left unused
+    # give back what prefill-time eviction left unused; without eviction there is nothing to pack,
+    # and shrinking would drop the room each row has for decode to grow in place
+    if first_prefill and cache.compact and cache.policy.evicts:
         store.compact([layer])
     if query.shape[2] == 1:
         cache.decode_seconds += time.perf_counter() - start

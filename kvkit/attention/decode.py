@@ -50,7 +50,8 @@ def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int
     st = store.storage(layer)
     fast = backend == "auto" and not return_stats and not q.is_cuda and type(st) is DenseStorage
     if fast and selection.lengths is not None and selection.slot_mask is None:  # no per-slot positions needed
-        return fast_path.sparse_decode_fast(q, st.k, st.v, pages, scale=scale, lengths=selection.lengths), None
+        return fast_path.sparse_decode_fast(q, st.k, st.v, pages, scale=scale, lengths=selection.lengths,
+                                             run=selection.run), None
     P = pages.shape[-1]
     flat = pages.clamp(min=0).reshape(-1)
     shape = (B, store.num_kv_heads, P, store.page_size, D)

@@ -21,28 +21,32 @@ import torch
 import torch.nn.functional as F
 
 from kvkit.scoring import forced_pages, quest_scores, signed_boxes
+from kvkit.store import shared_run
 
 
 def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        page_table: torch.Tensor, slot_valid: torch.Tensor | None = None,
                        scale: float | None = None, slot_mask: torch.Tensor | None = None,
-                       lengths: np.ndarray | None = None) -> torch.Tensor:
+                       lengths: np.ndarray | None = None, run: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Decode attention over the listed pages of a dense pool, computed in the pool's dtype.
 
     q: `[B, Hq, D]`; k_cache, v_cache: `[N, S, D]`; page_table: `[B, Hkv, P]` int64, -1 padded;
     slot_valid: `[N, S]` bool, None when every listed slot holds a token; slot_mask: optional
     `[B, Hkv, P, S]` bool; lengths: optional `[B, Hkv]` host ints, each row reads the first
     `lengths` slots of its listed pages (`Selection.lengths`; then slot_valid and slot_mask are
-    not used). Returns `[B, Hq, D]` in q's dtype (zeros for an empty selection). Same semantics
+    not used); run: `Selection.run` of the list when known (else found here from the table).
+    Returns `[B, Hq, D]` in q's dtype (zeros for an empty selection). Same semantics
     as `sparse_decode_ref`, bf16 rounding aside.
     """
     B, Hq, D = q.shape
     Hkv, P = page_table.shape[1], page_table.shape[2]
     S = k_cache.shape[1]
     scale = scale if scale is not None else D ** -0.5
-    if lengths is not None and P * S >= MIN_RUN_TOKENS and not q.is_cuda:
-        run = _shared_run(page_table.numpy(), lengths, S)
-        if run is not None:
+    if lengths is not None and lengths.size and not q.is_cuda:
+        run = run or shared_run(page_table.numpy(), lengths, S)
+        # the whole read in place; or in place plus a gathered tail, when the run is long enough
+        # to pay for the merge (MIN_RUN_TOKENS)
+        if run is not None and (run[2] * S >= int(lengths.max()) or run[2] * S >= MIN_RUN_TOKENS):
             return _decode_run_and_tail(q, k_cache, v_cache, page_table, lengths, run, scale)
     flat = page_table.reshape(-1)
     if lengths is not None:  # rows needing fewer than P pages end in -1 padding
@@ -74,52 +78,45 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 MIN_RUN_TOKENS = 4096
 
 
-def _shared_run(table: np.ndarray, lengths: np.ndarray, S: int) -> tuple[int, int, int] | None:
-    """(first page, row stride, m) when every row's list starts with m full pages at consecutive
-    ids (m * S >= MIN_RUN_TOKENS) and row i's run starts at `first + i * stride` (rows sequence-major
-    then head): the runs are then one strided view of the pool, read without a copy. A first
-    prefill lays rows out this way (each row takes its pages in one piece); None otherwise."""
-    rows = table.reshape(-1, table.shape[-1])
-    starts = rows[:, 0]
-    consecutive = rows == starts[:, None] + np.arange(rows.shape[1])
-    runs = np.where(consecutive.all(1), rows.shape[1], consecutive.argmin(1))
-    m = int(min(runs.min(), (lengths.reshape(-1) // S).min()))  # full pages only: the tail holds the rest
-    if m * S < MIN_RUN_TOKENS or starts.min() < 0:
-        return None
-    stride = int(starts[1] - starts[0]) if len(starts) > 1 else m
-    if stride < m or (len(starts) > 1 and not (np.diff(starts) == stride).all()):
-        return None
-    return int(starts[0]), stride, m
-
-
 def _decode_run_and_tail(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                          lengths: np.ndarray, run: tuple[int, int, int], scale: float) -> torch.Tensor:
     """Attention over each row's leading run of pages read in place (a strided view of the
-    pool, no copy) and over the rest of its list (gathered), merged by their log-sum-exps.
-    What `sparse_decode_fast` computes, without copying the bulk of the keys and values."""
+    pool, no copy) and, if a row reads past it, over the rest of its list (gathered), merged by
+    their log-sum-exps. What `sparse_decode_fast` computes, without copying the run."""
     B, Hq, D = q.shape
     Hkv = page_table.shape[1]
     S = k_cache.shape[1]
     first, stride, m = run
-    size, step = (B, Hkv, m * S, D), (Hkv * stride * S * D, stride * S * D, D, 1)
-    k_run = k_cache.as_strided(size, step, k_cache.storage_offset() + first * S * D)  # [B, Hkv, m*S, D]
+    lo, hi = int(lengths.min()), int(lengths.max())
+    size, step = (B, Hkv, min(hi, m * S), D), (Hkv * stride * S * D, stride * S * D, D, 1)
+    k_run = k_cache.as_strided(size, step, k_cache.storage_offset() + first * S * D)  # [B, Hkv, <= m*S, D]
     v_run = v_cache.as_strided(size, step, v_cache.storage_offset() + first * S * D)
+    if hi <= m * S:  # the whole read in place: one attention (the usual step: every row reads hi tokens)
+        valid = None if lo == hi else torch.arange(hi, device=q.device) < torch.from_numpy(lengths).to(q.device)[..., None]
+        return _attend(q, k_run, v_run, valid, scale)
+    run_len = np.minimum(lengths, m * S)  # [B, Hkv] tokens each row reads in the run
+    n = int(run_len.max())
+    valid = None if int(run_len.min()) == n else (
+        torch.arange(n, device=q.device) < torch.from_numpy(run_len).to(q.device)[..., None])
+    tail_len = lengths - run_len  # [B, Hkv] tokens after the run
     qg = q.view(B, Hkv, Hq // Hkv, D).to(k_cache.dtype)  # the G query heads of a KV head as G queries
-    out, lse = _attend_lse(qg, k_run, v_run, None, scale)  # [B, Hkv, G, D], [B, Hkv, G]
-    tail_len = lengths - m * S  # [B, Hkv] tokens after the run
+    if valid is None:
+        out, lse = _attend_lse(qg, k_run[:, :, :n], v_run[:, :, :n], None, scale)  # [B, Hkv, G, D], [B, Hkv, G]
+    else:
+        out, lse = _attend_lse(qg.float(), k_run[:, :, :n].float(), v_run[:, :, :n].float(), valid, scale)
     n = int(tail_len.max())
-    if n > 0:
-        t = -(-n // S)  # pages after the run
-        idx = page_table[:, :, m:m + t].reshape(-1).clamp(min=0)
-        k_t = k_cache.index_select(0, idx).view(B, Hkv, t * S, D)
-        v_t = v_cache.index_select(0, idx).view(B, Hkv, t * S, D)
-        if int(tail_len.min()) == n:  # the usual step: every row's tail is n tokens
-            out_t, lse_t = _attend_lse(qg, k_t[:, :, :n], v_t[:, :, :n], None, scale)
-        else:
-            valid = torch.arange(t * S, device=q.device) < torch.from_numpy(tail_len).to(q.device)[..., None]
-            out_t, lse_t = _attend_lse(qg.float(), k_t.float(), v_t.float(), valid, scale)
-        total = torch.logaddexp(lse, lse_t)
-        out = out.float() * (lse - total).exp()[..., None] + out_t.float() * (lse_t - total).exp().nan_to_num(0.0)[..., None]
+    t = -(-n // S)  # pages after the run
+    idx = page_table[:, :, m:m + t].reshape(-1).clamp(min=0)
+    k_t = k_cache.index_select(0, idx).view(B, Hkv, t * S, D)
+    v_t = v_cache.index_select(0, idx).view(B, Hkv, t * S, D)
+    if int(tail_len.min()) == n:  # the usual step: every row's tail is n tokens
+        out_t, lse_t = _attend_lse(qg, k_t[:, :, :n], v_t[:, :, :n], None, scale)
+    else:
+        valid = torch.arange(t * S, device=q.device) < torch.from_numpy(tail_len).to(q.device)[..., None]
+        out_t, lse_t = _attend_lse(qg.float(), k_t.float(), v_t.float(), valid, scale)
+    total = torch.logaddexp(lse, lse_t)
+    out = out.float() * (lse - total).exp().nan_to_num(0.0)[..., None] + \
+        out_t.float() * (lse_t - total).exp().nan_to_num(0.0)[..., None]
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
@@ -159,11 +156,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
         out = torch.softmax(scores, dim=-1) @ v
     else:
         mask = None if valid is None else valid[:, :, None, None, :].expand(B, Hkv, G, 1, T).reshape(B, Hq, 1, T)
-        out = F.scaled_dot_product_attention(q.view(B, Hq, 1, D).to(k.dtype), k, v, attn_mask=mask, scale=scale,
-                                             enable_gqa=True)
+        qk = q.view(B, Hq, 1, D) if q.dtype == k.dtype else q.view(B, Hq, 1, D).to(k.dtype)
+        out = F.scaled_dot_product_attention(qk, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     if valid is not None:
         out = out.nan_to_num_(0.0)  # nothing valid: softmax of -inf only
-    return out.reshape(B, Hq, D).to(q.dtype)
+    out = out.view(B, Hq, D)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _valid_prefix(valid: torch.Tensor) -> int | None:

@@ -37,18 +37,18 @@ def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int,
     `monitor` (e.g. `kvkit.attention.monitor.DecodeMonitor`) sees each single-token step.
     """
     B, Hq, T, D = q.shape
+    if T == 1:
+        return _decode_step(store, policy, seqs, layer, q[:, :, 0], k[:, :, 0], v[:, :, 0], scale, monitor)
     past = [store.length(s, layer) for s in seqs]
     evicted = 0
     # a first prefill goes in chunks only when something evicts between them; else in one piece,
     # so each (sequence, KV head) gets its pages in one run (read in place at decode: fast.py)
-    chunk = prefill_chunk if T > 1 and not any(past) and policy.evicts else T
+    chunk = prefill_chunk if not any(past) and policy.evicts else T
     # Evictors that score by attention (H2O, A2SF) get the prefill's attention chunk by chunk.
-    prefill_stats = T > 1 and not any(past) and policy.needs_attention
+    prefill_stats = not any(past) and policy.needs_attention
     stats = None
     for start in range(0, T, chunk):
-        if T == 1:  # the decode step: one vectorized write for the batch
-            store.append_step(seqs, layer, k[:, :, 0], v[:, :, 0])
-        for b, seq in enumerate(seqs if T > 1 else ()):
+        for b, seq in enumerate(seqs):
             kb, vb = k[b, :, start:start + chunk], v[b, :, start:start + chunk]
             store.append(seq, layer, kb.transpose(0, 1), vb.transpose(0, 1))  # [t, Hkv, D]
         if prefill_stats:
@@ -56,22 +56,27 @@ def attention_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int,
             stats = PrefillStats(q[:, :, start:end], k[:, :, :end], start, scale, final=end == T)
         if start + chunk < T:
             evicted += policy.evict(store, seqs, layer, stats)
-    if T == 1:
-        start = time.perf_counter()
-        selection = policy.select(store, seqs, layer, q[:, :, 0])
-        selected = time.perf_counter()
-        out, stats = decode(q[:, :, 0], store, seqs, layer, selection, scale,
-                            return_stats=policy.needs_attention)
-        if monitor is not None:
-            monitor(store, seqs, layer, q[:, :, 0], selection, selected - start,
-                    time.perf_counter() - start, scale)
-        out = out[:, :, None]
-    elif not any(past):
+    if not any(past):
         out = (dense_prefill(q, k, v) if dense_prefill is not None else
                F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True))
     else:
         out = _prefill_over_store(store, seqs, layer, q, past, scale)
     return out, evicted + policy.evict(store, seqs, layer, stats)
+
+
+def _decode_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                 monitor: Callable[..., None] | None) -> tuple[torch.Tensor, int]:
+    """One new token per sequence (q `[B, Hq, D]`, k, v `[B, Hkv, D]`): one vectorized write for
+    the batch, the policy's selection, decode over it, eviction. Returns (`[B, Hq, 1, D]`, evicted)."""
+    store.append_step(seqs, layer, k, v)
+    start = time.perf_counter() if monitor is not None else 0.0
+    selection = policy.select(store, seqs, layer, q)
+    selected = time.perf_counter() if monitor is not None else 0.0
+    out, stats = decode(q, store, seqs, layer, selection, scale, return_stats=policy.needs_attention)
+    if monitor is not None:
+        monitor(store, seqs, layer, q, selection, selected - start, time.perf_counter() - start, scale)
+    return out[:, :, None], policy.evict(store, seqs, layer, stats) if policy.evicts else 0
 
 
 def _prefill_over_store(store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,

@@ -129,7 +129,18 @@ class Policy:
         return chosen
 
     def _groups(self, role: str, layer: int, num_kv_heads: int) -> list[tuple[Any, list[int]]]:
-        return _head_groups(self, role, layer, num_kv_heads)
+        """The components of `role` in `layer` and the KV heads each serves; cached per policy,
+        since every layer of every decode step asks (a Policy is frozen; hashing it costs more
+        than the lookup). Callers must not mutate the lists."""
+        key = (role, layer, num_kv_heads)
+        groups = self._group_cache.get(key)
+        if groups is None:
+            groups = self._group_cache[key] = _head_groups(self, role, layer, num_kv_heads)
+        return groups
+
+    @functools.cached_property
+    def _group_cache(self) -> dict[tuple[str, int, int], list[tuple[Any, list[int]]]]:
+        return {}
 
     def selectors(self, layer: int, num_kv_heads: int) -> list[tuple[Selector, list[int]]]:
         """The selectors of `layer` and the KV heads each one serves."""
@@ -303,10 +314,8 @@ class Policy:
         return cls.from_config(cfg)
 
 
-@functools.lru_cache(maxsize=4096)
 def _head_groups(policy: Policy, role: str, layer: int, num_kv_heads: int) -> list[tuple[Any, list[int]]]:
-    """The components of `role` in `layer` and the KV heads each serves; cached, since every
-    layer of every decode step asks (a Policy is frozen). Callers must not mutate the lists."""
+    """The components of `role` in `layer` and the KV heads each serves (see `Policy._groups`)."""
     groups: dict[int, tuple[Any, list[int]]] = {}
     for head in range(num_kv_heads):
         comp = policy._resolve(role, layer, head)

@@ -182,7 +182,7 @@ def test_runs_read_in_place_match_the_reference(dtype, lengths, steps, monkeypat
     from kvkit import policies
     from kvkit.attention import decode
     from kvkit.attention import fast
-    from kvkit.attention.fast import _shared_run
+    from kvkit.store import shared_run
     monkeypatch.setattr(fast, "MIN_RUN_TOKENS", 64)  # small cases, the long-context path
     g = torch.Generator().manual_seed(sum(lengths) + steps)
     policy = policies.get("dense")
@@ -194,7 +194,7 @@ def test_runs_read_in_place_match_the_reference(dtype, lengths, steps, monkeypat
         store.append_step(seqs, 0, torch.randn(len(seqs), 3, 64, generator=g), torch.randn(len(seqs), 3, 64, generator=g))
     q = torch.randn(len(lengths), 9, 64, generator=g).to(dtype)
     sel = policy.select(store, seqs, 0, q)
-    assert _shared_run(sel.pages.numpy(), sel.lengths, store.page_size) is not None
+    assert shared_run(sel.pages.numpy(), sel.lengths, store.page_size) is not None
     got, _ = decode(q, store, seqs, 0, sel)
     want, _ = decode(q, store, seqs, 0, type(sel)(sel.pages), backend="ref")
     atol, rtol = TOL[dtype]
@@ -203,14 +203,16 @@ def test_runs_read_in_place_match_the_reference(dtype, lengths, steps, monkeypat
 
 def test_rows_not_laid_out_in_one_run_are_gathered(monkeypatch):
     from kvkit.attention import fast
-    from kvkit.attention.fast import _shared_run
+    from kvkit.store import shared_run
     monkeypatch.setattr(fast, "MIN_RUN_TOKENS", 128)  # 8 pages of 16
     table = np.arange(40).reshape(1, 2, 20)
-    assert _shared_run(table, np.array([[320, 320]]), 16) == (0, 20, 20)
+    assert shared_run(table, np.array([[320, 320]]), 16) == (0, 20, 20)
     table[0, 1] = np.arange(100, 120)  # row 1 elsewhere: two rows always have one stride
-    assert _shared_run(table, np.array([[320, 320]]), 16) == (0, 100, 20)
-    table[0, 1, 5] = 7  # a broken run: only 5 pages in place, fewer than the minimum
-    assert _shared_run(table, np.array([[320, 320]]), 16) is None
+    assert shared_run(table, np.array([[320, 320]]), 16) == (0, 100, 20)
+    table[0, 1, 5] = 7  # a broken run: 5 pages in place; the rest is a tail to gather
+    assert shared_run(table, np.array([[320, 320]]), 16) == (0, 100, 5)
+    assert shared_run(table, np.array([[320, 60]]), 16) == (0, 100, 4)  # at most the pages a row reads
+    assert shared_run(table, np.array([[320, 0]]), 16) is None  # an empty row: nothing in place
     rows = np.arange(60).reshape(1, 3, 20)
     rows[0, 2] += 5  # starts 0, 20, 45: no single stride
-    assert _shared_run(rows, np.array([[320, 320, 320]]), 16) is None
+    assert shared_run(rows, np.array([[320, 320, 320]]), 16) is None

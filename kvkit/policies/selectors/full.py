@@ -18,4 +18,4 @@ class FullSelector(Selector):
 
     def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
                heads: Sequence[int]) -> Selection:
-        return Selection(store.page_tables(seqs, layer, heads), lengths=store.prefix_lengths(seqs, layer, heads))
+        return store.read_all(seqs, layer, heads)
