@@ -42,13 +42,24 @@ def signed_query(q: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([qf.clamp(min=0), qf.clamp(max=0).neg_()], -1)
 
 
-def signed_boxes(key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+def signed_boxes(key_min: torch.Tensor, key_max: torch.Tensor, pages: torch.Tensor,
+                 run: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The listed pages' signed boxes `[*pages.shape, 2D]` float32 from per-page key bounds
     `[N, D]`; entries of `pages` below 0 (padding) get empty boxes (`-inf`).
 
-    One `index_select` per bound (advanced indexing is several times slower); float32 because
-    bf16 matmuls this small cost more than the widening (exact) and a float32 matmul together.
+    run: `Selection.run` of `pages` (`[B, H, P]`); when it covers all P pages, the bounds are
+    read as strided views, without a gather. Else one `index_select` per bound (advanced
+    indexing is several times slower). float32 because bf16 matmuls this small cost more than
+    the widening (exact) and a float32 matmul together.
     """
+    if run is not None and run[2] == pages.shape[-1] and key_min.is_contiguous() and key_max.is_contiguous():
+        first, stride, m = run
+        D = key_max.shape[-1]
+        size, step = (pages.shape[0] * pages.shape[1], m, D), (stride * D, D, 1)
+        box = torch.cat([t.as_strided(size, step, t.storage_offset() + first * D) for t in (key_max, key_min)],
+                        -1).float()
+        box[..., D:].neg_()
+        return box.view(*pages.shape, 2 * D)
     flat = pages.reshape(-1)
     padded = bool((flat < 0).any())
     idx = flat.clamp(min=0) if padded else flat

@@ -71,6 +71,20 @@ def plain_lserve(q, key_min, key_max, pages, budget_pages, group, coarse):
     return out
 
 
+@pytest.mark.parametrize("lengths", [(8,), (64,), (70, 70), (17, 17, 17), (70, 30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_signed_boxes_read_in_place_equal_the_gathered_ones(lengths, dtype):
+    store, seqs = random_store(lengths, seed=3, dtype=dtype)
+    whole = store.read_all(seqs, 0)
+    kmin, kmax = store.key_bounds(0)
+    covers = whole.run is not None and whole.run[2] == whole.pages.shape[-1]
+    assert covers == (len(set(lengths)) == 1)  # ragged rows: no common run, the gather path
+    got = scoring.signed_boxes(kmin, kmax, whole.pages, whole.run)
+    assert torch.equal(got, scoring.signed_boxes(kmin, kmax, whole.pages))
+    want_hi = kmax.float()[whole.pages.clamp(min=0)]
+    assert torch.equal(got[..., :16][whole.pages >= 0], want_hi[whole.pages >= 0])
+
+
 @pytest.mark.parametrize("lengths", [[200], [203, 64], [64, 203, 9]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduce", ["max", "sum", "mean"])

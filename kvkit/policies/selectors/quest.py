@@ -112,20 +112,22 @@ class QuestSelector(Selector):
         _check_common("QuestSelector", self.budget, self.sink, self.window, self.reduce)
 
     def scores(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
-               pages: torch.Tensor) -> torch.Tensor:
-        """`[B, Hh, P]` page scores of the listed `pages` (forced pages +inf / SINK_SCORE, padding -inf)."""
+               pages: torch.Tensor, run: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """`[B, Hh, P]` page scores of the listed `pages` (forced pages +inf / SINK_SCORE, padding
+        -inf); `run`: their `Selection.run`, if known (the bounds are then read in place)."""
         key_min, key_max = store.key_bounds(layer)
         lean = store.nothing_evicted(seqs, layer)
         forced = _forced(store, seqs, layer, pages, self.sink, self.window, lean)
-        return quest_scores(q, signed_boxes(key_min, key_max, pages), forced, self.reduce)
+        return quest_scores(q, signed_boxes(key_min, key_max, pages, run), forced, self.reduce)
 
     def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
                heads: Sequence[int]) -> Selection:
-        pages = store.page_tables(seqs, layer, heads)  # [B, Hh, P]
+        whole = store.read_all(seqs, layer, heads)  # every page, computed once per step
+        pages = whole.pages  # [B, Hh, P]
         budget_pages = max(1, self.budget // store.page_size)
         if pages.shape[-1] <= budget_pages:
-            return Selection(pages, lengths=store.prefix_lengths(seqs, layer, heads))
-        chosen = top_pages(self.scores(store, seqs, layer, q, pages), pages, budget_pages)
+            return whole
+        chosen = top_pages(self.scores(store, seqs, layer, q, pages, whole.run), pages, budget_pages)
         # when the window's pages fit the budget they are all read (+inf), the last one listed last
         fits = _window_pages(self.window, store.page_size) <= budget_pages
         lengths = store.prefix_lengths(seqs, layer, heads, budget_pages) if fits else None
@@ -177,10 +179,11 @@ class LServeSelector(Selector):
 
     def select(self, store: PagedKVStore, seqs: Sequence[int], layer: int, q: torch.Tensor,
                heads: Sequence[int]) -> Selection:
-        pages = store.page_tables(seqs, layer, heads)  # [B, Hh, P]
+        whole = store.read_all(seqs, layer, heads)  # every page, computed once per step
+        pages = whole.pages  # [B, Hh, P]
         budget_pages = max(1, self.budget // store.page_size)
         if pages.shape[-1] <= budget_pages:
-            return Selection(pages, lengths=store.prefix_lengths(seqs, layer, heads))
+            return whole
         key = self._key(layer, heads)
         states = [store.policy_state(s).get(key) for s in seqs]
         lengths = [store.length(s, layer) for s in seqs]
@@ -199,7 +202,7 @@ class LServeSelector(Selector):
             return Selection(top_pages(scores, pages, budget_pages))
         forced = _forced(store, seqs, layer, pages, self.sink, self.window, lean)
         key_min, key_max = store.key_bounds(layer)
-        scores = lserve_scores(q, signed_boxes(key_min, key_max, pages), budget_pages, self.group, self.coarse,
+        scores = lserve_scores(q, signed_boxes(key_min, key_max, pages, whole.run), budget_pages, self.group, self.coarse,
                                self.reduce)
         chosen = top_pages(torch.where(forced != 0, forced, scores), pages, budget_pages)  # [B, Hh, K]
         for b, (s, n) in enumerate(zip(seqs, lengths)):
