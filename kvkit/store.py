@@ -248,14 +248,22 @@ class _Layer:
         pages = []
         for _ in range(n):
             nxt = after + 1
-            if after >= 0 and nxt < self.capacity and self.refcount[nxt] == 0 and nxt not in pages:
-                (self.spare if nxt in self.spare else self.free_pages).remove(nxt)
+            if after >= 0 and nxt < self.capacity and self.refcount[nxt] == 0:
+                self._unfree(nxt)
             else:
                 nxt = self.free_pages.pop() if self.free_pages else self.spare.pop()
+            self.refcount[nxt] = 1
             pages.append(nxt)
             after = nxt
-        self.refcount[pages] = 1
         return pages
+
+    def _unfree(self, page: int) -> None:
+        """Take a given free page off its stack (usually its top: a fresh pool's next page)."""
+        for stack in (self.free_pages, self.spare):
+            if stack and stack[-1] == page:
+                stack.pop()
+                return
+        (self.spare if page in self.spare else self.free_pages).remove(page)
 
     def set_aside(self, n: int) -> None:
         """Set the next n free pages aside: they stay free (counted, and taken when no other is
