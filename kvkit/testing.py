@@ -1,9 +1,21 @@
 """Helpers shared by tests and benchmarks: random paged cases, tolerances, a tiny Llama,
-tiny random configs of other transformers families."""
+tiny random configs of other transformers families, a prose text that ships with kvkit."""
 
 from __future__ import annotations
 
 import torch
+
+# English prose that ships with kvkit (the Apache-2.0 license, ~11K characters, ~2.6K SmolLM2
+# tokens; `kvkit ppl`'s default), so that no test or benchmark depends on one OS image's files.
+from kvkit.cli import DEFAULT_TEXT as SHIPPED_TEXT
+
+
+def shipped_text(chars: int | None = None) -> str:
+    """The first `chars` characters of `SHIPPED_TEXT` (all of it when None), repeated as needed."""
+    text = SHIPPED_TEXT.read_text()
+    if chars is None:
+        return text
+    return (text * -(-chars // len(text)))[:chars]
 
 # (atol, rtol) per dtype for attention outputs against the float32 reference.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}

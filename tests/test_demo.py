@@ -50,6 +50,9 @@ def test_demo_rows_measure_memory_read_and_time(smollm2_bf16):
     assert [r.label for r in rows] == ["dense", "streaming 64", "quest 62", "duo", "duo+quest+gear4"]
     dense = by["dense"]
     assert dense.correct == dense.samples == 2  # the embedded model retrieves at this length
+    # memory is against a tight bf16 copy of the same tokens: the dense store is that plus its
+    # page tails, slot positions and the room its rows grow into
+    assert dense.dense_bytes <= dense.kv_bytes <= 1.15 * dense.dense_bytes
     # dense reads every cached token of every layer at every step: K and V, bf16
     per_token = 30 * 3 * 2 * 64 * 2
     prompt = min(evaluate.passkey_prompt(tok, ctx, d, "12345").shape[1] for d in depths)
