@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps({"command": "demo", "context_tokens": args.ctx, "dtype": args.dtype,
                           "rows": [demo.as_dict(r) for r in rows]}, indent=1))
         return 0
-    print(f"\n{what}; ratios against dense in this run")
+    print(f"\n{what}; resident KV against a bf16 copy of the same K and V, the rest against dense in this run")
     print(demo.table(rows))
     print(demo.verdict(rows))
     if args.plot is not None:
