@@ -35,7 +35,6 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
-from kvkit import metrics
 from kvkit.policies import FullSelector
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.selectors.quest import LServeSelector
@@ -140,6 +139,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._layer: int | None = None
         self._selector: FullSelector | PageSelector | None = None
         self._stream: SinkWindowEvictor | None = None
+        self._plain: bool | None = None  # neither selects pages nor streams (`_is_plain`)
         config = get_current_vllm_config_or_none()  # vLLM builds the impl inside its layer's init
         self.model_heads = self.num_kv_heads if config is None else model_kv_heads(config)
         self.policy_name = "dense"
@@ -170,6 +170,14 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         self._resolve(layer)
         return self._stream
 
+    def _is_plain(self, layer) -> bool:
+        """Whether this layer neither selects pages nor streams (dense layers, non-decoder
+        attention): its KV write and attention are stock. Worked out on first use, then one
+        attribute read per call."""
+        if self._plain is None:
+            self._plain = self._sparse(layer) is None and self._streaming(layer) is None
+        return self._plain
+
     def _sparse(self, layer) -> PageSelector | None:
         if self.attn_type != AttentionType.DECODER:
             return None
@@ -179,7 +187,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
     # ---- KV write: stock, plus Quest's page summaries from the incoming keys ------------------
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if self._sparse(layer) is None:
+        if self._plain or self._sparse(layer) is None:
             return
         num_blocks, H, S, _ = kv_cache.shape
         if not self.sub:
@@ -215,6 +223,9 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
                                    output_scale, output_block_scale)
         start = time.perf_counter()
         md = attn_metadata
+        if md.evict is None and self._is_plain(layer):
+            return self._forward_dense(layer, query, key, value, kv_cache, md, output,
+                                       output_scale, output_block_scale, start)
         stream = self._streaming(layer)
         if stream is not None and (stream.sink, stream.window) in md.streams:
             return self._forward_streaming(stream, layer, query, key, value, kv_cache, md, output,
@@ -236,7 +247,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         """Every row on the stock kernel (dense layers, prefill-only steps)."""
         out = super().forward(layer, query, key, value, kv_cache, md, output, output_scale, output_block_scale)
         if md.decode_pages:
-            self._record(md.decode_pages, md.decode_pages, kv_cache, start, 0.0)
+            self._record(md, md.decode_pages, md.decode_pages, kv_cache, start, 0.0)
         return out
 
     def _forward_streaming(self, stream: SinkWindowEvictor, layer, query, key, value, kv_cache,
@@ -246,7 +257,7 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         out = super().forward(layer, query, key, value, kv_cache, md.streams[window], output,
                               output_scale, output_block_scale)
         if md.decode_pages:
-            self._record(md.stream_decode_pages[window], md.decode_pages, kv_cache, start, 0.0)
+            self._record(md, md.stream_decode_pages[window], md.decode_pages, kv_cache, start, 0.0)
         return out
 
     def _forward_evict(self, layer, query, key, value, kv_cache, md: KVKitCPUAttentionMetadata, output,
@@ -258,14 +269,14 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         scoring = time.perf_counter()
         self._score_blocks(layer, query, kv_cache, md)
         if md.decode_pages:  # the scoring is this path's "selection" overhead
-            self._record(md.evict.decode_pages, md.decode_pages, kv_cache, start, time.perf_counter() - scoring)
+            self._record(md, md.evict.decode_pages, md.decode_pages, kv_cache, start, time.perf_counter() - scoring)
         return out
 
     def _forward_sparse(self, sel: PageSelector, layer, query, kv_cache, md: KVKitCPUAttentionMetadata,
                         output: torch.Tensor, start: float) -> None:
         """A page-selecting layer: the decode rows on their chosen pages, prefill rows stock."""
         pages_read, sel_s = self._decode_sparse(sel, layer, query, kv_cache, md, output)
-        self._record(pages_read, md.decode_pages, kv_cache, start, sel_s)
+        self._record(md, pages_read, md.decode_pages, kv_cache, start, sel_s)
         if md.prefill_query_start_loc is not None:
             self._prefill_rows(layer, query, kv_cache, md, output)
 
@@ -295,12 +306,12 @@ class KVKitCPUAttentionImpl(CPUAttentionBackendImpl):
         `weights` `[T]`) per block of `table` `[B, M]`, from the keys in vLLM's cache."""
         return block_mass(q, gather_keys(kv_cache, table, isa), lengths, self.scale, weights, kv_cache.shape[2])
 
-    def _record(self, pages_read: int, pages_total: int, kv_cache: torch.Tensor, start: float,
-                selection_seconds: float) -> None:
-        S = kv_cache.shape[2]
-        page_bytes = 2 * S * self.head_size * kv_cache.element_size()
-        metrics.record_decode(self.policy_name, pages_read, pages_total, pages_read * page_bytes,
-                              time.perf_counter() - start, selection_seconds)
+    def _record(self, md: KVKitCPUAttentionMetadata, pages_read: int, pages_total: int,
+                kv_cache: torch.Tensor, start: float, selection_seconds: float) -> None:
+        """Add this layer call to the step's metrics (`StepRecord`, recorded once per step)."""
+        page_bytes = 2 * kv_cache.shape[2] * self.head_size * kv_cache.element_size()
+        md.record.add(pages_read, pages_total, pages_read * page_bytes, time.perf_counter() - start,
+                      selection_seconds)
 
     def _select(self, sel: PageSelector, q: torch.Tensor, md: KVKitCPUAttentionMetadata,
                 S: int, budget: int) -> torch.Tensor:
