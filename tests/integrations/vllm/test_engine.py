@@ -13,14 +13,15 @@ one's decode (the mixed decode + prefill path).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+
+from kvkit.testing import shipped_text
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
                     "run `make test-vllm`")
 
-_LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
+_LONG = " ".join(shipped_text(1160).split())  # ~223 tokens: past 7 pages of 32
 PROMPTS = ["The capital of France is", _LONG + " Summary of the text above:"]
 BASE = {"prompts": PROMPTS, "max_tokens": 12, "block_size": 32, "max_num_batched_tokens": 128}
 KVKIT = ("KVKitCPUAttentionBackend", "KVKitCPUAttentionImpl")

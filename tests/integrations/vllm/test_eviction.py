@@ -4,7 +4,6 @@ engine whose workers evict blocks that its scheduler frees through kvkit's KV co
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from kvkit.policies import Policy, Rule  # noqa: E402
 from kvkit.policies.evictors.h2o import A2SFEvictor, H2OEvictor  # noqa: E402
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor  # noqa: E402
 from kvkit.policies.selectors.quest import QuestSelector  # noqa: E402
+from kvkit.testing import shipped_text  # noqa: E402
 
 
 def test_block_mass_equals_a_per_query_softmax():
@@ -111,7 +111,7 @@ def test_policies_the_backend_refuses_to_evict_by_score():
 
 
 # ---- a real engine -----------------------------------------------------------------------------
-_LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
+_LONG = " ".join(shipped_text(1160).split())
 PROMPTS = ["The capital of France is", _LONG + " Summary of the text above:", _LONG + " In short:"]
 BUDGETS = [128, 128, 64]  # tokens: 4 blocks of 32, and 2 for the last request (its own budget)
 RUN = {"prompts": PROMPTS, "max_tokens": 40, "block_size": 32, "max_num_batched_tokens": 128, "rounds": 2,

@@ -27,10 +27,12 @@ from pathlib import Path
 
 import pytest
 
+from kvkit.testing import shipped_text
+
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
                     "run `make test-vllm`")
 
-_LONG = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text()[:1100].split())
+_LONG = " ".join(shipped_text(1160).split())
 POLICY = {"name": "quest", "params": {"budget": 96}}  # 3 pages of 32 per KV head
 STREAMING = {"name": "streaming", "params": {"sink": 16, "window": 96}}
 

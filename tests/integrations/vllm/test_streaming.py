@@ -10,7 +10,6 @@ kvkit's KV cache manager, and vLLM's own accounting shows the saving.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +20,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
 from kvkit.integrations.vllm.layers import layer_index  # noqa: E402
 from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks  # noqa: E402
 from kvkit.policies import get  # noqa: E402
+from kvkit.testing import shipped_text  # noqa: E402
 
-_GPL = " ".join(Path("/usr/share/common-licenses/GPL-3").read_text().split())
-PROMPTS = ["The capital of France is", _GPL[:1100] + " Summary of the text above:"]
+_TEXT = " ".join(shipped_text(24000).split())
+PROMPTS = ["The capital of France is", _TEXT[:1100] + " Summary of the text above:"]
 BASE = {"prompts": PROMPTS, "max_tokens": 12, "block_size": 32, "max_num_batched_tokens": 128}
 STREAMING = {"name": "streaming", "params": {"sink": 16, "window": 96}}
 KVKIT = ["KVKitCPUAttentionBackend", "KVKitCPUAttentionImpl"]
@@ -102,7 +102,7 @@ def test_duo_frees_only_layers_whose_heads_all_stream(engine):
 
 def test_more_requests_fit_in_the_same_pool(engine):
     # 12 requests of ~380 tokens + 48 generated in a 32 MiB pool (45 blocks of 32 tokens)
-    prompts = [_GPL[i * 1500 : i * 1500 + 1800] + " Summary:" for i in range(12)]
+    prompts = [_TEXT[i * 1500 : i * 1500 + 1800] + " Summary:" for i in range(12)]
     args = {"prompts": prompts, "max_tokens": 48, "block_size": 32, "max_num_batched_tokens": 256,
             "kv_cache_memory_bytes": 32 << 20, "max_num_seqs": 16}
     stock = engine.run(**args, policy=None)["kv"]
@@ -117,7 +117,7 @@ def test_more_requests_fit_in_the_same_pool(engine):
 
 def test_context_longer_than_the_pool(engine):
     # 16 MiB holds 22 blocks (704 tokens); the prompt is ~1500 tokens
-    args = {"prompts": [_GPL[:7000] + " Summary:"], "max_tokens": 8, "block_size": 32,
+    args = {"prompts": [_TEXT[:7000] + " Summary:"], "max_tokens": 8, "block_size": 32,
             "max_model_len": 2048, "max_num_batched_tokens": 128, "kv_cache_memory_bytes": 16 << 20}
     assert "larger than the available KV cache memory" in engine.fails(**args, policy=None)
     report = engine.run(**args, policy=STREAMING)
