@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", nargs="+", default=list(DEMO_ROWS))
     ap.add_argument("--ctx", type=int, default=2400)
     ap.add_argument("--depths", type=int, default=3)
-    ap.add_argument("--ppl-file", default=str(DEFAULT_TEXT.relative_to(Path(__file__).resolve().parents[1])))
+    ap.add_argument("--ppl-file", default=str(DEFAULT_TEXT))  # results record it repo-relative (portable)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--ppl-context", type=int, default=2048)
     ap.add_argument("--name", default="summary")
