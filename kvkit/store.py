@@ -159,8 +159,8 @@ class StoreStats:
 MAX_PAGE_SIZE = 4096  # tokens per page; larger pages only waste memory (a pool grows by whole pages)
 # A row's first write of plain pages sets 1/HEADROOM of its page count (rounded down) aside after
 # them (free, but taken last), so the tokens decode appends land in the same run of page ids (see
-# `_Layer.take_pages`): about 6% more pool for reads in place; a longer decode lays the pool out
-# again (`PagedKVStore._relayout`, ~0.5 ms a layer at 1K tokens, once per 1/HEADROOM of growth).
+# `_Layer.take_pages`): 1/16 more pool for reads in place; a longer decode lays the pool out
+# again (`PagedKVStore._relayout`, one copy of the pool per 1/HEADROOM of growth).
 HEADROOM = 16
 
 

@@ -65,8 +65,8 @@ class StepRecord:
     """kvkit's decode metrics of one step of one attention group, summed over its layer calls
     and recorded once (`metrics.record_decode`) when the last layer of the group has added its
     share: `kvkit_decode_seconds` then counts decode steps, as its help text says, and a layer
-    call costs a few additions instead of six labelled Prometheus updates (~30 us each call,
-    about 1 ms of a 30-layer step at batch 1)."""
+    call costs a few additions instead of six labelled Prometheus updates (what that saved:
+    integrations/vllm/NOTES.md)."""
 
     policy: str
     layers: int  # layer calls that share this step's metadata
