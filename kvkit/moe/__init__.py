@@ -12,9 +12,10 @@ When an MoE model's experts do not all fit in fast memory, four questions arise,
 * `batching` - which requests decode together so a step needs fewer experts (Read-ME).
 * `sim`      - hardware profiles and a timeline model turning a replay into stall and latency
                (MoE-Lens style); `synth` - synthetic traces calibrated to published routing.
-* `sched`    - the online scheduler: per layer call, hits / loads / CPU compute of misses and
-               background transfers into idle link time, on a modelled clock; the same decisions
-               in `schedule_trace` (simulation) and in `offload(..., policy="sched")`.
+* `sched`    - the online scheduler: per layer call, hits / loads / CPU compute / low-bit
+               copies of misses and background transfers into idle link time, on a modelled
+               clock; the same decisions in `schedule_trace` (simulation) and in
+               `offload(..., policy="sched")`. `sched_compare` - its standard rows, ranked by time.
 * `predict`  - predictors fitted on part of a trace: per-request frequency, a learned one.
 * `offload`  - the real thing: `offload(model, OffloadConfig(...))` runs a transformers MoE (or
                the Read-ME model of `kvkit.moe.readme`) with experts in a slow tier, a fast-tier

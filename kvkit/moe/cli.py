@@ -169,7 +169,8 @@ def _sim(args: argparse.Namespace) -> int:
 
 def _schedule(args: argparse.Namespace) -> int:
     from kvkit.moe.predict import recall
-    from kvkit.moe.sched import SchedConfig, compare_schedules, standard_configs
+    from kvkit.moe.sched import SchedConfig, gate_ranked
+    from kvkit.moe.sched_compare import compare_schedules, standard_configs
     from kvkit.moe.sim import get_profile
     from kvkit.moe.trace import load_trace
 
@@ -178,7 +179,14 @@ def _schedule(args: argparse.Namespace) -> int:
         cap = args.capacity or max(1, trace.num_experts // 4)
         warm = args.warmup_tokens if args.warmup_tokens is not None else trace.num_tokens // 2
         profile = get_profile(args.profile)
-        variants = [(label, trace, cfg) for label, cfg in standard_configs(cap)]
+        if args.lowbit:
+            ok, why = gate_ranked(trace)
+            if not ok:
+                raise ValueError(f"--lowbit needs a trace whose rows are in gate order "
+                                 f"(highest first); {args.trace} has no gate ranks: {why}")
+        variants = [(label, trace, cfg) for label, cfg in standard_configs(
+            cap, lowbit=args.lowbit is not None, lowbit_bits=args.lowbit or 4,
+            lowbit_min_rank=args.lowbit_min_rank)]
         if trace.predicted is not None:
             # confidence from the warm-up tokens only: the counted ones stay unseen
             conf = recall(trace, trace.predicted, 0, warm) if warm else 1.0
@@ -238,6 +246,11 @@ def register_cli(subparsers: Any) -> None:
                    help="tokens run before counting (default: half of the trace)")
     d.add_argument("--hidden-size", type=positive_int, default=2048,
                    help="model hidden size: activations shipped for a CPU miss")
+    d.add_argument("--lowbit", type=positive_int, default=None, metavar="BITS",
+                   help="also rank low-bit copies of BITS bits per weight (HOBBIT; changes "
+                        "outputs; needs a trace whose rows are in gate order)")
+    d.add_argument("--lowbit-min-rank", type=nonneg_int, default=2,
+                   help="0-based rank in a token's top-k from which a low-bit copy is allowed")
     d.add_argument("--json", type=_json_out, default=None, help="write JSON here ('-' for stdout)")
     d.set_defaults(func=_schedule)
 

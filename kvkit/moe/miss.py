@@ -72,6 +72,11 @@ class MissHandler:
     def lowbit_bytes(self, expert_bytes: int) -> int:
         return int(expert_bytes * self.lowbit_bits / 16)
 
+    def lowbit_allowed(self, rank: int) -> bool:
+        """Whether the expert at 0-based `rank` in a token's top-k (by gate weight) may be
+        served by a low-bit copy (HOBBIT's rule: only the less important ones)."""
+        return rank >= self.lowbit_min_rank
+
     def cpu_seconds(self, expert_bytes: int) -> float:
         act = 2 * self.tokens_per_step * self.hidden_size * 2
         return self.profile.transfer_seconds(act) + expert_seconds(
@@ -93,7 +98,7 @@ class MissHandler:
     def choose(self, *, layer: int, expert: int, rank: int, step: int, known_next_use: int,
                layers: int, expert_bytes: int) -> MissChoice:
         """Decide one miss (called by `kvkit.moe.cache.replay`)."""
-        low_ok = rank >= self.lowbit_min_rank
+        low_ok = self.lowbit_allowed(rank)
         if self.mode == "load":
             return MissChoice("load", expert_bytes)
         if self.mode == "cpu":

@@ -26,6 +26,15 @@ Supported experts (found by duck typing, nothing is patched globally):
   pre-gating router). Each later layer's `pending` is the exact lookahead; offload prefetches
   it while earlier layers compute. Oracle routing reads every expert and is refused.
 
+Low-bit copies (policy "sched" with `SchedConfig.lowbit`): where the scheduler serves a miss
+from a low-bit copy, the expert's weights are quantized per output row to `lowbit_bits`
+(symmetric round to nearest, `lowbit_roundtrip`), dequantized to their dtype on the fast device
+and used for that call only. The ranks the scheduler needs come from the call: transformers
+experts rank by `top_k_weights`, Read-ME by the column of `idx` (its routers' top-k order); for
+several tokens an expert takes its most important (lowest) rank. Limits: the copy is made from
+the slow tier's full weights at use time (no packed low-bit copy is stored), so the real run
+shows the quality cost and the decisions, not the modelled link saving.
+
 Shapes: N tokens, H hidden, E experts, C capacity (slots per layer).
 """
 
@@ -55,7 +64,21 @@ logger = logging.getLogger(__name__)
 POLICIES = ("lru", "lookahead", "sched")
 TIERS = ("auto", "file", "host")
 
-__all__ = ["OffloadConfig", "OffloadHandle", "OffloadedExperts", "offload", "POLICIES", "TIERS"]
+__all__ = ["OffloadConfig", "OffloadHandle", "OffloadedExperts", "offload", "lowbit_roundtrip",
+           "POLICIES", "TIERS"]
+
+
+def lowbit_roundtrip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """`weight` [..., D] quantized to `bits`-bit signed integers with one scale per row (the
+    last dim: an output channel of `x @ w.T`), symmetric round to nearest, and dequantized
+    back to its dtype. The error of each entry is at most half its row's scale."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"lowbit_roundtrip: bits must be in [1, 16], got {bits}")
+    w = weight.float()
+    qmax = max(2 ** (bits - 1) - 1, 1)      # 1 bit: {-1, 0, 1} x scale
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / qmax
+    q = torch.round(w / scale).clamp(-qmax, qmax)
+    return (q * scale).to(weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -65,7 +88,7 @@ class OffloadConfig:
     background) or "sched" (every decision by `kvkit.moe.sched.Scheduler` built from `sched`,
     default `SchedConfig(capacity)`, on the modelled clock of `profile`, so a trace of this run
     replayed by `schedule_trace` takes the same decisions; "cpu" misses are computed from the
-    slow tier's weights where they are). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or "auto" (file
+    slow tier's weights where they are, "lowbit" ones from `lowbit_roundtrip` copies of them). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or "auto" (file
     on CPU, host on CUDA). path: the safetensors file (default: a temporary file, deleted on
     close). predict_distance: layers ahead the router-based predictor looks (transformers
     models; Read-ME models use their pre-gating router for all later layers)."""
@@ -182,7 +205,7 @@ class _Runtime:
 
     def reset_stats(self) -> None:
         self.counts = {"hits": 0, "misses": 0, "prefetch_issued": 0, "prefetch_useful": 0,
-                       "cpu": 0, "bytes_moved": 0, "stall_s": 0.0, "calls": 0}
+                       "cpu": 0, "lowbit": 0, "bytes_moved": 0, "stall_s": 0.0, "calls": 0}
 
     def start_scheduler(self, hidden_size: int) -> None:
         """Build the scheduler once the layers are known (policy "sched")."""
@@ -198,11 +221,17 @@ class _Runtime:
         else:
             self.prefetch(layer, experts)
 
-    def weights_for(self, layer: _Layer, experts: list[int]
+    @property
+    def wants_ranks(self) -> bool:
+        """Whether `weights_for` needs the experts' gate ranks (low-bit copies are offered)."""
+        return self.sched is not None and self.sched.config.lowbit
+
+    def weights_for(self, layer: _Layer, experts: list[int], ranks: list[int] | None = None
                     ) -> Callable[[int], dict[str, torch.Tensor]]:
-        """Make `experts` computable; returns expert -> its weights by parameter name."""
+        """Make `experts` computable; returns expert -> its weights by parameter name. `ranks`:
+        each expert's lowest rank in its tokens' top-k by gate weight (when `wants_ranks`)."""
         if self.sched is not None:
-            return self._run_plan(layer, experts).__getitem__
+            return self._run_plan(layer, experts, ranks).__getitem__
         if len(experts) <= layer.capacity:
             slots = self.ensure(layer, experts)
             return lambda e: layer.weights(slots[e])
@@ -219,10 +248,11 @@ class _Runtime:
             fut.result()
         return slot
 
-    def _run_plan(self, layer: _Layer, experts: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    def _run_plan(self, layer: _Layer, experts: list[int], ranks: list[int] | None
+                  ) -> dict[int, dict[str, torch.Tensor]]:
         """Carry out the scheduler's decisions for one call of `layer`."""
         assert self.sched is not None and self.pool is not None
-        decisions, background = self.sched.plan(layer.index, experts)
+        decisions, background = self.sched.plan(layer.index, experts, ranks=ranks)
         for l, e, victim in background:
             target = self.layers[l]
             slot = self._slot_for(target, victim)
@@ -251,6 +281,14 @@ class _Runtime:
                 out[e] = layer.weights(slot)
             elif how == "stream":
                 out[e] = {k: v[e].to(self.device, copy=True) for k, v in layer.slow.items()}
+            elif how == "lowbit":     # used once, never cached
+                bits = self.sched.config.lowbit_bits
+                out[e] = {k: lowbit_roundtrip(v[e], bits).to(self.device)
+                          for k, v in layer.slow.items()}
+                self.counts["lowbit"] += 1
+                self.counts["bytes_moved"] += self.sched.lowbit_bytes
+                stalled = True
+                continue
             else:            # "cpu": computed where the slow tier keeps the weights
                 self.counts["cpu"] += 1
                 out[e] = {k: v[e] for k, v in layer.slow.items()}
@@ -373,7 +411,13 @@ class OffloadedExperts(nn.Module):
             expert_mask = expert_mask.permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
         hit = [int(e) for e in expert_hit[:, 0].tolist() if e != self.num_experts]
-        weights = rt.weights_for(layer, hit)
+        ranks = None
+        if rt.wants_ranks:          # rank of each slot by gate weight; an expert's lowest
+            with torch.no_grad():
+                order = top_k_weights.argsort(dim=-1, descending=True, stable=True)
+                rank = order.argsort(dim=-1)                              # [N, k]
+                ranks = [int(rank[top_k_index == e].min()) for e in hit]
+        weights = rt.weights_for(layer, hit, ranks)
         for expert_idx in hit:
             w = weights(expert_idx)
             gate_up, down = w["gate_up_proj"], w["down_proj"]
@@ -421,7 +465,11 @@ def _readme_experts_forward(mlp: nn.Module, layer: _Layer, runtime: _Runtime,
         tokens = torch.arange(n, device=x.device).repeat_interleave(k)[order]
         counts = torch.bincount(flat, minlength=mlp.num_experts).tolist()
         used = [e for e, c in enumerate(counts) if c]
-        weights = runtime.weights_for(layer, used)
+        ranks = None
+        if runtime.wants_ranks:     # idx columns are the router's top-k order
+            col = torch.arange(k, device=idx.device).expand(n, k)
+            ranks = [int(col[idx == e].min()) for e in used]
+        weights = runtime.weights_for(layer, used, ranks)
         lo = 0
         for e, c in enumerate(counts):
             if c == 0:

@@ -9,6 +9,17 @@ Parts (each can be switched off, so each is measured alone):
 * where a miss runs (`miss`): "load" waits for the link and runs on the fast device; "cpu"
   computes on the slow device where the weights are (Fiddler, arXiv:2402.07033); "auto" splits
   a step's misses between the two so that the step finishes first.
+* low-bit copies (`lowbit`, off by default: it changes the model's outputs): a miss may instead
+  fetch a `lowbit_bits` copy of the expert, run it once on the fast device and not cache it
+  (HOBBIT, arXiv:2411.01433), but only for experts ranked `lowbit_min_rank` or later in the
+  token's top-k by gate weight (`kvkit.moe.miss.MissHandler`'s rule and byte count). Per step
+  the scheduler tries every split of the misses into full loads, low-bit copies and, where
+  `miss` allows it, slow-device work, and keeps the one that ends first (on a tie the one with
+  fewer low-bit copies, then fewer loads). With miss="load" that is HOBBIT's load-or-low-bit
+  choice, with miss="auto" a three-way one. The ranks come with each call
+  (`plan(..., ranks=...)`); a trace gives them by its row order (highest gate first), and one
+  whose rows carry no gate order (`meta["gate_ranked"] = False`, or every row sorted by expert
+  id) is refused.
 * what stays in the fast tier (`keep`): "lru" (last use), or "reuse": the predicted chance that
   the expert is used at its layer's next call - a per-request (or global) decayed frequency
   (`reuse`), raised to `hint_confidence` for experts a predictor names for that call.
@@ -21,12 +32,16 @@ Parts (each can be switched off, so each is measured alone):
 
 Clock, per step (one layer of one token): the step starts when the previous one ends; its
 demand loads form one transfer after the chunk in flight; the fast device runs after all of
-them arrived (hits, loads, `other_per_layer_s`); the slow device starts at once, after shipping
+them arrived (hits, loads, low-bit copies, `other_per_layer_s`; a low-bit copy joins the demand
+transfer with its smaller size and then costs a full-precision expert's compute, as
+`kvkit.moe.sim.simulate` prices it); the slow device starts at once, after shipping
 the activations (one link latency each way). With `miss="load", keep="lru"` this is the timeline
 of `kvkit.moe.sim.simulate` on an LRU replay. Counters: `hit_rate` counts demand hits only; the
 first use of an expert a background transfer brought is a prefetch hit, reported apart.
 
-Limits: one token per step in the trace driver; low-bit copies are not among the choices.
+Limits: one token per step in the trace driver; a low-bit copy is priced by its bytes over
+the link, not by a faster low-bit kernel; its quality cost is reported as a share of the
+expert work (`lowbit_share`) at `lowbit_bits`, not measured here.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kvkit.moe.miss import MissHandler
 from kvkit.moe.sim import HardwareProfile, expert_seconds
 from kvkit.moe.trace import Trace
 
@@ -44,8 +60,8 @@ MISS = ("load", "cpu", "auto")
 KEEP = ("lru", "reuse")
 REUSE = ("request", "global")
 
-__all__ = ["SchedConfig", "Scheduler", "SchedResult", "schedule_trace", "standard_configs",
-           "compare_schedules", "MISS", "KEEP", "REUSE"]
+__all__ = ["SchedConfig", "Scheduler", "SchedResult", "schedule_trace", "gate_ranked", "MISS",
+           "KEEP", "REUSE"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,9 @@ class SchedConfig:
     active_tokens:    a request stays in the reuse estimate this many tokens after its last one.
     min_gain:         predicted-use margin a background transfer must win by.
     hint_confidence:  chance of use given to an expert a hint names.
+    lowbit:           offer low-bit copies for misses (changes outputs; off by default).
+    lowbit_bits:      bits per weight of a low-bit copy (its bytes: expert_bytes * bits / 16).
+    lowbit_min_rank:  0-based rank in the token's top-k from which a low-bit copy is allowed.
     """
 
     capacity: int
@@ -73,6 +92,9 @@ class SchedConfig:
     active_tokens: int = 64
     min_gain: float = 0.05
     chunk_bytes: int = 1 << 21
+    lowbit: bool = False
+    lowbit_bits: int = 4
+    lowbit_min_rank: int = 2
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -89,12 +111,16 @@ class SchedConfig:
                 and self.min_gain >= 0):
             raise ValueError("SchedConfig needs half-lives > 0, chunk_bytes > 0, "
                              "active_tokens >= 1, hint_confidence in [0, 1], min_gain >= 0")
+        if not 1 <= self.lowbit_bits <= 16 or self.lowbit_min_rank < 0:
+            raise ValueError(f"SchedConfig needs lowbit_bits in [1, 16] and lowbit_min_rank >= 0, "
+                             f"got {self.lowbit_bits} and {self.lowbit_min_rank}")
 
     def label(self) -> str:
-        """Short name of the configuration, e.g. 'auto+reuse/request+bg+hints'."""
+        """Short name of the configuration, e.g. 'auto+reuse/request+bg+hints+int4@2'."""
         parts = [self.miss, f"{self.keep}/{self.reuse}" if self.keep == "reuse" else self.keep]
-        return "+".join(parts + [p for p, on in (("bg", self.background),
-                                                 ("hints", self.hints)) if on])
+        low = f"int{self.lowbit_bits}@{self.lowbit_min_rank}"
+        return "+".join(parts + [p for p, on in (("bg", self.background), ("hints", self.hints),
+                                                 (low, self.lowbit)) if on])
 
 
 @dataclass
@@ -111,7 +137,9 @@ class SchedResult:
     loads: int = 0                      # demand loads over the link (kept or streamed)
     waits: int = 0                      # background transfer in flight, promoted to demand
     cpu: int = 0                        # experts computed on the slow device
-    demand_bytes: int = 0
+    lowbit: int = 0                     # experts run once from a low-bit copy
+    demand_bytes: int = 0               # loads and low-bit copies
+    lowbit_bytes: int = 0
     background_bytes: int = 0
     background_issued: int = 0
     background_used: int = 0            # brought experts used at least once before eviction
@@ -125,8 +153,10 @@ class SchedResult:
         return {"ms_per_token": 1e3 * self.seconds / n,
                 "stall_ms_per_token": 1e3 * self.stall_seconds / n,
                 "hit_rate": self.hit_rate, "prefetch_hit_rate": self.prefetch_hits / a,
+                # the three shares of the expert work sum to 1; low-bit copies run on the
+                # fast device too, but apart from its full-precision work
                 "fast_share": (self.demand_hits + self.prefetch_hits + self.loads + self.waits) / a,
-                "cpu_share": self.cpu / a,
+                "lowbit_share": self.lowbit / a, "cpu_share": self.cpu / a,
                 "bytes_per_token": (self.demand_bytes + self.background_bytes) / n,
                 "demand_bytes_per_token": self.demand_bytes / n,
                 "background_bytes_per_token": self.background_bytes / n,
@@ -214,6 +244,12 @@ class Scheduler:
         self.expert_bytes = expert_bytes
         self.fast_s = expert_seconds(expert_bytes, tokens_per_step, profile.fast_flops,
                                      profile.fast_mem_bytes_per_s)
+        # low-bit copies: MissHandler's rank rule and byte count
+        self.miss_handler = MissHandler(profile, lowbit_bits=c.lowbit_bits,
+                                        lowbit_min_rank=c.lowbit_min_rank,
+                                        tokens_per_step=tokens_per_step, hidden_size=hidden_size)
+        self.lowbit_bytes = self.miss_handler.lowbit_bytes(expert_bytes)
+        self.lowbit_s = self.lowbit_bytes / profile.link_bytes_per_s
         self.slow_s = expert_seconds(expert_bytes, tokens_per_step, profile.slow_flops,
                                      profile.slow_mem_bytes_per_s)
         # activations to the slow device and back: one transfer each way
@@ -269,15 +305,22 @@ class Scheduler:
         return v
 
     # -- one layer call --------------------------------------------------------------------
-    def plan(self, layer: int, experts: Sequence[int], request: int = 0
+    def plan(self, layer: int, experts: Sequence[int], request: int = 0,
+             ranks: Sequence[int] | None = None
              ) -> tuple[list[tuple[int, str, int]], list[tuple[int, int, int]]]:
         """Decide one layer call. Returns (per needed expert, ascending: (expert, how, evicted
         expert or -1), background transfers started now: (layer, expert, evicted or -1)). `how` is
         "hit", "prefetch" (first use of a background transfer), "wait" (transfer in flight,
-        finished as demand), "load" (kept in the fast tier), "stream" (loaded, used once) or
-        "cpu"."""
+        finished as demand), "load" (kept in the fast tier), "stream" (loaded, used once),
+        "lowbit" (a low-bit copy, used once) or "cpu".
+
+        `ranks` gives each entry of `experts` its 0-based rank in the token's top-k by gate
+        weight (for several tokens, the most important use: the lowest); needed, and only
+        read, when the config offers low-bit copies.
+        """
         if not 0 <= layer < self.L:
             raise ValueError(f"layer {layer} is outside [0, {self.L})")
+        rank_of = self._ranks(experts, ranks)
         if layer <= self.layer or self.token < 0:
             self._begin_token(request)
         self.layer = layer
@@ -298,26 +341,32 @@ class Scheduler:
             else:
                 missing.append(e)
         inflight.sort(key=lambda e: self.link.remaining(layer, e))
+        n_low_ok = 0
+        if rank_of is not None:     # low-bit candidates last, less important ones at the end
+            missing.sort(key=lambda e: (rank_of[e], e))
+            n_low_ok = sum(self.miss_handler.lowbit_allowed(rank_of[e]) for e in missing)
         cands = inflight + missing
         n_hit = len(hows)
-        j = self._split(layer, n_hit, inflight, missing)
+        j, n_low = self._split(layer, n_hit, inflight, missing, n_low_ok)
         promoted = {(layer, e) for e in inflight[:j]}
         n_load = max(0, j - len(inflight))
         load_end = now
-        if j:
-            load_end, done = self.link.demand(now, promoted, self._miss_seconds(n_load))
+        if j or n_low:
+            load_end, done = self.link.demand(now, promoted, self._miss_seconds(n_load, n_low))
             for l, e in done:
                 self.ready[l, e] = True
-        n_cpu = len(cands) - j
-        fast_work = (n_hit + j) * self.fast_s + self.other_s
+        n_cpu = len(cands) - j - n_low
+        fast_work = (n_hit + j + n_low) * self.fast_s + self.other_s
         fast_end = load_end + fast_work
         cpu_end = now + (self.act_s + n_cpu * self.slow_s if n_cpu else 0.0)
         end = max(fast_end, cpu_end)
         for e in inflight[:j]:
             hows[e] = "wait"
             self.ready[layer, e] = True
-        for e in cands[j:]:
+        for e in cands[j:len(cands) - n_low]:
             hows[e] = "cpu"
+        for e in cands[len(cands) - n_low:]:
+            hows[e] = "lowbit"
         self._touch(layer, need, step, request)
         decisions = []
         for e in need:
@@ -334,7 +383,9 @@ class Scheduler:
             res.waits += sum(h == "wait" for h in hows.values())
             res.loads += n_load
             res.cpu += n_cpu
-            res.demand_bytes += n_load * self.expert_bytes
+            res.lowbit += n_low
+            res.lowbit_bytes += n_low * self.lowbit_bytes
+            res.demand_bytes += n_load * self.expert_bytes + n_low * self.lowbit_bytes
             res.stall_seconds += end - now - fast_work
         for e in need:
             if hows[e] in ("prefetch", "wait") and self.fresh[layer, e]:
@@ -344,34 +395,58 @@ class Scheduler:
             del self.pending[layer][target]
         self.last_step_s = end - now
         self.now = end
+        if rank_of is not None:
+            self.log.append(("ranks", step, layer, tuple(rank_of[e] for e in need)))
         self.log.append(("step", step, layer, tuple(decisions)))
         return decisions, bg
 
-    def _miss_seconds(self, n: int) -> float:
-        """Demand loads of one step: one transfer, one latency."""
-        return 0.0 if n == 0 else self.latency_s + n * self.bytes_s
+    def _ranks(self, experts: Sequence[int], ranks: Sequence[int] | None
+               ) -> dict[int, int] | None:
+        """expert -> its lowest rank among `experts`, when the config offers low-bit copies."""
+        if not self.config.lowbit:
+            return None
+        if ranks is None:
+            raise ValueError("SchedConfig.lowbit needs each expert's rank in the token's top-k "
+                             "by gate weight: pass plan(..., ranks=...)")
+        if len(ranks) != len(experts) or min(ranks, default=0) < 0:
+            raise ValueError(f"plan: ranks must give a rank >= 0 to each of the {len(experts)} "
+                             f"experts, got {list(ranks)}")
+        rank_of: dict[int, int] = {}
+        for e, r in zip(experts, ranks):
+            rank_of[int(e)] = min(int(r), rank_of.get(int(e), int(r)))
+        return rank_of
 
-    def _split(self, layer: int, n_hit: int, inflight: list[int], missing: list[int]) -> int:
-        """How many of inflight + missing (in that order) go over the link; the rest run on
-        the slow device. "load" takes all, "cpu" none, "auto" the count that ends first."""
+    def _miss_seconds(self, n: int, n_low: int = 0) -> float:
+        """Demand loads and low-bit copies of one step: one transfer, one latency."""
+        if n == 0 and n_low == 0:
+            return 0.0
+        return self.latency_s + n * self.bytes_s + n_low * self.lowbit_s
+
+    def _split(self, layer: int, n_hit: int, inflight: list[int], missing: list[int],
+               n_low_ok: int = 0) -> tuple[int, int]:
+        """How the step's misses are served: of cands = inflight + missing (in that order) the
+        first j go over the link in full precision, the last b as low-bit copies (only the last
+        `n_low_ok` of missing may), the rest on the slow device. Returns (j, b), the split
+        that ends the step first among those `miss` allows ("load": no slow device, "cpu": no
+        full loads); on a tie fewer low-bit copies, then fewer loads."""
         n = len(inflight) + len(missing)
-        if self.config.miss == "load" or n == 0:
-            return n
-        if self.config.miss == "cpu":
-            return 0
-        best, best_end = 0, float("inf")
+        miss = self.config.miss
         rem = [self.link.remaining(layer, e) for e in inflight]
-        for j in range(n + 1):
+        best, best_end = (0, 0), float("inf")
+        for j in range(n + 1) if miss != "cpu" else [0]:
             promoted = {(layer, e) for e in inflight[:j]}
-            link = 0.0
-            if j:
-                link = self.link.preempt_delay(promoted) + sum(rem[:j]) \
-                    + self._miss_seconds(max(0, j - len(inflight)))
-            fast_end = link + (n_hit + j) * self.fast_s + self.other_s
-            cpu_end = self.act_s + (n - j) * self.slow_s if n - j else 0.0
-            end = max(fast_end, cpu_end)
-            if end < best_end - 1e-15:
-                best, best_end = j, end
+            wait = self.link.preempt_delay(promoted) + sum(rem[:j])
+            n_load = max(0, j - len(inflight))
+            for b in range(min(n_low_ok, n - j) + 1):
+                n_cpu = n - j - b
+                if n_cpu and miss == "load":
+                    continue
+                link = wait + self._miss_seconds(n_load, b) if j or b else 0.0
+                fast_end = link + (n_hit + j + b) * self.fast_s + self.other_s
+                cpu_end = self.act_s + n_cpu * self.slow_s if n_cpu else 0.0
+                end = max(fast_end, cpu_end)
+                if end < best_end - 1e-15 or (end <= best_end + 1e-15 and b < best[1]):
+                    best, best_end = (j, b), end
         return best
 
     def _victim(self, layer: int, protect: set[int], values: np.ndarray) -> int:
@@ -478,12 +553,24 @@ def schedule_trace(trace: Trace, config: SchedConfig, profile: HardwareProfile,
     `trace.available_step` gives (hints for the step about to run are dropped: its experts are
     known then anyway), then each layer is planned in execution order.
 
+    With `config.lowbit`, each row's order (highest gate first) gives the ranks.
+
     Raises:
-        ValueError: warm-up leaves no token to count.
+        ValueError: warm-up leaves no token to count; `config.lowbit` on a trace without gate
+            ranks (see `gate_ranked`).
     """
-    T, L, _ = trace.experts.shape
+    T, L, K = trace.experts.shape
     if not 0 <= warmup_tokens < T:
         raise ValueError(f"warmup_tokens={warmup_tokens} must be in [0, {T}) for a {T}-token trace")
+    ranks: list[int] | None = None
+    if config.lowbit:
+        ok, why = gate_ranked(trace)
+        if not ok:
+            raise ValueError(f"SchedConfig.lowbit allows low-bit copies only below rank "
+                             f"{config.lowbit_min_rank} of a token's top-k by gate weight, and "
+                             f"trace {trace.meta['model']!r} has no gate ranks: {why}. Record "
+                             f"each row highest gate first, or set lowbit=False")
+        ranks = list(range(K))
     sched = Scheduler(config, L, trace.num_experts, trace.expert_bytes, profile, hidden_size,
                       other_per_layer_s=other_per_layer_s, warmup_tokens=warmup_tokens)
     queue: deque[tuple[int, int]] = deque()
@@ -501,8 +588,20 @@ def schedule_trace(trace: Trace, config: SchedConfig, profile: HardwareProfile,
                     tu, lu = divmod(u, L)
                     row = trace.predicted[tu, lu]
                     sched.hint(lu, row[row >= 0].tolist(), _tokens_ahead(t, l, tu, lu))
-            sched.plan(l, trace.experts[t, l].tolist(), int(trace.request[t]))
+            sched.plan(l, trace.experts[t, l].tolist(), int(trace.request[t]), ranks)
     return sched.finish(), sched
+
+
+def gate_ranked(trace: Trace) -> tuple[bool, str]:
+    """Whether the order of `trace`'s rows is the gate order the format promises (and why
+    not): no when `meta["gate_ranked"]` is False, or when top_k > 1 and every row is sorted
+    by expert id (a set written in id order, not a ranking)."""
+    if trace.meta.get("gate_ranked", True) is False:
+        return False, "its meta says gate_ranked=False"
+    if trace.top_k > 1 and trace.num_tokens * trace.num_layers > 1 \
+            and bool((np.diff(trace.experts, axis=-1) > 0).all()):
+        return False, "every row is sorted by expert id, so the order is not by gate weight"
+    return True, "rows in gate order"
 
 
 def _tokens_ahead(token: int, layer: int, target_token: int, target_layer: int) -> int:
@@ -510,38 +609,3 @@ def _tokens_ahead(token: int, layer: int, target_token: int, target_layer: int) 
     # hint() counts from the current token's call of target_layer if it has not run yet
     # (target_layer >= layer when the current step has not run), else from the next token's
     return target_token - token - (1 if target_layer < layer else 0)
-
-
-def standard_configs(capacity: int) -> list[tuple[str, SchedConfig]]:
-    """The rows without predictions: the two baselines, each part alone, their composition."""
-    no = dict(background=False, hints=False)
-    return [
-        ("lru (on-demand loads)", SchedConfig(capacity, miss="load", keep="lru", **no)),
-        ("all-cpu misses", SchedConfig(capacity, miss="cpu", keep="lru", **no)),
-        ("cpu misses + keep by reuse", SchedConfig(capacity, **no)),
-        ("warm cache, loads only", SchedConfig(capacity, miss="load", hints=False)),
-        ("hybrid: cpu misses + warm cache", SchedConfig(capacity, hints=False)),
-        ("hybrid, global frequency", SchedConfig(capacity, reuse="global", hints=False)),
-    ]
-
-
-def compare_schedules(variants: list[tuple[str, Trace, SchedConfig]], profile: HardwareProfile,
-                      warmup_tokens: int = 0, hidden_size: int = 2048) -> list[dict[str, Any]]:
-    """Run each (label, trace, config) and return one row each, fastest first: modelled time and
-    stall per token, demand hit rate, prefetch hit rate, share of expert work per tier, bytes
-    moved (all and in the background) and the background transfers' accuracy."""
-    rows = []
-    for label, trace, cfg in variants:
-        s = schedule_trace(trace, cfg, profile, warmup_tokens, hidden_size)[0].summary()
-        acc = s["background_accuracy"]
-        rows.append({"config": label, "scheduler": cfg.label(), "capacity": cfg.capacity,
-                     "ms_per_token": round(s["ms_per_token"], 4),
-                     "stall_ms_per_token": round(s["stall_ms_per_token"], 4),
-                     "hit_rate": round(s["hit_rate"], 4),
-                     "prefetch_hit_rate": round(s["prefetch_hit_rate"], 4),
-                     "fast_share": round(s["fast_share"], 4), "cpu_share": round(s["cpu_share"], 4),
-                     "MB_per_token": round(s["bytes_per_token"] / 1e6, 3),
-                     "background_MB_per_token": round(s["background_bytes_per_token"] / 1e6, 3),
-                     "background_accuracy": None if acc is None else round(acc, 3),
-                     "hint_confidence": cfg.hint_confidence if cfg.hints else None})
-    return sorted(rows, key=lambda r: r["ms_per_token"])

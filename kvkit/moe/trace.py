@@ -16,6 +16,8 @@ File format (`.npz`, written by `np.savez_compressed`, read with `allow_pickle=F
 | lookahead      | int scalar                    | how early `predicted` is known (unit below)       |
 | lookahead_unit | str scalar                    | "layers" or "tokens"                              |
 | meta           | str scalar (JSON object)      | num_experts, top_k, expert_bytes, model, ...      |
+|                |                               | (`gate_ranked: false` marks rows not in gate      |
+|                |                               | order; low-bit scheduling then refuses the trace) |
 | format_version | int scalar                    | 1                                                 |
 
 Lookahead, precisely. Execution is flattened token-major: layer `l` of token `t` is *step*

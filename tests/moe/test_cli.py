@@ -75,6 +75,27 @@ def test_schedule_ranks_configurations_by_time(tmp_path, capsys):
             "hybrid + hints: trace predictions"} <= {r["config"] for r in rows}
 
 
+def test_schedule_lowbit_rows_and_refusal_without_gate_ranks(tmp_path, capsys):
+    import numpy as np
+
+    from kvkit.moe.trace import Trace
+
+    trace = simple_trace(tokens=80, num_experts=12, top_k=3, expert_bytes=10**6)
+    path = save_trace(tmp_path / "t.npz", trace)
+    out = tmp_path / "s.json"
+    assert main(["schedule", str(path), "--lowbit", "4", "--lowbit-min-rank", "1",
+                 "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["lru + int4 copies"]["lowbit_bits"] == 4
+    assert rows["lru (on-demand loads)"]["lowbit_bits"] is None
+    by_id = Trace(np.sort(trace.experts, axis=-1), trace.request, meta=trace.meta)
+    bad = save_trace(tmp_path / "by_id.npz", by_id)
+    capsys.readouterr()
+    assert main(["schedule", str(bad), "--lowbit", "4"]) == 2
+    assert "no gate ranks" in capsys.readouterr().err
+    assert main(["schedule", str(bad)]) == 0
+
+
 def test_schedule_bad_trace_is_a_usage_error(tmp_path, capsys):
     assert main(["schedule", str(tmp_path / "missing.npz")]) == 2
     assert "no trace at" in capsys.readouterr().err
