@@ -89,9 +89,9 @@ class DenseStorage:
 
     def write_slots(self, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store tokens at flat slot ids `idx` `[n]` (page * S + slot): one index_copy each."""
-        D = self.k.shape[-1]
-        self.k.view(-1, D).index_copy_(0, idx, k.to(self.k.dtype))
-        self.v.view(-1, D).index_copy_(0, idx, v.to(self.v.dtype))
+        D, dtype = self.k.shape[-1], self.k.dtype
+        self.k.view(-1, D).index_copy_(0, idx, k if k.dtype == dtype else k.to(dtype))
+        self.v.view(-1, D).index_copy_(0, idx, v if v.dtype == dtype else v.to(dtype))
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[pages], self.v[pages]
@@ -143,6 +143,15 @@ class Selection:
         """Pages selected per (sequence, head): `[B, H]`."""
         return (self.pages >= 0).sum(-1)
 
+    @functools.cached_property
+    def uniform_length(self) -> int | None:
+        """n when every row reads exactly its first n tokens (`lengths` all equal, n > 0): the
+        usual decode step. Computed once per Selection, which `read_all` shares between layers."""
+        if self.lengths is None or not self.lengths.size:
+            return None
+        n = int(self.lengths.max())
+        return n if n > 0 and int(self.lengths.min()) == n else None
+
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -178,6 +187,14 @@ def _locked(method):
                     self._advance(pool, None)
                 raise
     return run
+
+
+def _as_slice(index: np.ndarray) -> np.ndarray | slice:
+    """`index` as a slice when it counts up by one (numpy updates a slice faster than a list of
+    indices, which a per-layer update of every decode step notices)."""
+    if len(index) and (np.diff(index) == 1).all():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
 
 
 def shared_run(table: np.ndarray, lengths: np.ndarray, S: int) -> tuple[int, int, int] | None:
@@ -642,7 +659,7 @@ class PagedKVStore:
             pool.table[grow, n[full]] = fresh
             pool.npages[grow] += 1
         else:  # no page taken: the same slots serve every layer with this history
-            self._memoized((op, pool.stamp), lambda: (rows, slots, idx, pos))
+            self._memoized((op, pool.stamp), lambda: (_as_slice(rows), _as_slice(slots), idx, pos))
         pool.resident[rows] += 1
         self._length[slots, layer] += 1
         self._advance(pool, op)
@@ -667,7 +684,7 @@ class PagedKVStore:
             pool.storage.write_slots(idx, k_rows, v_rows)
         else:
             pool.storage.write(idx // S, idx % S, k_rows, v_rows)
-        pool.slot_pos.view(-1).index_copy_(0, idx, positions.to(torch.int32))
+        pool.slot_pos.view(-1).index_copy_(0, idx, positions if positions.dtype == torch.int32 else positions.to(torch.int32))
         if pool.key_min is not None:
             # bound the keys as they are read back (rounded to the store's dtype), not as given
             pages = idx // S

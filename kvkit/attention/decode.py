@@ -69,6 +69,26 @@ def decode(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int
     return out, None
 
 
+def decode_in_place(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], layer: int,
+                    scale: float | None = None) -> torch.Tensor | None:
+    """`decode` of the dense selection (`store.read_all`) when it is one strided view of a plain
+    pool on the CPU, every row reading its first n tokens: the usual dense decode step, with
+    none of the general path's per-layer checks and branches (a decode step per layer of every
+    model runs here, so each Python operation counts). Returns out `[B, Hq, D]`, or None when the
+    step is not that case (then `decode` applies) or KVKIT_ATTENTION_BACKEND asks for another path."""
+    if q.is_cuda or os.environ.get("KVKIT_ATTENTION_BACKEND", "auto") != "auto":
+        return None
+    st = store.storage(layer)
+    selection = store.read_all(seqs, layer)
+    n = selection.uniform_length
+    if type(st) is not DenseStorage or selection.run is None or n is None or selection.run[2] * store.page_size < n:
+        return None
+    if q.dim() != 3 or q.shape[0] != len(seqs) or q.shape[2] != store.head_dim or q.shape[1] % store.num_kv_heads:
+        _check(q, store, seqs, selection)  # raises, saying what is wrong
+    k, v = fast_path.run_views(st.k, st.v, selection.run, len(seqs), store.num_kv_heads, n)
+    return fast_path.attend(q, k, v, None, scale if scale is not None else store.head_dim ** -0.5)
+
+
 def _decode_triton(q: torch.Tensor, store: PagedKVStore, layer: int, selection: Selection, scale: float,
                    return_stats: bool, forced: bool) -> torch.Tensor | None:
     """The Triton kernels over the pages in place; None when they do not apply (and not forced)."""

@@ -4,7 +4,7 @@
 then float32 attention; at one query per head its per-op overhead and the float32 upcast of
 every gathered key cost more than the attention itself. This path takes the pool tensors of a
 plain (dense) storage directly, gathers the selected pages with one `index_select` per K and V,
-and attends in the pool's dtype (`_attend`: SDPA for bf16, matmul-softmax for float32, the
+and attends in the pool's dtype (`attend`: SDPA for bf16, matmul-softmax for float32, the
 faster of the two in bench/results/speed*.md). `kvkit.attention.decode` runs it for plain
 pages on the CPU. It is tested against `kvkit.attention.ref.sparse_decode_ref`.
 
@@ -59,9 +59,9 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if lengths is not None:
         n = int(lengths.max()) if lengths.size else 0
         if lengths.size and int(lengths.min()) == n:  # the usual step: every row reads its first n slots
-            return _attend(q, k[:, :, :n], v[:, :, :n], None, scale)
+            return attend(q, k[:, :, :n], v[:, :, :n], None, scale)
         valid = torch.arange(P * S, device=q.device) < torch.from_numpy(lengths).to(q.device)[..., None]
-        return _attend(q, k, v, valid, scale)
+        return attend(q, k, v, valid, scale)
     valid = None
     if slot_valid is not None or slot_mask is not None or padded:  # else every listed slot is read
         valid = (flat >= 0).view(B, Hkv, P, 1)
@@ -70,7 +70,7 @@ def sparse_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         if slot_mask is not None:
             valid = valid & slot_mask
         valid = valid.expand(B, Hkv, P, S).reshape(B, Hkv, P * S)
-    return _attend(q, k, v, valid, scale)
+    return attend(q, k, v, valid, scale)
 
 
 # Below this many tokens in place, copying every page costs less than attending in two parts
@@ -86,14 +86,12 @@ def _decode_run_and_tail(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     B, Hq, D = q.shape
     Hkv = page_table.shape[1]
     S = k_cache.shape[1]
-    first, stride, m = run
+    m = run[2]
     lo, hi = int(lengths.min()), int(lengths.max())
-    size, step = (B, Hkv, min(hi, m * S), D), (Hkv * stride * S * D, stride * S * D, D, 1)
-    k_run = k_cache.as_strided(size, step, k_cache.storage_offset() + first * S * D)  # [B, Hkv, <= m*S, D]
-    v_run = v_cache.as_strided(size, step, v_cache.storage_offset() + first * S * D)
+    k_run, v_run = run_views(k_cache, v_cache, run, B, Hkv, min(hi, m * S))  # [B, Hkv, <= m*S, D]
     if hi <= m * S:  # the whole read in place: one attention (the usual step: every row reads hi tokens)
         valid = None if lo == hi else torch.arange(hi, device=q.device) < torch.from_numpy(lengths).to(q.device)[..., None]
-        return _attend(q, k_run, v_run, valid, scale)
+        return attend(q, k_run, v_run, valid, scale)
     run_len = np.minimum(lengths, m * S)  # [B, Hkv] tokens each row reads in the run
     n = int(run_len.max())
     valid = None if int(run_len.min()) == n else (
@@ -120,13 +118,24 @@ def _decode_run_and_tail(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
+def run_views(k_cache: torch.Tensor, v_cache: torch.Tensor, run: tuple[int, int, int], B: int, Hkv: int,
+              n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n tokens of each row's leading run (`Selection.run`, n <= its pages' slots) as
+    strided views `[B, Hkv, n, D]` of the pools `[N, S, D]`: no copy."""
+    first, stride, _ = run
+    S, D = k_cache.shape[1], k_cache.shape[2]
+    size, step = (B, Hkv, n, D), (Hkv * stride * S * D, stride * S * D, D, 1)
+    return (k_cache.as_strided(size, step, k_cache.storage_offset() + first * S * D),
+            v_cache.as_strided(size, step, v_cache.storage_offset() + first * S * D))
+
+
 def _attend_lse(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of G queries per KV head, qg `[B, Hkv, G, D]`, over k, v `[B, Hkv, T, D]` (views
     welcome), valid `[B, Hkv, T]` or None: out `[B, Hkv, G, D]` and its log-sum-exp float32
     `[B, Hkv, G]` (-inf where nothing is valid). bf16/fp16 with every token valid: the CPU flash
     kernel SDPA runs (it returns the log-sum-exp); else matmul-softmax, the faster of the two
-    in float32 (as `_attend`)."""
+    in float32 (as `attend`)."""
     if k.dtype != torch.float32 and valid is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, scale=scale)[:2]
         return out, lse
@@ -137,7 +146,7 @@ def _attend_lse(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch
     return (scores - lse[..., None]).exp().nan_to_num(0.0) @ v, lse
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
             scale: float) -> torch.Tensor:
     """One query per head over gathered K/V `[B, Hkv, T, D]`, in their dtype; valid: `[B, Hkv, T]`
     bool, None when every token is read. Returns `[B, Hq, D]` in q's dtype, zeros for a row with
@@ -220,4 +229,4 @@ def quest_decode_fast(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         pos = (top * S)[..., None] + torch.arange(S, device=q.device)  # [B, Hkv, K, S] positions
         lens = torch.tensor(seq_lens, device=q.device).view(B, 1, 1, 1)
         valid = (pos < lens).view(B, Hkv, k * S)
-    return _attend(q, kk, vv, valid, scale), top
+    return attend(q, kk, vv, valid, scale), top

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvkit import policies
-from kvkit.attention.decode import decode
+from kvkit.attention.decode import decode, decode_in_place
 from kvkit.attention.ref import causal_prefill_ref
 from kvkit.stats import PrefillStats
 from kvkit.store import PagedKVStore
@@ -70,6 +70,10 @@ def _decode_step(store: PagedKVStore, policy, seqs: Sequence[int], layer: int, q
     """One new token per sequence (q `[B, Hq, D]`, k, v `[B, Hkv, D]`): one vectorized write for
     the batch, the policy's selection, decode over it, eviction. Returns (`[B, Hq, 1, D]`, evicted)."""
     store.append_step(seqs, layer, k, v)
+    if monitor is None and policy.reads_everything(layer, store.num_kv_heads):
+        out = decode_in_place(q, store, seqs, layer, scale)
+        if out is not None:
+            return out[:, :, None], 0
     start = time.perf_counter() if monitor is not None else 0.0
     selection = policy.select(store, seqs, layer, q)
     selected = time.perf_counter() if monitor is not None else 0.0

@@ -146,6 +146,12 @@ class Policy:
         """The selectors of `layer` and the KV heads each one serves."""
         return self._groups("selector", layer, num_kv_heads)
 
+    def reads_everything(self, layer: int, num_kv_heads: int) -> bool:
+        """Whether every KV head of `layer` reads all it holds (one `FullSelector`) and nothing
+        is evicted: decode can then read the store as it is (`kvkit.attention.decode.decode_in_place`)."""
+        groups = self.selectors(layer, num_kv_heads)
+        return len(groups) == 1 and type(groups[0][0]) is FullSelector and not self.evicts
+
     def evictors(self, layer: int, num_kv_heads: int) -> list[tuple[Evictor, list[int]]]:
         return self._groups("evictor", layer, num_kv_heads)
 

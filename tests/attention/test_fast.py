@@ -216,3 +216,55 @@ def test_rows_not_laid_out_in_one_run_are_gathered(monkeypatch):
     rows = np.arange(60).reshape(1, 3, 20)
     rows[0, 2] += 5  # starts 0, 20, 45: no single stride
     assert shared_run(rows, np.array([[320, 320, 320]]), 16) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("lengths,steps", [([1], 0), ([16], 0), ([16], 1), ([300], 5), ([33, 33], 15), ([64, 64, 64], 1)])
+def test_decode_in_place_matches_the_reference(dtype, num_qo_heads, num_kv_heads, lengths, steps):
+    """The dense step's own path (`decode_in_place`: the store read as one strided view) gives
+    the reference's output over the same pages, at page boundaries (16, 16 + 1, 64 + 1) and
+    with rows that grew by decode into the room after them."""
+    from kvkit import policies
+    from kvkit.attention.decode import decode, decode_in_place
+    g = torch.Generator().manual_seed(sum(lengths) + steps + num_kv_heads)
+    policy = policies.get("dense")
+    store = policy.make_store(2, num_kv_heads, 64, page_size=16, dtype=dtype)
+    seqs = [store.add_sequence() for _ in lengths]
+    for s, n in zip(seqs, lengths):
+        store.append(s, 1, torch.randn(n, num_kv_heads, 64, generator=g), torch.randn(n, num_kv_heads, 64, generator=g))
+    for _ in range(steps):
+        kv = [torch.randn(len(seqs), num_kv_heads, 64, generator=g) for _ in range(2)]
+        store.append_step(seqs, 1, *kv)
+    q = torch.randn(len(lengths), num_qo_heads, 64, generator=g).to(dtype)
+    got = decode_in_place(q, store, seqs, 1)
+    assert got is not None
+    want, _ = decode(q, store, seqs, 1, type(store.read_all(seqs, 1))(store.page_tables(seqs, 1)), backend="ref")
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def test_decode_in_place_declines_what_is_not_one_uniform_view(monkeypatch):
+    """Ragged rows, an evicted hole, pages that are not plain, or another backend asked for:
+    None, so the general `decode` runs; a q of the wrong shape is refused as `decode` refuses it."""
+    from kvkit import policies
+    from kvkit.attention.decode import decode_in_place
+    g = torch.Generator().manual_seed(0)
+    store = policies.get("dense").make_store(1, 3, 64, page_size=16)
+    a, b = store.add_sequence(), store.add_sequence()
+    store.append(a, 0, torch.randn(40, 3, 64, generator=g), torch.randn(40, 3, 64, generator=g))
+    store.append(b, 0, torch.randn(20, 3, 64, generator=g), torch.randn(20, 3, 64, generator=g))
+    q = torch.randn(2, 9, 64, generator=g)
+    assert decode_in_place(q, store, [a, b], 0) is None  # 40 and 20 tokens: ragged
+    assert decode_in_place(q[:1], store, [a], 0) is not None
+    with pytest.raises(ValueError, match="q must be"):
+        decode_in_place(q, store, [a], 0)
+    monkeypatch.setenv("KVKIT_ATTENTION_BACKEND", "ref")
+    assert decode_in_place(q[:1], store, [a], 0) is None
+    monkeypatch.delenv("KVKIT_ATTENTION_BACKEND")
+    store.evict(a, 0, 1, [3])
+    assert decode_in_place(q[:1], store, [a], 0) is None  # a hole: per-slot positions decide
+    int8 = policies.get("int8").make_store(1, 3, 64, page_size=16)
+    c = int8.add_sequence()
+    int8.append(c, 0, torch.randn(40, 3, 64, generator=g), torch.randn(40, 3, 64, generator=g))
+    assert decode_in_place(q[:1], int8, [c], 0) is None
