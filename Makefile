@@ -33,7 +33,7 @@ $(VLLM_STAMP): pyproject.toml requirements.lock
 	touch $(VLLM_STAMP)
 
 # The lower edges pyproject.toml claims, in their own .venv-lower: each direct dependency (and the
-# kernels extra's Triton) at its declared lower bound, from tools/lower_pins.py (torch at the lowest
+# kernels extra's Triton) at its declared lower bound, from .ci/lower_pins.py (torch at the lowest
 # CPU build, see BELOW there); pip resolves the indirect ones. kvkit is installed editable from the
 # working tree; the embedded model is converted again with these versions, under .venv-lower/.
 # Not in CI (about 3 minutes from scratch on 2 cores); `make test-all` runs it.
@@ -44,10 +44,10 @@ LOWER_TESTS := tests/test_store.py tests/test_store_plan.py tests/attention test
                tests/integrations/test_hf.py tests/integrations/test_hf_families.py \
                tests/integrations/test_hf_smollm2.py tests/kernels tests/test_cli.py tests/test_cli_info.py \
                tests/test_readme.py
-$(LOWER_STAMP): pyproject.toml requirements.lock tools/lower_pins.py
+$(LOWER_STAMP): pyproject.toml requirements.lock .ci/lower_pins.py
 	test -x $(LOWER)/bin/python || python3 -m venv $(LOWER)
 	$(LOWER)/bin/pip install -q --upgrade pip
-	$(LOWER)/bin/python tools/lower_pins.py kernels plot --explain > $(LOWER)/lower-pins.txt
+	$(LOWER)/bin/python .ci/lower_pins.py kernels plot --explain > $(LOWER)/lower-pins.txt
 	# torch first and pinned, so nothing below can pull a CUDA build
 	$(LOWER)/bin/pip install -q $$(grep '^torch==' $(LOWER)/lower-pins.txt)
 	$(LOWER)/bin/python -c "import torch; assert torch.version.cuda is None, torch.__version__"

@@ -1,4 +1,4 @@
-"""tools/lower_pins.py, which gives `make test-lower` its pins, stays in step with pyproject.toml:
+""".ci/lower_pins.py, which gives `make test-lower` its pins, stays in step with pyproject.toml:
 every requirement it pins has a lower bound, each pin lies inside the declared range, and a
 stand-in below the declared bound (BELOW) is only for a package still required."""
 
@@ -15,7 +15,7 @@ EXTRAS = ["kernels", "plot"]  # the extras `make test-lower` installs with the c
 
 
 def _lower_pins():
-    spec = importlib.util.spec_from_file_location("lower_pins", ROOT / "tools" / "lower_pins.py")
+    spec = importlib.util.spec_from_file_location("lower_pins", ROOT / ".ci" / "lower_pins.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,7 +9,7 @@ test failure.
 Where the declared bound cannot be installed here, BELOW says which version stands in for it
 and why; `--explain` prints those reasons.
 
-    python3 tools/lower_pins.py [extra ...] [--explain]
+    python3 .ci/lower_pins.py [extra ...] [--explain]
 """
 
 from __future__ import annotations
