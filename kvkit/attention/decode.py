@@ -76,15 +76,14 @@ def decode_in_place(q: torch.Tensor, store: PagedKVStore, seqs: Sequence[int], l
     none of the general path's per-layer checks and branches (a decode step per layer of every
     model runs here, so each Python operation counts). Returns out `[B, Hq, D]`, or None when the
     step is not that case (then `decode` applies) or KVKIT_ATTENTION_BACKEND asks for another path."""
-    if q.is_cuda or os.environ.get("KVKIT_ATTENTION_BACKEND", "auto") != "auto":
+    if q.is_cuda or (os.environ.get("KVKIT_ATTENTION_BACKEND") or "auto") != "auto":  # as `decode` reads it
         return None
     st = store.storage(layer)
     selection = store.read_all(seqs, layer)
     n = selection.uniform_length
     if type(st) is not DenseStorage or selection.run is None or n is None or selection.run[2] * store.page_size < n:
         return None
-    if q.dim() != 3 or q.shape[0] != len(seqs) or q.shape[2] != store.head_dim or q.shape[1] % store.num_kv_heads:
-        _check(q, store, seqs, selection)  # raises, saying what is wrong
+    _check(q, store, seqs, selection)
     k, v = fast_path.run_views(st.k, st.v, selection.run, len(seqs), store.num_kv_heads, n)
     return fast_path.attend(q, k, v, None, scale if scale is not None else store.head_dim ** -0.5)
 
