@@ -20,6 +20,8 @@ When an MoE model's experts do not all fit in fast memory, four questions arise,
 * `offload`  - the real thing: `offload(model, OffloadConfig(...))` runs a transformers MoE (or
                the Read-ME model of `kvkit.moe.readme`) with experts in a slow tier, a fast-tier
                cache and background prefetch, with outputs identical to the original.
+* `stall`    - one offloaded run's measured stall and time per token against the simulator's,
+               on the same decisions and profile.
 * `cli`      - `kvkit moe replay | sim | schedule` (`register_cli(subparsers)`).
 """
 

@@ -5,7 +5,7 @@ arXiv:2410.19123, ExpertFlow arXiv:2410.17954).
 
     handle = kvkit.moe.offload(model, OffloadConfig(capacity=4, policy="lookahead"))
     model.generate(...)            # same tokens as before offloading
-    handle.stats()                 # hits, misses, prefetches, stall seconds, bytes moved
+    handle.stats()                 # hits, misses, prefetches, bytes moved, seconds measured
     handle.close()
 
 Slow tiers: `file`, a safetensors file read through a memory map (the CPU case: weights stay on
@@ -35,6 +35,13 @@ several tokens an expert takes its most important (lowest) rank. Limits: the cop
 the slow tier's full weights at use time (no packed low-bit copy is stored), so the real run
 shows the quality cost and the decisions, not the modelled link saving.
 
+Measured seconds (`stats()`, real clocks around the real work): `stall_s`, the compute thread
+waiting on expert transfers (a demand copy, a low-bit round trip, an in-flight background copy
+it needs or whose slot it reuses); `fast_s` / `slow_s`, expert compute from the fast-tier slots
+/ from the slow tier's weights (policy "sched"'s "cpu" misses); `plan_s`, the scheduler's own
+decisions. The rest of a forward (attention, routers, bookkeeping) is not timed here. On a
+GPU these host clocks see kernel launches and waits, not asynchronous kernel time.
+
 Shapes: N tokens, H hidden, E experts, C capacity (slots per layer).
 """
 
@@ -57,7 +64,7 @@ import torch
 from torch import nn
 
 from kvkit.moe.sched import SchedConfig, Scheduler
-from kvkit.moe.sim import PROFILES, get_profile
+from kvkit.moe.sim import PROFILES, HardwareProfile, get_profile
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +95,11 @@ class OffloadConfig:
     background) or "sched" (every decision by `kvkit.moe.sched.Scheduler` built from `sched`,
     default `SchedConfig(capacity)`, on the modelled clock of `profile`, so a trace of this run
     replayed by `schedule_trace` takes the same decisions; "cpu" misses are computed from the
-    slow tier's weights where they are, "lowbit" ones from `lowbit_roundtrip` copies of them). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or "auto" (file
-    on CPU, host on CUDA). path: the safetensors file (default: a temporary file, deleted on
-    close). predict_distance: layers ahead the router-based predictor looks (transformers
+    slow tier's weights where they are, "lowbit" ones from `lowbit_roundtrip` copies of them).
+    profile: a name in `kvkit.moe.sim.PROFILES` or a `HardwareProfile` (e.g.
+    `measure_local_profile()`). slow_tier: "file" (mmap'd safetensors), "host" (CPU tensors) or
+    "auto" (file on CPU, host on CUDA). path: the safetensors file (default: a temporary file,
+    deleted on close). predict_distance: layers ahead the router-based predictor looks (transformers
     models; Read-ME models use their pre-gating router for all later layers)."""
 
     capacity: int = 4
@@ -100,7 +109,7 @@ class OffloadConfig:
     predict_distance: int = 1
     record_metrics: bool = True
     sched: SchedConfig | None = None
-    profile: str = "a100-pcie4"
+    profile: str | HardwareProfile = "a100-pcie4"
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
@@ -111,7 +120,7 @@ class OffloadConfig:
         if self.slow_tier not in TIERS:
             raise ValueError(f"OffloadConfig.slow_tier must be one of {TIERS}, "
                              f"got {self.slow_tier!r}")
-        if self.profile not in PROFILES:
+        if not isinstance(self.profile, HardwareProfile) and self.profile not in PROFILES:
             raise ValueError(f"OffloadConfig.profile must be one of {sorted(PROFILES)}, "
                              f"got {self.profile!r}")
         if self.sched is not None and self.sched.capacity != self.capacity:
@@ -205,14 +214,16 @@ class _Runtime:
 
     def reset_stats(self) -> None:
         self.counts = {"hits": 0, "misses": 0, "prefetch_issued": 0, "prefetch_useful": 0,
-                       "cpu": 0, "lowbit": 0, "bytes_moved": 0, "stall_s": 0.0, "calls": 0}
+                       "cpu": 0, "lowbit": 0, "bytes_moved": 0, "stall_s": 0.0, "calls": 0,
+                       "fast_s": 0.0, "slow_s": 0.0, "plan_s": 0.0}
+        self.slow_now: set[int] = set()      # experts of the current call computed where slow
 
     def start_scheduler(self, hidden_size: int) -> None:
         """Build the scheduler once the layers are known (policy "sched")."""
         c, first = self.config, self.layers[0]
+        profile = c.profile if isinstance(c.profile, HardwareProfile) else get_profile(c.profile)
         self.sched = Scheduler(c.sched or SchedConfig(c.capacity), len(self.layers),
-                               first.num_experts, first.expert_bytes, get_profile(c.profile),
-                               hidden_size)
+                               first.num_experts, first.expert_bytes, profile, hidden_size)
 
     def hint(self, layer: _Layer, experts: list[int]) -> None:
         """A predictor named `experts` for the next call of `layer`."""
@@ -232,27 +243,44 @@ class _Runtime:
         each expert's lowest rank in its tokens' top-k by gate weight (when `wants_ranks`)."""
         if self.sched is not None:
             return self._run_plan(layer, experts, ranks).__getitem__
+        self.slow_now = set()
         if len(experts) <= layer.capacity:
             slots = self.ensure(layer, experts)
             return lambda e: layer.weights(slots[e])
         # more experts than slots (long prefill): stream them one by one
         return lambda e: layer.weights(self.ensure(layer, [e])[e])
 
+    def computed(self, expert: int, seconds: float) -> None:
+        """`expert` of the current call took `seconds` of compute (fast or slow tier)."""
+        self.counts["slow_s" if expert in self.slow_now else "fast_s"] += seconds
+
+    def _wait(self, fut: Future | None) -> None:
+        """Wait for a copy; the time it was still running counts as stall."""
+        if fut is None:
+            return
+        if fut.done():
+            fut.result()
+            return
+        t0 = time.perf_counter()
+        fut.result()
+        self.counts["stall_s"] += time.perf_counter() - t0
+
     def _slot_for(self, layer: _Layer, victim: int) -> int:
         """The slot the scheduler frees: the victim's (its copy finished), else a free one."""
         if victim < 0:
             return next(s for s in range(layer.capacity) if layer.expert_in[s] is None)
         slot = layer.slot_of[victim]
-        fut = layer.loading.pop(slot, None)
-        if fut is not None:
-            fut.result()
+        self._wait(layer.loading.pop(slot, None))
         return slot
 
     def _run_plan(self, layer: _Layer, experts: list[int], ranks: list[int] | None
                   ) -> dict[int, dict[str, torch.Tensor]]:
         """Carry out the scheduler's decisions for one call of `layer`."""
         assert self.sched is not None and self.pool is not None
+        t0 = time.perf_counter()
         decisions, background = self.sched.plan(layer.index, experts, ranks=ranks)
+        self.counts["plan_s"] += time.perf_counter() - t0
+        self.slow_now = {e for e, how, _ in decisions if how == "cpu"}
         for l, e, victim in background:
             target = self.layers[l]
             slot = self._slot_for(target, victim)
@@ -261,42 +289,37 @@ class _Runtime:
             target.loading[slot] = self.pool.submit(target.copy_in, slot, e)
             self.counts["prefetch_issued"] += 1
             self.counts["bytes_moved"] += target.expert_bytes
-        t0, stalled, out = time.perf_counter(), False, {}
+        out = {}
         for e, how, victim in decisions:
             if how in ("hit", "prefetch", "wait"):
                 slot = layer.slot_of[e]
-                fut = layer.loading.pop(slot, None)
-                if fut is not None:
-                    stalled = stalled or not fut.done()
-                    fut.result()
+                self._wait(layer.loading.pop(slot, None))
                 layer.prefetched.discard(slot)
                 self.counts["hits" if how == "hit" else "prefetch_useful"] += 1
                 out[e] = layer.weights(slot)
                 continue
             self.counts["misses"] += 1
+            if how == "cpu":     # computed where the slow tier keeps the weights
+                self.counts["cpu"] += 1
+                out[e] = {k: v[e] for k, v in layer.slow.items()}
+                continue
             if how == "load":
                 slot = self._slot_for(layer, victim)
                 self._assign(layer, slot, e)
+            t0 = time.perf_counter()
+            if how == "load":
                 layer.copy_in(slot, e)
                 out[e] = layer.weights(slot)
             elif how == "stream":
                 out[e] = {k: v[e].to(self.device, copy=True) for k, v in layer.slow.items()}
-            elif how == "lowbit":     # used once, never cached
+            else:                # "lowbit": used once, never cached
                 bits = self.sched.config.lowbit_bits
                 out[e] = {k: lowbit_roundtrip(v[e], bits).to(self.device)
                           for k, v in layer.slow.items()}
                 self.counts["lowbit"] += 1
-                self.counts["bytes_moved"] += self.sched.lowbit_bytes
-                stalled = True
-                continue
-            else:            # "cpu": computed where the slow tier keeps the weights
-                self.counts["cpu"] += 1
-                out[e] = {k: v[e] for k, v in layer.slow.items()}
-                continue
-            stalled = True
-            self.counts["bytes_moved"] += layer.expert_bytes
-        if stalled:
             self.counts["stall_s"] += time.perf_counter() - t0
+            self.counts["bytes_moved"] += self.sched.lowbit_bytes if how == "lowbit" \
+                else layer.expert_bytes
         return out
 
     # victim: a slot not needed now, not in flight; unpredicted ones first, then LRU
@@ -420,6 +443,7 @@ class OffloadedExperts(nn.Module):
         weights = rt.weights_for(layer, hit, ranks)
         for expert_idx in hit:
             w = weights(expert_idx)
+            t0 = time.perf_counter()
             gate_up, down = w["gate_up_proj"], w["down_proj"]
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             current_state = hidden_states[token_idx].to(gate_up.device)   # a "cpu" miss runs there
@@ -429,6 +453,7 @@ class OffloadedExperts(nn.Module):
             current_hidden_states = current_hidden_states.to(hidden_states.device) \
                 * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+            rt.computed(expert_idx, time.perf_counter() - t0)
         return final_hidden_states
 
 
@@ -475,11 +500,13 @@ def _readme_experts_forward(mlp: nn.Module, layer: _Layer, runtime: _Runtime,
             if c == 0:
                 continue
             w = weights(e)
+            t0 = time.perf_counter()
             t = tokens[lo:lo + c]
             lo += c
             xe = x[t].to(w["w_gate"].device)      # a "cpu" miss runs where its weights are
             h = mlp.act_fn(xe @ w["w_gate"].T) * (xe @ w["w_up"].T)
             out = out.index_add(0, t, (h @ w["w_down"].T).to(out.device))
+            runtime.computed(e, time.perf_counter() - t0)
         return out
 
     return experts_forward

@@ -237,6 +237,7 @@ class Scheduler:
                              "and tokens_per_step >= 1")
         c, L, E = config, num_layers, num_experts
         self.config, self.L, self.E = c, L, E
+        self.hidden_size = hidden_size
         self.cap = min(c.capacity, E)
         self.latency_s = profile.link_latency_s
         self.bytes_s = expert_bytes / profile.link_bytes_per_s

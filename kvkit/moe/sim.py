@@ -81,11 +81,24 @@ def expert_seconds(nbytes: int, tokens: int, flops: float, mem_bytes_per_s: floa
     return max(2.0 * params * tokens / flops, nbytes / mem_bytes_per_s)
 
 
+def _median_seconds(fn: Any, repeats: int) -> float:
+    """Median wall-clock of `fn()` over `repeats` calls, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def measure_local_profile(expert_bytes: int = 8 << 20, repeats: int = 5) -> HardwareProfile:
     """Measure this machine: fast tier = torch on RAM, slow tier = a memory-mapped file
-    (link = copy out of a file mapping that is in the page cache, the best case of a warm
-    mmap), compute = torch matmul on the current thread count. Slow and fast compute are the
-    same CPU here."""
+    (link = `copy_` out of a file mapping that is in the page cache into a preallocated tensor,
+    as `kvkit.moe.offload` copies an expert into its slot: the best case of a warm mmap; its
+    latency = the same copy of 64 bytes), memory bandwidth = `copy_` between two preallocated
+    tensors (read + write), compute = torch matmul on the current thread count. Each is the
+    median of `repeats` after one untimed call. Slow and fast compute are the same CPU here."""
     import os
     import tempfile
 
@@ -93,31 +106,19 @@ def measure_local_profile(expert_bytes: int = 8 << 20, repeats: int = 5) -> Hard
 
     n = int((expert_bytes // 4) ** 0.5)
     a, b = torch.randn(64, n), torch.randn(n, n)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    flops = 2 * 64 * n * n / float(np.median(times))
-    src = torch.empty(expert_bytes // 4)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        src.clone()
-        times.append(time.perf_counter() - t0)
-    mem_bw = 2 * expert_bytes / float(np.median(times))   # read + write
+    flops = 2 * 64 * n * n / _median_seconds(lambda: a @ b, repeats)
+    src, dst = torch.randn(expert_bytes // 4), torch.empty(expert_bytes // 4)
+    mem_bw = 2 * expert_bytes / _median_seconds(lambda: dst.copy_(src), repeats)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "expert.bin")
         np.random.default_rng(0).standard_normal(expert_bytes // 8).tofile(path)
-        times = []
-        for _ in range(repeats):
-            mm = np.memmap(path, dtype=np.float64, mode="r")
-            t0 = time.perf_counter()
-            torch.from_numpy(np.array(mm))
-            times.append(time.perf_counter() - t0)
-            del mm
-        link_bw = expert_bytes / float(np.median(times))
-    return HardwareProfile("local", link_bytes_per_s=link_bw, link_latency_s=0.0,
+        mm = np.memmap(path, dtype=np.float64, mode="c")   # copy-on-write: never written
+        slow = torch.from_numpy(mm)
+        fast = torch.empty_like(slow)
+        link_bw = expert_bytes / _median_seconds(lambda: fast.copy_(slow), repeats)
+        latency = _median_seconds(lambda: fast[:8].copy_(slow[:8]), max(repeats, 20))
+        del slow, mm
+    return HardwareProfile("local", link_bytes_per_s=link_bw, link_latency_s=latency,
                            fast_flops=flops, fast_mem_bytes_per_s=mem_bw, slow_flops=flops,
                            slow_mem_bytes_per_s=mem_bw,
                            source=f"measured on this machine ({torch.get_num_threads()} threads)")

@@ -5,14 +5,13 @@ copies, outputs close to it that differ exactly when a low-bit copy ran)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from kvkit.moe.offload import OffloadConfig, offload
 from kvkit.moe.sched import SchedConfig, schedule_trace
 from kvkit.moe.sim import get_profile
-from kvkit.moe.trace import Trace
+from kvkit.moe.stall import decisions, decode_timed, trace_from_log
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,17 +37,7 @@ def _check_outputs(want: torch.Tensor, got: torch.Tensor, cfg: SchedConfig, hows
 
 def _decode(model, ids: torch.Tensor) -> torch.Tensor:
     """Feed ids one token at a time (one scheduler step per layer per token); logits [T, V]."""
-    past, out = None, []
-    with torch.no_grad():
-        for i in range(ids.shape[1]):
-            step = model(ids[:, i:i + 1], past_key_values=past, use_cache=True)
-            past = step.past_key_values
-            out.append(step.logits[0, -1])
-    return torch.stack(out)
-
-
-def _decisions(log: list[tuple]) -> list[tuple]:
-    return [entry for entry in log if entry[0] != "hint"]
+    return decode_timed(model, ids)[0]
 
 
 def _profile_mixed():
@@ -70,10 +59,10 @@ def test_readme_offloaded_decisions_match_simulator(moe_builders, cfg):
         real = handle.scheduler
         stats = handle.stats()
     _, sim = schedule_trace(trace, cfg, _profile_mixed(), hidden_size=32)
-    assert _decisions(real.log) == _decisions(sim.log)
-    assert len(_decisions(sim.log)) >= 12 * 3
+    assert decisions(real.log) == decisions(sim.log)
+    assert len(decisions(sim.log)) >= 12 * 3
     assert real.finish().seconds == pytest.approx(sim.finish().seconds)
-    hows = [h for e in _decisions(sim.log) if e[0] == "step" for _, h, _ in e[3]]
+    hows = [h for e in decisions(sim.log) if e[0] == "step" for _, h, _ in e[3]]
     _check_outputs(want, got, cfg, hows)
     assert stats["hits"] + stats["prefetch_useful"] + stats["misses"] == len(hows) == 12 * 3 * 2
     assert stats["hits"] == hows.count("hit") and stats["cpu"] == hows.count("cpu")
@@ -82,31 +71,6 @@ def test_readme_offloaded_decisions_match_simulator(moe_builders, cfg):
     if not cfg.lowbit:
         assert ("cpu" in hows) == (cfg.miss != "load")
     assert ("hit" in hows) and ("load" in hows or "cpu" in hows)
-
-
-def _trace_from_log(log: list[tuple], layers: int, num_experts: int, expert_bytes: int,
-                    top_k: int) -> Trace:
-    """The routing (in gate order where the run logged ranks) and the layer-ahead hints a
-    real run logged, as a trace."""
-    steps = [e for e in log if e[0] == "step"]
-    ranks = {e[1]: e[3] for e in log if e[0] == "ranks"}
-    tokens = len(steps) // layers
-    rows = []
-    for s in steps:
-        row = [e for e, _, _ in s[3]]
-        if s[1] in ranks:       # one token per step: the ranks are a permutation of the top-k
-            assert sorted(ranks[s[1]]) == list(range(top_k))
-            row = [e for _, e in sorted(zip(ranks[s[1]], row))]
-        rows.append(row)
-    experts = np.array(rows).reshape(tokens, layers, top_k)
-    pred = np.full((tokens, layers, top_k), -1)
-    for _, target, layer, hinted in (e for e in log if e[0] == "hint"):
-        t = target // layers
-        if t < tokens:
-            pred[t, layer, :len(hinted)] = hinted
-    meta = {"num_experts": num_experts, "top_k": top_k, "expert_bytes": expert_bytes,
-            "model": "tiny"}
-    return Trace(experts, np.zeros(tokens, dtype=np.int64), pred, 1, meta, "layers")
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
@@ -127,10 +91,10 @@ def test_transformers_offloaded_decisions_match_simulator(moe_builders, name, cf
         got = _decode(model, ids)
         real = handle.scheduler
         stats = handle.stats()
-    trace = _trace_from_log(real.log, real.L, real.E, real.expert_bytes, ref.config.num_experts_per_tok)
+    trace = trace_from_log(real.log, real.L, real.E, real.expert_bytes, ref.config.num_experts_per_tok)
     _, sim = schedule_trace(trace, cfg, _profile_mixed(), hidden_size=64)
-    assert _decisions(real.log) == _decisions(sim.log)
-    hows = [h for e in _decisions(sim.log) if e[0] == "step" for _, h, _ in e[3]]
+    assert decisions(real.log) == decisions(sim.log)
+    hows = [h for e in decisions(sim.log) if e[0] == "step" for _, h, _ in e[3]]
     _check_outputs(want, got, cfg, hows)
     assert stats["lowbit"] == hows.count("lowbit")
 
