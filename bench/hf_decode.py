@@ -11,12 +11,18 @@ DynamicCache's before the first difference (dense: all; a sparse policy may part
 whether the answer holds the passkey. `--rounds` runs every config in turn that many times:
 the ratios are taken within a round.
 
+`--phases` adds one more pass per config, not used for the ratios, with timers around what a
+decode step calls (kvkit: the store's write, the policy's selection, the attention read, the
+eviction; DynamicCache: its `update` and SDPA) and a table of where the step's milliseconds go;
+"rest of the model" is the step minus those. The timers cost a few microseconds per call.
+
     OMP_NUM_THREADS=1 python bench/hf_decode.py --context 8000 --dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -33,8 +39,53 @@ from kvkit import evaluate, policies  # noqa: E402
 CONFIGS = ("dynamic", "dense", "quest", "lserve")
 
 
-def run(model, ids: torch.Tensor, name: str, budget: int, new_tokens: int) -> dict:
-    """Prefill `ids` into a fresh cache of config `name`, then decode greedily, timing each step."""
+PHASES = ("write", "select", "attend", "evict")
+
+
+@contextlib.contextmanager
+def phase_timers(totals: dict[str, float]):
+    """While active, add the seconds spent in each decode phase to `totals` (keys: PHASES), by
+    wrapping the functions the phase calls: kvkit's `PagedKVStore.append_step`, `Policy.select`,
+    the decode read (`decode`, `decode_in_place` as the attention module calls them),
+    `Policy.evict`; DynamicCache's layer `update` and transformers' SDPA (called through kvkit's
+    attention function once a KVKitCache has switched the model to it)."""
+    from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from kvkit.attention import paged
+    from kvkit.integrations.hf import cache
+    from kvkit.policies.base import Policy
+    from kvkit.store import PagedKVStore
+
+    def timed(phase, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    targets = [(PagedKVStore, "append_step", "write"), (Policy, "select", "select"), (Policy, "evict", "evict"),
+               (paged, "decode", "attend"), (paged, "decode_in_place", "attend"), (DynamicLayer, "update", "write"),
+               (cache, "sdpa_attention_forward", "attend")]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    try:
+        for owner, attr, phase in targets:
+            setattr(owner, attr, timed(phase, getattr(owner, attr)))
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = timed("attend", sdpa)
+        yield totals
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+
+
+def run(model, ids: torch.Tensor, name: str, budget: int, new_tokens: int,
+        phases: dict[str, float] | None = None) -> dict:
+    """Prefill `ids` into a fresh cache of config `name`, then decode greedily, timing each step;
+    `phases` (filled by `phase_timers`) is emptied after the prefill, so it sums decode steps."""
     from transformers import DynamicCache
 
     from kvkit.integrations.hf import KVKitCache
@@ -45,6 +96,8 @@ def run(model, ids: torch.Tensor, name: str, budget: int, new_tokens: int) -> di
     start = time.perf_counter()
     token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     prefill_s = time.perf_counter() - start  # KVKitCache.decode_seconds counts one-token steps only
+    if phases is not None:
+        phases.clear()
     tokens, steps = [int(token)], []
     for _ in range(new_tokens):
         start = time.perf_counter()
@@ -68,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="rounds over the configs, interleaved")
     ap.add_argument("--out", default=None, help="results stem (default bench/results/hf_decode_<dtype>)")
+    ap.add_argument("--phases", action="store_true", help="one more pass per config with phase timers")
     args = ap.parse_args(argv)
     if args.context < 64 or args.new_tokens < 1 or args.rounds < 1:
         ap.error("--context must be >= 64, --new-tokens and --rounds >= 1")
@@ -86,6 +140,13 @@ def main(argv=None) -> int:
                 runs.append(r)
                 print(f"round {round_} {name:8s} prefill {r['prefill_s']:.1f} s, step p50 {r['step_ms_p50']:.1f} ms",
                       flush=True)
+        breakdown = []  # where a step goes, from a pass with timers (not used for the ratios)
+        for name in args.configs if args.phases else ():
+            with phase_timers({}) as totals:
+                r = run(model, ids, name, budget, args.new_tokens, totals)
+            per_step = {p: round(1000 * totals.get(p, 0.0) / args.new_tokens, 2) for p in PHASES}
+            breakdown.append({"config": name, "step_ms_mean": r["step_ms_mean"], **per_step,
+                              "rest_ms": round(r["step_ms_mean"] - sum(per_step.values()), 2)})
     for r in runs:  # ratios within a round: both sides saw the same machine
         base = next((b for b in runs if b["config"] == "dynamic" and b["round"] == r["round"]), None)
         if base is not None:
@@ -124,9 +185,17 @@ def main(argv=None) -> int:
               "decode wall time. quest (8-token pages) and lserve read layers 0-1 densely. vs DynamicCache: "
               f"the median over {args.rounds} rounds of each round's ratio (rounds run every config in turn); "
               "each round: those ratios.")
+    if breakdown:
+        table += "\n\nWhere a decode step goes (ms, mean over the steps of one more pass with phase timers):\n\n"
+        table += markdown_table(["cache", "step", *PHASES, "rest of the model"],
+                                [[b["config"], f"{b['step_ms_mean']:.1f}", *(f"{b[p]:.1f}" for p in PHASES),
+                                  f"{b['rest_ms']:.1f}"] for b in breakdown])
+        table += ("\n\nwrite: the store's append (DynamicCache: its update, two concatenations); select: the "
+                  "policy's page choice; attend: the attention read (DynamicCache: SDPA); evict: the policy's "
+                  "eviction; rest: the step minus those (projections, MLPs, norms, sampling, kvkit's glue).")
     name = Path(args.out).name if args.out else f"hf_decode_{args.dtype}"
     write_results(name, {"context_tokens": int(ids.shape[1]), "dtype": args.dtype, "new_tokens": args.new_tokens,
-                         "rounds": args.rounds, "rows": rows, "runs": runs}, "generation through transformers: KVKitCache vs DynamicCache", table,
+                         "rounds": args.rounds, "rows": rows, "runs": runs, "phases": breakdown}, "generation through transformers: KVKitCache vs DynamicCache", table,
                   Path(args.out).parent if args.out else RESULTS)
     return 0
 

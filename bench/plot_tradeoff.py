@@ -1,5 +1,6 @@
 """Quality against memory: passkey and perplexity of every policy and budget against the
-resident KV bytes it really allocated, as fractions of dense in the same run, dense a star.
+resident KV bytes it really allocated, as fractions of a tight bf16 copy of the same K and V
+(what a bf16 dense store needs), dense a star.
 
 Reads the quality results already in bench/results/ (written by bench/quality.py) and draws
 them; it runs no model. Selectors (quest, lserve, tidal) keep every token, so they sit at or
@@ -40,6 +41,8 @@ def points(names: list[str]) -> tuple[list[Point], list[str]]:
     commands = []
     for name in names:
         data = json.loads((RESULTS / f"{name}.json").read_text())
+        if "kv_bytes_vs_bf16_dense" not in data["rows"][0]:
+            raise SystemExit(f"{name}.json predates bytes against bf16 dense: rerun the command in {name}.md")
         commands.append(data["command"])
         ctx = next(k for k in data["rows"][0] if k.startswith("passkey_"))
         for row in data["rows"]:
@@ -47,7 +50,7 @@ def points(names: list[str]) -> tuple[list[Point], list[str]]:
                 continue
             hits, samples = map(int, row[ctx].split("/"))
             line, note = ("dense", "") if row["policy"] == "dense" else family(row["policy"])
-            found.append(Point(line, row["kv_bytes_vs_dense"], hits / samples, row["ppl_vs_dense"], note,
+            found.append(Point(line, row["kv_bytes_vs_bf16_dense"], hits / samples, row["ppl_vs_dense"], note,
                                joined=line not in ("codecs", "compositions")))
     return found, commands
 
@@ -58,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "tradeoff.png")
     args = ap.parse_args(argv)
     pts, _ = points(args.sources)
-    tradeoff(pts, args.out, "SmolLM2-135M in float32 (dense is a float32 store): passkey at 2.4K tokens x 6 "
-                            "depths, perplexity of GPL-3; budgets in tokens per KV head\n"
-                            f"bench/results/{{{','.join(args.sources)}}}.md")
+    tradeoff(pts, args.out, "SmolLM2-135M in bf16: passkey at 2.4K tokens x 6 depths, perplexity of the "
+                            "Apache-2.0 text; budgets in tokens per KV head\n"
+                            f"bench/results/{{{','.join(args.sources)}}}.md", xlabel="resident KV vs bf16 dense (log)")
     print(f"wrote {args.out}")
     return 0
 
