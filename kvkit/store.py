@@ -52,7 +52,8 @@ class PageStorage(Protocol):
         """Make room for `num_pages` pages in all; existing pages keep their content."""
 
     def write(self, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store tokens: pages, slots `[n]` int64; k, v `[n, D]`."""
+        """Store tokens: pages, slots `[n]` int64; k, v `[n, D]`. A storage whose class sets
+        `takes_positions = True` is also given the tokens' positions: `write(..., positions [n])`."""
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `pages` `[P]`, each `[P, S, D]`, in the compute dtype. Empty slots hold junk."""
@@ -682,6 +683,8 @@ class PagedKVStore:
         S = self.page_size
         if type(pool.storage) is DenseStorage:
             pool.storage.write_slots(idx, k_rows, v_rows)
+        elif getattr(pool.storage, "takes_positions", False):
+            pool.storage.write(idx // S, idx % S, k_rows, v_rows, positions)
         else:
             pool.storage.write(idx // S, idx % S, k_rows, v_rows)
         pool.slot_pos.view(-1).index_copy_(0, idx, positions if positions.dtype == torch.int32 else positions.to(torch.int32))

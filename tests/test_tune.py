@@ -84,6 +84,44 @@ def test_head_bytes_come_from_a_real_store_and_order_as_expected():
     assert 2 * (16 + 128) * 64 * 2 <= streaming < 0.15 * dense  # sink + window pages, not the prompt
 
 
+def test_windowed_codecs_are_choices_whose_window_costs_real_staging_rows():
+    assert CODECS["q4w128"] == GearCodec(bits=4, rank=0, outliers=0.01, window=128)
+    assert {"q3w128", "q2w128", "q4s", "q2sw32", "q2sw128"} <= set(CODECS)
+    assert CODECS["q2sw32"] == GearCodec(bits=2, rank=0, outliers=0.01, sink=16, window=32)
+    plain = tune_measure.head_bytes(CODECS["q4"], None, 16, 2400, 3, 64, 32)
+    windowed = tune_measure.head_bytes(CODECS["q4w128"], None, 16, 2400, 3, 64, 32)
+    row = 2 * 32 * 64 * 2  # one fp16 staging row: K and V of a 32-token page
+    # 2464 tokens fill 77 pages: the last 128 positions are 4 full pages, staged on top of their codes
+    assert 4 * row <= windowed - plain <= 6 * row
+    sinked = tune_measure.head_bytes(CODECS["q4s"], None, 16, 2400, 3, 64, 32)
+    assert row <= sinked - plain <= 2 * row  # the first page stays staged
+
+
+def _synthetic(codecs, L=2, H=3):
+    """A measurement without a model: windowed q4 loses least, q4 more; streaming costs a lot."""
+    from kvkit.tools.tune import Measurement
+
+    loss = torch.zeros(L, len(codecs), 2, H, dtype=torch.float64)
+    for c, name in enumerate(codecs):
+        loss[:, c, 0] = {"bf16": 0.0, "q4": 1.0}.get(name, 0.1)
+    loss[1:, codecs.index("q4"), 0] = 3.0  # the window saves more in the later layers
+    loss[:, :, 1] = 100.0  # streaming window 128: never worth it here
+    return Measurement(loss=loss, codecs=list(codecs), windows=[None, 128], shape=(L, H, 64), page_size=32, sink=16)
+
+
+def test_a_windowed_codec_is_picked_and_its_bytes_count_in_the_budget():
+    m = _synthetic(["bf16", "q4", "q4w128"])
+    dense = tune_measure.dense_bytes(2, 3, 64, 2400 + 64)
+    whole = 2 * tune_measure.layer_bytes(CODECS["q4w128"], [None] * 3, 16, 2400, 64, 32)  # both layers windowed
+    roomy = choose(m, whole / dense * 1.01, ctx=2400)
+    assert [r["codec"] for r in roomy.report["layers"]] == ["q4w128", "q4w128"]
+    assert roomy.report["predicted_bytes"] == whole
+    assert any(r.codec == CODECS["q4w128"] for r in roomy.policy.rules)
+    tight = choose(m, whole / dense * 0.97, ctx=2400)  # the window's rows do not fit in both layers
+    assert [r["codec"] for r in tight.report["layers"]] == ["q4", "q4w128"]
+    assert tight.report["predicted_bytes"] <= whole * 0.97
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """A seeded tiny random Llama with SmolLM2's tokenizer (the vocabulary a calibration text needs)."""

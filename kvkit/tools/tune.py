@@ -6,7 +6,11 @@ The budget is a fraction of what a bf16 dense store of the model really allocate
 tokens of one sequence. The search space is per layer and per KV head:
 
 - a **codec** per layer (a layer's pages share one pool): bf16, int8, or GEAR/KIVI group
-  quantization at 4, 3 or 2 bits (rank 0, 1% outliers), whose open page stays full precision;
+  quantization at 4, 3 or 2 bits (rank 0, 1% outliers), whose open page stays full precision,
+  each also with full-precision pages kept out of the quantization: a recent window (KIVI's
+  residual; `q4w128`: the pages holding the last 128 positions in fp16), the attention-sink
+  page (`q4s`: the pages holding the first 16 positions), or both (`q4sw32`, `q4sw128`); their
+  bytes are the staging rows a real store allocates for them;
 - per KV head, **keep everything** (a retrieval head) or **stream** with `sink` first tokens and a
   recent window (DuoAttention's streaming head), the window chosen from `windows`.
 
@@ -47,12 +51,15 @@ from kvkit.tools.tune_alloc import Allocation, allocate
 from kvkit.tools.tune_measure import dense_bytes, head_bytes, layer_bytes, layer_gains, sensitivities
 
 
+# Full-precision pages offered with each quantized codec: suffix -> (sink positions, recent window).
+# KIVI keeps a 128-token recent window; the sink page is the first page (the first 16 positions).
+CODEC_FP_PAGES: dict[str, tuple[int, int]] = {"": (0, 0), "w128": (0, 128), "s": (16, 0), "sw32": (16, 32),
+                                              "sw128": (16, 128)}
 CODECS: dict[str, Codec] = {
     "bf16": PlainCodec("bf16"),
     "int8": Int8Codec(),
-    "q4": GearCodec(bits=4, rank=0, outliers=0.01),
-    "q3": GearCodec(bits=3, rank=0, outliers=0.01),
-    "q2": GearCodec(bits=2, rank=0, outliers=0.01),
+    **{f"q{b}{suffix}": GearCodec(bits=b, rank=0, outliers=0.01, sink=sink, window=window)
+       for suffix, (sink, window) in CODEC_FP_PAGES.items() for b in (4, 3, 2)},
 }
 # Shorter windows measure cheap one layer at a time but compound when many heads take them at once
 # (the losses are added, not measured jointly): 32 and 64 are not offered by default.

@@ -5,7 +5,9 @@ the queries of the last `scored` positions, and the residual stream entering eac
 per layer, without another forward:
 
 - each **codec** round-trips the layer's K/V through a real `PagedKVStore` of that codec (what
-  decoding would read back: full pages compressed, the open page as staged);
+  decoding would read back: full pages compressed, the open page and a codec's recent window
+  as staged; the window is where it stands after the last token, so earlier scored queries see
+  fewer exact keys behind them than they would at their own decode step);
 - each **window** masks, for every scored query, the keys a streaming head would have evicted
   (it keeps the first `sink` positions and the last `window` before the query);
 - the loss of a (layer, KV head, codec, window) choice is the energy of the change it makes to

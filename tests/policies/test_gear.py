@@ -188,17 +188,24 @@ def test_fork_and_copy_on_write_through_the_store():
     torch.testing.assert_close(store.read(child, 0, 0)[1][:40], k_parent)
 
 
-def test_evicted_slots_are_refilled_and_read_back():
-    store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=GearCodec(bits=8, rank=0, outliers=0))
+def _evict_and_refill(codec, T):
+    """T tokens, positions 3 and 20 evicted from every head, then 2 new tokens appended (they
+    land in those holes). Returns the tokens, the new ones, and head 1's positions, K and V."""
+    store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=codec)
     seq = store.add_sequence()
-    k, v = _kv(48)
+    k, v = _kv(T)
     store.append(seq, 0, k, v)
     for h in range(H):
         store.evict(seq, 0, h, [3, 20])
     k2, v2 = _kv(2, seed=9)
     store.append(seq, 0, k2, v2)
-    pos, ks, _ = store.read(seq, 0, 1)
-    assert pos.tolist() == [p for p in range(50) if p not in (3, 20)]
+    pos, ks, vs = store.read(seq, 0, 1)
+    assert pos.tolist() == [p for p in range(T + 2) if p not in (3, 20)]
+    return k, v, k2, v2, pos, ks, vs
+
+
+def test_evicted_slots_are_refilled_and_read_back():
+    _, _, k2, _, _, ks, _ = _evict_and_refill(GearCodec(bits=8, rank=0, outliers=0), 48)
     torch.testing.assert_close(ks[-2:], k2[:, 1], atol=0.1, rtol=0.05)
 
 
@@ -213,7 +220,9 @@ def test_registry_and_config_round_trip():
 
 @pytest.mark.parametrize("bad,match", [(dict(bits=1), "bits"), (dict(rank=-1), "rank"),
                                        (dict(outliers=0.7), "outliers"), (dict(v_group=0), "v_group"),
-                                       (dict(buffer_dtype="int8"), "buffer_dtype")])
+                                       (dict(buffer_dtype="int8"), "buffer_dtype"), (dict(window=-1), "window"),
+                                       (dict(window=1.5), "window"), (dict(window=True), "window"),
+                                       (dict(sink=-1), "sink"), (dict(sink="16"), "sink")])
 def test_bad_parameters_say_what_is_expected(bad, match):
     with pytest.raises(ValueError, match=f"GearCodec.{match}"):
         GearCodec(**bad)
@@ -258,3 +267,131 @@ def test_registered_gear_defaults_to_rank_0_which_holds_fewer_bytes():
         store.append(seq, 0, torch.randn(256, 3, 64, generator=g), torch.randn(256, 3, 64, generator=g))
         sizes.append(store.nbytes())
     assert sizes[0] < 0.8 * sizes[1]
+
+
+# ---- the full-precision recent window ----------------------------------------------------------
+def _windowed(window, T, decode_steps=0, seed=0, bits=2):
+    """Reads of a GEAR store (fp32 buffer) after a prefill of T tokens and `decode_steps` appends."""
+    return _roundtrip(GearCodec(bits=bits, rank=0, outliers=0.0, buffer_dtype="fp32", window=window),
+                      T=T, decode_steps=decode_steps, seed=seed)
+
+
+def _exact_positions(length, window):
+    """The reference: positions whose page (pages fill in order) holds one of the last `window`
+    positions, or is the open page."""
+    open_page = length // S if length % S else -1
+    return [p for p in range(length)
+            if p // S == open_page or (p // S) * S + S - 1 >= length - window]
+
+
+@pytest.mark.parametrize("T,decode_steps", [(40, 0), (64, 0), (20, 30), (1, 47)])
+def test_window_covering_the_context_equals_an_uncompressed_store(T, decode_steps):
+    _, k, v, ks, vs = _windowed(window=T + decode_steps, T=T, decode_steps=decode_steps)
+    assert torch.equal(ks, k) and torch.equal(vs, v)
+    _, _, _, ks2, vs2 = _windowed(window=10_000, T=T, decode_steps=decode_steps)
+    assert torch.equal(ks2, k) and torch.equal(vs2, v)
+
+
+@pytest.mark.parametrize("window", [0, 1, S - 1, S, S + 1, 2 * S, 3 * S - 5])
+@pytest.mark.parametrize("T,decode_steps", [(50, 0), (64, 0), (33, 14), (16, 33)])
+def test_window_keeps_the_last_tokens_exact_and_quantizes_the_rest(window, T, decode_steps):
+    n = T + decode_steps
+    _, k, v, ks, vs = _windowed(window, T, decode_steps)
+    _, _, _, k0, v0 = _windowed(0, T, decode_steps)  # no window: every full page quantized
+    exact = _exact_positions(n, window)
+    old = [p for p in range(n) if p not in exact]
+    assert set(range(max(0, n - window), n)) <= set(exact)  # the last `window` tokens at least
+    assert len(exact) <= window + 2 * S - 1                 # page granular, no more
+    assert torch.equal(ks[exact], k[exact]) and torch.equal(vs[exact], v[exact])
+    # older tokens are exactly what a store without a window holds: quantized, not original
+    assert torch.equal(ks[old], k0[old]) and torch.equal(vs[old], v0[old])
+    if old:
+        assert not torch.allclose(ks[old], k[old], atol=1e-3)
+
+
+def test_window_ages_with_decode_steps():
+    codec = GearCodec(bits=2, rank=0, outliers=0.0, buffer_dtype="fp32", window=S)
+    store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=codec)
+    seq = store.add_sequence()
+    k, v = _kv(80)
+    store.append(seq, 0, k[:20], v[:20])
+    for t in range(20, 80):
+        store.append_step([seq], 0, k[t:t + 1], v[t:t + 1])
+        n = t + 1
+        ks = store.read(seq, 0, 1)[1]
+        exact = _exact_positions(n, S)
+        assert torch.equal(ks[exact], k[exact, 1])
+        staged = int((store.storage(0).stage_row >= 0).sum())
+        assert staged == H * len({p // S for p in exact})  # window pages leave the buffer as they age
+
+
+def test_window_bytes_are_real_staging_rows():
+    sizes = {}
+    for window in (0, 64):
+        store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32,
+                             page_format=GearCodec(bits=4, rank=0, outliers=0.0, window=window))
+        seq = store.add_sequence()
+        store.append(seq, 0, *_kv(256))
+        storage = store.storage(0)
+        staged = int((storage.stage_row >= 0).sum())
+        assert staged == H * (window // S)  # 256 = 16 full pages: the last 64 tokens are 4 pages
+        assert storage.stage_k.shape[0] >= staged
+        assert store.nbytes() == sum(t.nbytes for t in store._pools[0].tensors())
+        sizes[window] = store.nbytes()
+    # the window's rows are fp16 K and V pages on top of the compressed pool
+    assert sizes[64] - sizes[0] >= H * 4 * 2 * S * D * 2
+
+
+def test_window_survives_fork_and_copy_on_write():
+    codec = GearCodec(bits=2, rank=0, outliers=0.0, buffer_dtype="fp32", window=20)
+    store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=codec)
+    seq = store.add_sequence()
+    k, v = _kv(60, seed=1)
+    store.append(seq, 0, k[:40], v[:40])
+    child = store.fork(seq)
+    store.append(child, 0, k[40:45], v[40:45])
+    store.append(seq, 0, k[40:45] + 1, v[40:45] + 1)  # the parent diverges in the shared open page
+    for s, extra in ((child, 0), (seq, 1)):
+        kk = torch.cat([k[:40], k[40:45] + extra])
+        alone = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=codec)
+        a = alone.add_sequence()
+        alone.append(a, 0, kk, torch.cat([v[:40], v[40:45] + extra]))
+        for h in range(H):
+            assert torch.equal(store.read(s, 0, h)[1], alone.read(a, 0, h)[1])
+        exact = _exact_positions(45, 20)
+        assert torch.equal(store.read(s, 0, 2)[1][exact], kk[exact, 2])
+
+
+def test_window_with_eviction_keeps_refilled_tokens_exact():
+    codec = GearCodec(bits=2, rank=0, outliers=0.0, buffer_dtype="fp32", window=S)
+    k, v, k2, v2, pos, ks, vs = _evict_and_refill(codec, 50)  # refills compressed pages 0 and 1
+    # the refilled pages come back into the window whole: the new tokens are exact
+    assert torch.equal(ks[-2:], k2[:, 1]) and torch.equal(vs[-2:], v2[:, 1])
+    recent = (pos >= 32) & (pos < 50)  # pages 2 (newest 47: inside the window) and 3 (open)
+    assert torch.equal(ks[recent], k[32:50, 1])
+
+
+def test_sink_pages_stay_exact_beside_the_window():
+    codec = GearCodec(bits=2, rank=0, outliers=0.0, buffer_dtype="fp32", window=S, sink=S + 1)
+    store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=codec)
+    seq = store.add_sequence()
+    k, v = _kv(100)
+    store.append(seq, 0, k[:10], v[:10])
+    for t in range(10, 100):
+        store.append(seq, 0, k[t:t + 1], v[t:t + 1])
+    ks, vs = (torch.stack([store.read(seq, 0, h)[i] for h in range(H)], 1) for i in (1, 2))
+    _, _, _, k0, _ = _windowed(0, 100)
+    exact = sorted(set(range(2 * S)) | set(_exact_positions(100, S)))  # positions 0..16: pages 0 and 1
+    old = [p for p in range(100) if p not in exact]
+    assert torch.equal(ks[exact], k[exact]) and torch.equal(vs[exact], v[exact])
+    assert torch.equal(ks[old], k0[old])
+    assert int((store.storage(0).stage_row >= 0).sum()) == H * (2 + 2)  # sinks, the window page, the open page
+
+
+def test_window_registry_and_config_round_trip():
+    p = policies.get("gear", bits=4, window=128, sink=16)
+    assert p.codec == GearCodec(bits=4, rank=0, outliers=0.01, window=128, sink=16)
+    assert Policy.from_config(p.to_config()) == p
+    assert policies.get("kivi", bits=2, window=64).codec.window == 64
+    with pytest.raises(ConfigError, match="GearCodec.window must be an int >= 0"):
+        Policy.from_config({"codec": {"type": "gear", "window": -4}})

@@ -71,7 +71,7 @@ class CskvStorage(StagingRows):
             raise ValueError(f"CSKV bases {codec.bases!r} have {L} layers; layer={codec.layer} is out of range")
         l, rk, rv = codec.layer, codec.k_rank, codec.v_rank
         f = dict(device=device)
-        self.H, self.S, self.D, self.dtype, self.device, self.window = H, page_size, D, dtype, device, codec.window
+        self.H, self.S, self.D, self.dtype, self.device = H, page_size, D, dtype, device
         self.k_mean, self.v_mean = b["k_mean"][l].to(**f), b["v_mean"][l].to(**f)   # [H, D]
         self.k_enc, self.v_enc = b["k_enc"][l, :, :rk].to(**f), b["v_enc"][l, :, :rv].to(**f)  # [H, r, D]
         self.k_dec, self.v_dec = b["k_dec"][l, :, :, :rk].to(**f), b["v_dec"][l, :, :, :rv].to(**f)  # [H, D, r]
@@ -80,10 +80,8 @@ class CskvStorage(StagingRows):
         self.page_head = torch.zeros(0, dtype=torch.int8, **f)
         self.filled = torch.zeros(0, page_size, dtype=torch.bool, **f)
         self._init_staging(page_size, D, torch.float16, device)
-        self._newest: dict[int, int] = {}   # staged page -> clock of its newest token
-        self._pinned: set[int] = set()       # pages holding attention-sink tokens: never compressed
+        self._init_window(codec.window)     # _pinned: pages holding attention-sink tokens
         self.sink = codec.sink
-        self._clock = 0
 
     # ---- PageStorage -------------------------------------------------------------------------
     def grow(self, num_pages: int) -> None:
@@ -111,20 +109,7 @@ class CskvStorage(StagingRows):
         newest.scatter_reduce_(0, inv, ticks, "amax")
         if bool((ticks <= self.sink).any()):
             self._pinned.update(pages[ticks <= self.sink].tolist())
-        pinned = torch.tensor([p in self._pinned for p in uniq.tolist()], dtype=torch.bool)
-        # full pages already out of the window (most of a prefill) are encoded at once;
-        # the rest wait in the staging buffer
-        done = self.filled[uniq].all(-1) & (self._clock - newest >= self.window) & ~pinned  # [U]
-        if bool(done.any()):
-            self._encode(uniq[done], work_k[done], work_v[done])
-            for p in uniq[done].tolist():
-                self._unstage(p)
-        for i in (~done).nonzero(as_tuple=True)[0].tolist():
-            row = self._stage(int(uniq[i]))
-            self.stage_k[row] = work_k[i].half()
-            self.stage_v[row] = work_v[i].half()
-            self._newest[int(uniq[i])] = int(newest[i])
-        self._flush()
+        self._settle(uniq, work_k, work_v, newest)
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._decode(pages)
@@ -138,15 +123,7 @@ class CskvStorage(StagingRows):
     def copy_page(self, src: int, dst: int) -> None:
         for t in (self.ck, self.cv, self.page_head, self.filled):
             t[dst] = t[src]
-        row = int(self.stage_row[src])
-        if row >= 0:
-            new = self._stage(dst)
-            self.stage_k[new], self.stage_v[new] = self.stage_k[row], self.stage_v[row]
-            self._newest[dst] = self._newest[src]
-            if src in self._pinned:
-                self._pinned.add(dst)
-        else:
-            self._unstage(dst)
+        self._copy_staged(src, dst)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.ck, self.cv, self.page_head, self.filled, self.stage_row, self.stage_k, self.stage_v]
@@ -186,25 +163,6 @@ class CskvStorage(StagingRows):
         # a compressed page written again (slot reuse) comes back whole into the window: its
         # slots stay marked written, so it is re-encoded once it leaves the window again
         return k, v
-
-    def _flush(self) -> None:
-        """Compress the full pages whose newest token left the window."""
-        old = [p for p, t in self._newest.items() if self._clock - t >= self.window and p not in self._pinned]
-        if not old:
-            return
-        cand = torch.tensor(old, dtype=torch.int64, device=self.device)
-        cand = cand[self.filled[cand].all(-1)]
-        if cand.numel() == 0:
-            return
-        rows = self.stage_row[cand].long()
-        self._encode(cand, self.stage_k[rows].float(), self.stage_v[rows].float())
-        for p in cand.tolist():
-            self._unstage(p)
-
-    def _unstage(self, page: int) -> None:
-        self._release_row(page)
-        self._newest.pop(page, None)
-        self._pinned.discard(page)
 
 
 @component("codec", "cskv")

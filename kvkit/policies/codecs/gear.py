@@ -1,9 +1,15 @@
 """GEAR: quantized K/V, repaired by a low-rank residual and sparse outliers. arXiv:2403.05527.
 
-Each page (`page_size` tokens of one KV head) is compressed once it is full; until then its
-tokens sit in a small full-precision staging buffer (GEAR's streaming buffer: recent tokens
-stay exact and are compressed in chunks — here a chunk is a page). A full page `X [S, D]` of
-keys (or values) is stored as
+Each page (`page_size` tokens of one KV head) is compressed once it is full and none of its
+tokens is among the `window` most recent ones; until then its tokens sit in a full-precision
+staging buffer (GEAR's streaming buffer and KIVI's full-precision residual: recent tokens stay
+exact and are compressed in chunks — here a chunk is a page). With `window=0` only the open
+page is staged; with `window=W` every page holding one of the last W positions is too (page
+granular: up to W + 2 * page_size - 2 exact tokens per KV head), and with `sink=n` the pages
+holding positions below n are never compressed (attention sinks: the first tokens draw much of
+every query's attention, so their quantization error reaches every output). Recency is by
+position, which the store passes with each write (`takes_positions`). A full page `X [S, D]`
+of keys (or values) is stored as
 
 1. **sparse outliers**: the `outliers` fraction of entries farthest from their quantization
    group's mean, as an int16 flat index plus an fp16 correction, so they are exact after the
@@ -22,9 +28,16 @@ corrections. Every tensor (codes, scales, factors, outliers, staging buffer, fil
 returned by `tensors()`, so `store.nbytes()` counts them.
 
 Limits: a write into a page that was already compressed (a slot refilled after eviction, or
-a released page reused) decodes the page, updates it and re-encodes it at once, so such tokens
-skip the full-precision buffer; the staging rows of a partly filled page that a sequence frees
-stay allocated until the page is reused (the store does not tell storages about releases).
+a released page reused) decodes the page and updates it; the page is then staged whole (its
+older tokens as decoded) while the new token is inside the window, else re-encoded at once, so
+with `window=0` such tokens skip the full-precision buffer. The staging rows of a page that a
+sequence frees stay allocated until the page is reused (the store does not tell storages about
+releases). The window's clock is the largest position the layer has seen, shared by every
+sequence of the store: a sequence shorter than the longest one has its pages compressed early
+(its exact window is shorter by the difference). A page pinned as a sink stays staged after
+its sequence frees it, also when another sequence reuses it. Staging rows are allocated in
+`buffer_dtype` on top of every page's compressed tensors, so a window adds
+`4 * S * D` bytes (fp16) per staged page and KV head.
 Bytes per page (S=16, D=64, bits=4, rank=0, no outliers): 1024 B codes + 256 B key mins/steps
 + 4 * S * D / v_group B value mins/steps, against 4096 B in bf16: small pages pay for the
 per-channel key groups; `page_size=64` amortizes them (see bench/memory.py).
@@ -170,12 +183,15 @@ class _Part:
 
 
 class GearStorage(StagingRows):
-    """GEAR pages of one layer: compressed K and V parts plus a staging buffer for open pages.
+    """GEAR pages of one layer: compressed K and V parts plus a staging buffer for open pages
+    and pages inside the recent window.
 
     Tensors: `filled [N, S]` bool (slots written since the page was opened), `stage_row [N]`
-    int32 (row of the staging buffer holding an open page, -1 when compressed),
+    int32 (row of the staging buffer holding a staged page, -1 when compressed),
     `stage_k/stage_v [M, S, D]` in `buffer_dtype`, and the two `_Part`s.
     """
+
+    takes_positions = True  # the store passes the tokens' positions: they age the window
 
     def __init__(self, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  codec: GearCodec):
@@ -189,6 +205,8 @@ class GearStorage(StagingRows):
         self.vp = _Part(per_channel=False, **common)
         self.filled = torch.zeros(0, S, dtype=torch.bool, device=device)
         self._init_staging(S, D, BUFFER_DTYPES[codec.buffer_dtype], device)
+        self._init_window(codec.window)
+        self.sink = codec.sink
 
     # ---- PageStorage -------------------------------------------------------------------------
     def grow(self, num_pages: int) -> None:
@@ -198,24 +216,26 @@ class GearStorage(StagingRows):
         self.filled = torch.cat([self.filled, self.filled.new_zeros(extra, self.S)])
         self._grow_staging(extra)
 
-    def write(self, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              positions: torch.Tensor | None = None) -> None:
+        """Store tokens (pages, slots, positions `[n]`; k, v `[n, D]`). Without positions (a
+        caller other than the store) the tokens count as the newest: only valid with window=0."""
+        if positions is None:
+            if self.window or self.sink:
+                raise ValueError("a GEAR storage with a window or sink needs the tokens' positions")
+            positions = torch.full_like(pages, self._clock - 1)
+        if self.sink and bool((early := positions < self.sink).any()):
+            self._pinned.update(pages[early].tolist())
         uniq, inv = pages.unique(return_inverse=True)          # [U], [n]
         work_k, work_v = self._current(uniq)                    # [U, S, D] float32 each
         work_k[inv, slots] = k.float()
         work_v[inv, slots] = v.float()
         self.filled[pages, slots] = True
-        full = self.filled[uniq].all(-1)                        # [U]
-        if bool(full.any()):
-            done = uniq[full]
-            self.kp.encode(done, work_k[full])
-            self.vp.encode(done, work_v[full])
-            for p in done.tolist():
-                self._release_row(p)
-            self.filled[done] = False
-        for i in (~full).nonzero(as_tuple=True)[0].tolist():
-            row = self._stage(int(uniq[i]))
-            self.stage_k[row] = work_k[i].to(self.stage_k.dtype)
-            self.stage_v[row] = work_v[i].to(self.stage_v.dtype)
+        # the clock counts positions from 1: the newest token of a sequence is 0 ticks old
+        ticks = positions.to(uniq.dtype) + 1
+        newest = torch.zeros_like(uniq).scatter_reduce_(0, inv, ticks, "amax")  # [U]
+        self._clock = max(self._clock, int(newest.max()))
+        self._settle(uniq, work_k, work_v, newest)
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kp.decode(pages), self.vp.decode(pages)     # [P, S, D]
@@ -230,18 +250,19 @@ class GearStorage(StagingRows):
         self.kp.copy_page(src, dst)
         self.vp.copy_page(src, dst)
         self.filled[dst] = self.filled[src]
-        if int(self.stage_row[src]) >= 0:
-            row = self._stage(dst)
-            self.stage_k[row] = self.stage_k[int(self.stage_row[src])]
-            self.stage_v[row] = self.stage_v[int(self.stage_row[src])]
-        else:
-            self._release_row(dst)
+        self._copy_staged(src, dst)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.kp.tensors(), *self.vp.tensors(), self.filled, self.stage_row,
                 self.stage_k, self.stage_v]
 
     # ---- internals -----------------------------------------------------------------------------
+    def _encode(self, pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Compress full pages `[U]` from float32 `[U, S, D]`; their slots count as unwritten again."""
+        self.kp.encode(pages, k)
+        self.vp.encode(pages, v)
+        self.filled[pages] = False
+
     def _current(self, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What pages `uniq` hold now, float32: staged rows, else decoded pages (zeros if never written)."""
         U = uniq.shape[0]
@@ -273,6 +294,9 @@ class GearCodec(Codec):
     tokens, values per token in groups of `v_group` channels, `bits` bits, plus a rank-`rank`
     residual per page and the `outliers` fraction of entries kept exact. rank=0 and
     outliers=0 is plain group quantization (KIVI without its residual tail), GEAR's baseline.
+    The pages holding the last `window` positions (and the open page) stay in full precision
+    (`buffer_dtype`), KIVI's full-precision residual; window=0 keeps only the open page. So do
+    the pages holding positions below `sink` (attention sinks); sink=0 pins none.
 
     Error bound (what the tests check): with no repair each entry is off by at most half a
     step, (max - min of its group) / (2 * (2**bits - 1)), plus fp16 rounding of the step; the
@@ -283,7 +307,9 @@ class GearCodec(Codec):
     rank: int = 2
     outliers: float = 0.01      # fraction of a page's entries kept exact (per K and per V)
     v_group: int | None = None  # value channels per group; None: the whole head_dim
-    buffer_dtype: str = "fp16"  # dtype of the full-precision staging buffer of open pages
+    buffer_dtype: str = "fp16"  # dtype of the full-precision staging buffer (open and window pages)
+    window: int = 0             # most recent tokens per KV head kept in full precision (page granular)
+    sink: int = 0               # first positions kept in full precision (page granular)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -294,6 +320,11 @@ class GearCodec(Codec):
             raise ValueError(f"GearCodec.outliers must be a fraction in [0, 0.5), got {self.outliers!r}")
         if self.v_group is not None and (not isinstance(self.v_group, int) or self.v_group < 1):
             raise ValueError(f"GearCodec.v_group must be None or an int >= 1, got {self.v_group!r}")
+        for name, meaning in (("window", "recent tokens kept in full precision; 0: only the open page"),
+                              ("sink", "first positions kept in full precision; 0: none")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"GearCodec.{name} must be an int >= 0 ({meaning}), got {value!r}")
         if self.buffer_dtype not in BUFFER_DTYPES:
             raise ValueError(f"GearCodec.buffer_dtype must be one of {sorted(BUFFER_DTYPES)}, "
                              f"got {self.buffer_dtype!r}")
@@ -316,7 +347,8 @@ class GearCodec(Codec):
         return GearStorage(page_size, head_dim, dtype, device, self)
 
     def bytes_per_page(self, page_size: int, head_dim: int) -> int:
-        """Compressed bytes of one full page (K and V), staging and fill mask excluded."""
+        """Compressed bytes of one full page (K and V), staging (open and window pages) and fill
+        mask excluded."""
         S, D = page_size, head_dim
         group = min(self.v_group or D, D)
         codes = S * D * self.bits // 8
@@ -328,24 +360,28 @@ class GearCodec(Codec):
 
 @register("gear")
 def gear(bits: int = 4, rank: int = 0, outliers: float = 0.01, v_group: int | None = None,
-         buffer_dtype: str = "fp16") -> Policy:
+         buffer_dtype: str = "fp16", window: int = 0, sink: int = 0) -> Policy:
     """GEAR (arXiv:2403.05527): dense reads over `bits`-bit K/V pages repaired by a rank-`rank`
-    residual and `outliers` exact entries per page; the open page stays full precision.
+    residual and `outliers` exact entries per page; the open page and the pages holding the
+    last `window` or the first `sink` positions of each KV head stay full precision
+    (`buffer_dtype`).
 
     rank defaults to 0: on kvkit's pages (16 tokens) the fp16 low-rank factors cost more bytes
     than they save error, so rank 0 both holds fewer bytes and measures better perplexity; give
     rank >= 1 for GEAR's low-rank repair."""
     return Policy(codec=GearCodec(bits=bits, rank=rank, outliers=outliers, v_group=v_group,
-                                  buffer_dtype=buffer_dtype), name="gear")
+                                  buffer_dtype=buffer_dtype, window=window, sink=sink), name="gear")
 
 
 @register("kivi")
-def kivi(bits: int = 4, v_group: int | None = 32, buffer_dtype: str = "fp16") -> Policy:
+def kivi(bits: int = 4, v_group: int | None = 32, buffer_dtype: str = "fp16", window: int = 0,
+         sink: int = 0) -> Policy:
     """Plain group quantization, GEAR's yardstick (KIVI, arXiv:2402.02750): keys per channel over
     a page's tokens, values per token in groups of `v_group` channels, no low-rank or outlier
-    repair; the open page stays full precision."""
+    repair; the open page and the pages holding the last `window` (KIVI's residual) or the first
+    `sink` positions stay full precision."""
     return Policy(codec=GearCodec(bits=bits, rank=0, outliers=0.0, v_group=v_group,
-                                  buffer_dtype=buffer_dtype), name="kivi")
+                                  buffer_dtype=buffer_dtype, window=window, sink=sink), name="kivi")
 
 
 __all__ = ["GearCodec", "GearStorage", "pack_bits", "unpack_bits", "gear", "kivi"]
