@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,11 +91,11 @@ def one_row(name: str, label: str, cfg: SchedConfig, args: argparse.Namespace, p
         del model, moe
         gc.collect()
     row: dict[str, Any] = {"model": name, "config": label}
-    for k, v in runs[0].items():
-        if isinstance(v, float):
+    for k, v in runs[0].items():     # numbers: the median over the runs
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             vals = [r[k] for r in runs if r[k] is not None]
             row[k] = round(float(np.median(vals)), 4) if vals else None
-        elif k not in ("decisions_equal",):
+        elif k != "decisions_equal":
             row[k] = v
     row["ms_per_token_range"] = [round(min(r["ms_per_token"] for r in runs), 3),
                                  round(max(r["ms_per_token"] for r in runs), 3)]
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="moe_stall")
     args = ap.parse_args(argv)
     start = time.time()
+    load_before = os.getloadavg()
     profile = measure_local_profile(repeats=21)
     tiny = tiny_builders()
     rows = []
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, cfg in configs(cap):
             rows.append(one_row(name, label, cfg, args, profile, tiny, ids))
             print(f"{name} / {label} done ({time.time() - start:.0f}s)", flush=True)
-    cols = ("model", "config", "capacity", "tokens", "ms_per_token", "model_ms_per_token",
+    cols = ("model", "config", "capacity", "tokens", "ms_per_token", "ms_per_token_range",
+            "model_ms_per_token",
             "time_ratio", "expert_path_ms", "expert_path_ratio", "stall_ms", "model_stall_ms",
             "stall_ratio", "fast_ms", "slow_ms", "plan_ms", "other_ms", "model_compute_ms",
             "decisions_equal")
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.get_num_threads(), " ".join(["bench/moe_stall.py", *sys.argv[1:]]))
     result = {"bench": "moe_stall", "command": command, "machine": machine_info(),
               "seconds": round(time.time() - start, 1), "profile": profile.__dict__,
+              "load_average_1_5_15min": {"start": [round(x, 2) for x in load_before],
+                                         "end": [round(x, 2) for x in os.getloadavg()]},
               "rows": rows}
     notes = ("\nMeasured: `ms_per_token` is the wall-clock of each decode forward; `stall_ms` the "
              "compute thread waiting on expert transfers (demand copies out of the mmap, "
@@ -154,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
              f"memory {profile.fast_mem_bytes_per_s / 1e9:.2f} GB/s); it has no non-expert "
              "work, so `time_ratio` = measured total / modelled and `expert_path_ratio` = "
              "measured expert path / modelled. Ratios > 1: the model is optimistic. Medians of "
-             f"{args.repeats} fresh runs, {args.warmup} warm-up tokens not counted. See "
+             f"{args.repeats} fresh runs (`ms_per_token_range`: min and max), {args.warmup} "
+             f"warm-up tokens not counted; load average (1 min) {load_before[0]:.2f} at the "
+             f"start and {os.getloadavg()[0]:.2f} at the end. See "
              "bench/results/NOTES.md for what the ratios say on a CPU.\n")
     write_results(args.out, result, table,
                   "offloaded scheduler on this CPU: measured vs modelled (same decisions, "
