@@ -994,8 +994,10 @@ class PagedKVStore:
                              f"(max_pages={self.max_pages}). Free sequences, evict, or build the store "
                              "with more pages. The store is unchanged.")
         short = pages - pool.num_free
-        # grow by a quarter, and by at least 16 pages' worth of 16-token pages (fewer big pages)
-        target = max(pool.capacity + short, math.ceil(pool.capacity * 1.25),
+        # grow by 1/HEADROOM, and by at least 16 pages' worth of 16-token pages (fewer big pages):
+        # free pages are resident bytes, so a budgeted (compressed) store must not grow by much
+        # more than it needs; the copy a growth costs comes once per 1/HEADROOM of tokens
+        target = max(pool.capacity + short, pool.capacity + -(-pool.capacity // HEADROOM),
                      pool.capacity + max(1, 256 // self.page_size))
         with torch.inference_mode(False):  # see __init__
             pool.grow(int(min(target, limit)))

@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvkit import OutOfPages, PagedKVStore, UnknownSequence
+from kvkit.store import HEADROOM
 
 H, D, S = 2, 8, 4
 
@@ -392,3 +393,18 @@ def test_page_size_is_bounded_and_the_pool_grows_in_proportion():
     seq = store.add_sequence()
     store.append(seq, 0, torch.randn(297, 3, 64), torch.randn(297, 3, 64))
     assert store.stats().pages_capacity == 3  # one page per head, not a 16-page slab
+
+
+def test_a_full_pool_grows_by_a_sixteenth_not_a_quarter():
+    """Free pages are resident bytes: a quantized store filled by its prefill takes about
+    1/HEADROOM more pages when decode needs one, not a quarter more (budgeted policies pay for
+    every free page)."""
+    from kvkit import policies
+
+    store = policies.get("gear", bits=4).make_store(1, 3, 64)
+    seq = store.add_sequence()
+    store.append(seq, 0, torch.randn(2400, 3, 64), torch.randn(2400, 3, 64))
+    before = store.stats().pages_capacity
+    store.append_step([seq], 0, torch.randn(1, 3, 64), torch.randn(1, 3, 64))
+    grown = store.stats().pages_capacity - before
+    assert 1 <= grown <= max(-(-before // HEADROOM), 256 // store.page_size)
