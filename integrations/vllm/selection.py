@@ -89,9 +89,10 @@ def lserve_block_scores(q: torch.Tensor, bounds: torch.Tensor, boxes: torch.Tens
     Only the kept logical pages' sub-page bounds are gathered and scored (coarse x the budget of
     the listed blocks): the rest of the list costs one box per block, 1/R of its bounds."""
     B, H, P = vpages.shape
-    listed = gather_rows(boxes, vpages)  # [B, H, P, 2D]
-    if bool((vpages < 0).any()):  # padding: an empty box, whatever page 0 holds
-        listed = listed.masked_fill((vpages < 0)[..., None], -math.inf)
+    listed = gather_rows(boxes, vpages)  # [B, H, P, 2D], a copy of its own
+    padding = (vpages < 0).view(-1).nonzero().squeeze(1)
+    if padding.numel():  # an empty box, whatever page 0 holds; only those rows are written,
+        listed.view(-1, listed.shape[-1]).index_fill_(0, padding, -math.inf)  # not a masked_fill of it all
     rows = vpages.reshape(B * H, P)
 
     def fine(entries: torch.Tensor) -> torch.Tensor:  # [B*H, K] list entries -> [B*H, G, K]

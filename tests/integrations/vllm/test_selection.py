@@ -107,6 +107,9 @@ def test_lserve_scores_are_lserve_selectors_two_level_scores(group, coarse):
     torch.testing.assert_close(got[inside], want[inside], atol=1e-4, rtol=1e-5)
     assert (got[~inside & (pages >= 0)] == FILL_SCORE).all()
     assert (got[pages < 0] == -math.inf).all()
+    boxes = page_boxes(bounds)
+    boxes[0] = 1e3  # whatever page 0 holds, padding entries (which read it) score -inf
+    assert torch.equal(lserve_block_scores(q, bounds, boxes, vpages, k, sel) == -math.inf, got == -math.inf)
     forced = forced_from_lengths(torch.tensor(lengths), pages.shape[-1], 8, 4, 8)[:, None, :].expand_as(pages)
     slots = forced_from_positions(store.slot_positions(0), pages, torch.tensor(lengths), 4, 8)
     assert torch.equal(forced, slots)
