@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "tradeoff.png")
     args = ap.parse_args(argv)
     pts, _ = points(args.sources)
-    tradeoff(pts, args.out, "SmolLM2-135M in bf16: passkey at 2.4K tokens x 6 depths, perplexity of the "
+    depths = sorted({json.loads((RESULTS / f"{name}.json").read_text())["depths"] for name in args.sources})
+    tradeoff(pts, args.out, f"SmolLM2-135M in bf16: passkey at 2.4K tokens x {'/'.join(map(str, depths))} depths, "
+                            "perplexity of the "
                             "Apache-2.0 text; budgets in tokens per KV head\n"
                             f"bench/results/{{{','.join(args.sources)}}}.md", xlabel="resident KV vs bf16 dense (log)")
     print(f"wrote {args.out}")
