@@ -168,8 +168,12 @@ def _key_backend_cache_by_config() -> None:
     from vllm.config import get_current_vllm_config_or_none
     from vllm.v1.attention import selector
 
-    original = selector._cached_get_attn_backend
+    original = getattr(selector, "_cached_get_attn_backend", None)
     if getattr(original, "_kvkit", False):
+        return
+    if not hasattr(original, "__wrapped__"):  # another vLLM: leave it, one engine per process works
+        logger.warning("kvkit: vLLM's attention-backend cache is not the one kvkit knows; build one "
+                       "engine per process (vLLM's default) so each resolves its own backend")
         return
 
     @functools.cache
