@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in doc["budgets"]:
         ax.axvline(b, color="grey", lw=0.5, ls=":")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=10)  # a point far off (a budget below every good choice) keeps the rest readable
     ax.set_xlabel("resident KV bytes / bf16 dense store (log2)")
     ax.set_ylabel("perplexity vs dense (%), held-out text")
     ax.set_title(f"kvkit tune frontier, passkey @{doc['ctx']} beside each point")
