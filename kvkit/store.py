@@ -46,7 +46,9 @@ DEFAULT_PAGE_SIZE = 16  # tokens per page unless the caller or the policy says o
 
 
 class PageStorage(Protocol):
-    """The bytes of one layer's page pool, as a page format lays them out."""
+    """The bytes of one layer's page pool, as a page format lays them out. A storage that keeps
+    per-page state (a codec's scales, staging rows) may define `forget(pages)`: the store calls
+    it when pages go back to the free pool, so their next owner does not inherit that state."""
 
     def grow(self, num_pages: int) -> None:
         """Make room for `num_pages` pages in all; existing pages keep their content."""
@@ -313,6 +315,9 @@ class _Layer:
             if self.key_min is not None:
                 self.key_min[idx] = math.inf
                 self.key_max[idx] = -math.inf
+            forget = getattr(self.storage, "forget", None)
+            if forget is not None:  # a codec's per-page state: the next owner starts afresh
+                forget(idx)
             self.free_pages.extend(gone)
 
     def copy_page(self, src: int, dst: int) -> None:

@@ -395,3 +395,23 @@ def test_window_registry_and_config_round_trip():
     assert policies.get("kivi", bits=2, window=64).codec.window == 64
     with pytest.raises(ConfigError, match="GearCodec.window must be an int >= 0"):
         Policy.from_config({"codec": {"type": "gear", "window": -4}})
+
+
+@pytest.mark.parametrize("name,params", [("gear", {"bits": 4}), ("gear", {"bits": 2, "window": 8})])
+def test_a_freed_page_is_a_fresh_page_for_its_next_owner(name, params):
+    """A page freed and taken by another sequence starts open: its new tokens read back exact
+    (staged, full precision), not re-encoded with the previous owner's leftovers."""
+    from kvkit import policies
+
+    store = policies.get(name, **params).make_store(1, 3, 64)
+    S = store.page_size
+    first = store.add_sequence()
+    store.append(first, 0, torch.randn(4 * S, 3, 64), torch.randn(4 * S, 3, 64))
+    store.free(first)
+    second = store.add_sequence()
+    k, v = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    store.append(second, 0, k, v)
+    for h in range(3):
+        _, kh, vh = store.read(second, 0, h)
+        torch.testing.assert_close(kh[0].float(), k[0, h], atol=2e-2, rtol=0)  # the staging dtype
+        torch.testing.assert_close(vh[0].float(), v[0, h], atol=2e-2, rtol=0)

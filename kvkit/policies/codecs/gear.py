@@ -246,6 +246,13 @@ class GearStorage(StagingRows):
             v[open_] = self.stage_v[rows[open_]].float()
         return k.to(self.dtype), v.to(self.dtype)
 
+    def forget(self, pages: torch.Tensor) -> None:
+        """As `StagingRows.forget`, and the pages hold no compressed content: a reused page is
+        a fresh one, not a compressed page written again."""
+        super().forget(pages)
+        self.kp.step[pages] = 0
+        self.vp.step[pages] = 0
+
     def copy_page(self, src: int, dst: int) -> None:
         self.kp.copy_page(src, dst)
         self.vp.copy_page(src, dst)

@@ -95,6 +95,13 @@ class StagingRows:
         for p in cand.tolist():
             self._unstage(p)
 
+    def forget(self, pages: torch.Tensor) -> None:
+        """Pages back in the free pool (the store calls this): no slot counts as written and no
+        staging row, clock or pin stays, so a page's next owner starts from an open page."""
+        self.filled[pages] = False
+        for page in pages.tolist():
+            self._unstage(page)
+
     def _unstage(self, page: int) -> None:
         self._release_row(page)
         self._newest.pop(page, None)
