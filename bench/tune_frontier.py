@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"budget": budget, "method": method, "config": label, "predicted_fraction": predicted,
                             "policy": policy.to_config(), **res})
             write(args, records, kept, dropped, m)
+    write(args, records, kept, dropped, m)  # a last budget with nothing to run (infeasible) still shows
     return 0
 
 
