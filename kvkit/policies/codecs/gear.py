@@ -27,15 +27,14 @@ Reading a page dequantizes the codes, adds the low-rank term and scatters the ou
 corrections. Every tensor (codes, scales, factors, outliers, staging buffer, fill mask) is
 returned by `tensors()`, so `store.nbytes()` counts them.
 
-Limits: a write into a page that was already compressed (a slot refilled after eviction, or
-a released page reused) decodes the page and updates it; the page is then staged whole (its
-older tokens as decoded) while the new token is inside the window, else re-encoded at once, so
-with `window=0` such tokens skip the full-precision buffer. The staging rows of a page that a
-sequence frees stay allocated until the page is reused (the store does not tell storages about
-releases). The window's clock is the largest position the layer has seen, shared by every
+Limits: a write into a page that was already compressed (a slot refilled after eviction)
+decodes the page and updates it; the page is then staged whole (its older tokens as decoded)
+while the new token is inside the window, else re-encoded at once, so with `window=0` such
+tokens skip the full-precision buffer. A page back in the free pool forgets its compressed
+content, staging row and pin (`forget`, called by the store), so its next owner starts with an
+open page. The window's clock is the largest position the layer has seen, shared by every
 sequence of the store: a sequence shorter than the longest one has its pages compressed early
-(its exact window is shorter by the difference). A page pinned as a sink stays staged after
-its sequence frees it, also when another sequence reuses it. Staging rows are allocated in
+(its exact window is shorter by the difference). Staging rows are allocated in
 `buffer_dtype` on top of every page's compressed tensors, so a window adds
 `4 * S * D` bytes (fp16) per staged page and KV head.
 Bytes per page (S=16, D=64, bits=4, rank=0, no outliers): 1024 B codes + 256 B key mins/steps
