@@ -81,7 +81,8 @@ def _engine(args: dict, policy: dict | None):
 
 class _Stepper:
     """Steps one engine by hand and keeps its decode-phase numbers: the duration of each step in
-    which every request produced a token, and kvkit's histogram seconds during its steps."""
+    which every request produced a token, and kvkit's histogram seconds since decoding began
+    (the engine is alone in its process, so the histograms are its own)."""
 
     def __init__(self, engine, batch: int):
         self.engine, self.batch = engine, batch
@@ -90,13 +91,12 @@ class _Stepper:
         self.decoding = False
         self.step_ms: list[float] = []
         self.decode_seconds = self.decode_tokens = 0.0
-        self.sums = {"kvkit_decode_seconds": 0.0, "kvkit_selection_seconds": 0.0}
+        self.sums_start: dict[str, float] = {}  # the histograms when decoding began
 
     def busy(self) -> bool:
         return self.engine.has_unfinished_requests()
 
     def step(self) -> None:
-        before = _histogram_sums() if self.decoding else None
         t0 = time.perf_counter()
         outs = self.engine.step()
         seconds = time.perf_counter() - t0
@@ -106,23 +106,23 @@ class _Stepper:
             new += n - self.produced.get(o.request_id, 0)
             self.produced[o.request_id] = n
             self.texts[o.request_id] = o.outputs[0].text
-        if before is not None:
+        if self.decoding:
             self.decode_seconds += seconds
             self.decode_tokens += new
             if new == self.batch:
                 self.step_ms.append(1000 * seconds)
-            for k, v in _histogram_sums().items():
-                self.sums[k] += v - before[k]
         elif len(self.produced) == self.batch and all(n >= 1 for n in self.produced.values()):
             self.decoding = True  # every request is decoding from the next step
+            self.sums_start = _histogram_sums()
 
     def report(self, keys: list[str], prompt_tokens: list[int]) -> dict:
         answers = [self.texts[str(i)] for i in range(self.batch)]
+        sums = {k: v - self.sums_start[k] for k, v in _histogram_sums().items()}
         return {"decode_seconds": self.decode_seconds, "decode_tokens": self.decode_tokens,
                 "step_ms": self.step_ms, "step_ms_mean": statistics.mean(self.step_ms),
                 "step_ms_p50": statistics.median(self.step_ms),
-                "attention_seconds": self.sums["kvkit_decode_seconds"],
-                "selection_seconds": self.sums["kvkit_selection_seconds"],
+                "attention_seconds": sums["kvkit_decode_seconds"],
+                "selection_seconds": sums["kvkit_selection_seconds"],
                 "hits": sum(k in a for k, a in zip(keys, answers)), "answers": answers, "keys": keys,
                 "prompt_tokens": prompt_tokens}
 
