@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_results  # noqa: E402
-from longctx import kept_tasks, make_samples, run_policy  # noqa: E402
+from longctx import haystack_text, kept_tasks, make_samples, run_policy  # noqa: E402
 
 from kvkit import evaluate  # noqa: E402
 from kvkit.policies import Policy  # noqa: E402
@@ -35,7 +35,28 @@ from kvkit.tools.tune import Measurement, build_policy, choose, costs, measure  
 from kvkit.tools.tune_alloc import Allocation  # noqa: E402
 from kvkit.tools.tune_measure import dense_bytes  # noqa: E402
 
-HELD_OUT = Path(__file__).resolve().parents[1] / "kvkit" / "data" / "apache-2.0.txt"
+APACHE = Path(__file__).resolve().parents[1] / "kvkit" / "data" / "apache-2.0.txt"
+
+
+PPL_TEXTS = {"apache": "kvkit/data/apache-2.0.txt",
+             "licenses": "the installed distributions' license texts (each paragraph once)"}
+
+
+def held_out_text(name: str) -> str:
+    """The perplexity text, never the tuning text (Python's language reference): `apache`, the
+    Apache-2.0 license (~2.5K tokens), or `licenses`, the installed distributions' license texts
+    with each repeated paragraph kept once (tens of thousands of tokens; for contexts past 2K, where
+    a repeated license would let dense copy what a compressed cache has dropped)."""
+    if name == "apache":
+        return APACHE.read_text()
+    seen: set[str] = set()
+    unique = []
+    for para in haystack_text().split("\n\n"):
+        key = " ".join(para.split())
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(para)
+    return "\n\n".join(unique)
 
 
 def _uniform(m: Measurement, cost: torch.Tensor, codec: int, windows: list[list[int]]) -> Allocation:
@@ -73,7 +94,7 @@ def baselines(m: Measurement, budget: float, ctx: int) -> list[tuple[str, str, A
 def evaluate_policy(model: Any, tok: Any, policy: Any, args: argparse.Namespace, samples: list) -> dict[str, Any]:
     pk = evaluate.passkey(model, tok, policy, args.ctx, [i / max(1, args.depths - 1) * 0.8 + 0.1
                                                          for i in range(args.depths)])
-    ppl = evaluate.perplexity(model, tok, policy, HELD_OUT.read_text(), args.ppl_tokens,
+    ppl = evaluate.perplexity(model, tok, policy, args.held_out, args.ppl_tokens,
                               context_tokens=args.ppl_context)
     lc = run_policy(model, tok, policy, samples) if samples else {"scores": {}, "kv_bytes": 0}
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
@@ -92,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--ppl-context", type=int, default=2048)
+    ap.add_argument("--ppl-text", choices=["apache", "licenses"], default="apache",
+                    help="held-out perplexity text (licenses: long enough for 4K-8K contexts)")
     ap.add_argument("--samples", type=int, default=2, help="long-context samples per task")
     ap.add_argument("--longctx-ctx", type=int, default=2048)
     ap.add_argument("--tasks", nargs="*", default=None, help="long-context tasks (default: all, dropped per dense)")
@@ -101,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="tune_frontier")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.held_out = held_out_text(args.ppl_text)
     model, tok = evaluate.load(None)
     m = measure(model, tok, calib_tokens=args.calib_tokens)
     from longctx import TASKS
@@ -152,10 +176,10 @@ def write(args: argparse.Namespace, records: list[dict[str, Any]], kept: list[st
               "vs dense", "long-ctx mean", "vs dense (points)"]
     note = (f"\n\nLong-context tasks kept (dense >= 0.5 at {args.longctx_ctx} tokens, {args.samples} samples each): "
             f"{', '.join(kept) or 'none'}; dropped: {', '.join(f'{t} ({w})' for t, w in dropped.items()) or 'none'}. "
-            f"Perplexity: last {args.ppl_tokens} tokens of kvkit/data/apache-2.0.txt at {args.ppl_context} tokens "
-            "(not the tuning text). KV bytes: the store's real allocation after the passkey runs, against a bf16 "
+            f"Perplexity: last {args.ppl_tokens} tokens of {PPL_TEXTS[args.ppl_text]} at {args.ppl_context} "
+            "tokens (not the tuning text). KV bytes: the store's real allocation after the passkey runs, against a bf16 "
             "dense store of the same tokens; dense runs its fp32 pages (2x).")
-    payload = {"ctx": args.ctx, "budgets": args.budgets, "measure": m.info, "kept_tasks": kept, "dropped_tasks": dropped,
+    payload = {"ctx": args.ctx, "ppl_text": args.ppl_text, "ppl_context": args.ppl_context, "budgets": args.budgets, "measure": m.info, "kept_tasks": kept, "dropped_tasks": dropped,
                "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}
     write_results(args.name, json.loads(json.dumps(payload, default=str)),
                   f"tune frontier (passkey x{args.depths} @{args.ctx}, budgets vs bf16 dense)", markdown_table(header, rows) + note)
