@@ -5,13 +5,13 @@
 The budget is a fraction of what a bf16 dense store of the model really allocates for `ctx`
 tokens of one sequence. The search space is per layer and per KV head:
 
-- a **codec** per layer (a layer's pages share one pool): bf16, int8, or GEAR/KIVI group
-  quantization at 4, 3 or 2 bits (rank 0, 1% outliers), whose open page stays full precision,
+- a **codec** per layer (a layer's pages share one pool): bf16, int8, or GEAR group quantization
+  at 4, 3 or 2 bits (rank 0, 1% outliers, values per token), whose open page stays full precision,
   each also with full-precision pages kept out of the quantization: a recent window (KIVI's
   residual; `q4w128`: the pages holding the last 128 positions in fp16), the attention-sink
   page (`q4s`: the pages holding the first 16 positions), or both (`q4sw32`, `q4sw128`); their
-  bytes are the staging rows a real store allocates for them; those with a window also without
-  outliers (`q4sw32-o0`);
+  bytes are the staging rows a real store allocates for them; each also as KIVI quantizes (`k4`,
+  `k4sw32`: no outliers, values in groups of 32 channels);
 - per KV head, **keep everything** (a retrieval head) or **stream** with `sink` first tokens and a
   recent window (DuoAttention's streaming head), the window chosen from `windows`.
 
@@ -61,10 +61,10 @@ CODECS: dict[str, Codec] = {
     "int8": Int8Codec(),
     **{f"q{b}{suffix}": GearCodec(bits=b, rank=0, outliers=0.01, sink=sink, window=window)
        for suffix, (sink, window) in CODEC_FP_PAGES.items() for b in (4, 3, 2)},
-    # Without GEAR's 1% outliers (an int16 index and an fp16 value each: ~0.1x of a bf16 store):
-    # with full-precision window pages beside them they lose about as little for a fifth fewer bytes.
-    **{f"q{b}{suffix}-o0": GearCodec(bits=b, rank=0, outliers=0.0, sink=sink, window=window)
-       for suffix, (sink, window) in CODEC_FP_PAGES.items() if window for b in (4, 3, 2)},
+    # KIVI's: no outliers (GEAR's 1% cost ~0.1x of a bf16 store: an int16 index and an fp16 value
+    # each), values in groups of 32 channels; at 4 bits about as little loss as q4sw128, in fewer bytes.
+    **{f"k{b}{suffix}": GearCodec(bits=b, rank=0, outliers=0.0, v_group=32, sink=sink, window=window)
+       for suffix, (sink, window) in CODEC_FP_PAGES.items() for b in (4, 3, 2)},
 }
 # Shorter windows measure cheap one layer at a time but compound when many heads take them at once
 # (the losses are added, not measured jointly): 32 and 64 are not offered by default.
