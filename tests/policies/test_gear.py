@@ -211,7 +211,7 @@ def test_evicted_slots_are_refilled_and_read_back():
 
 def test_registry_and_config_round_trip():
     p = policies.get("gear", bits=2, rank=1, outliers=0.02)
-    assert p.codec == GearCodec(bits=2, rank=1, outliers=0.02)
+    assert p.codec == GearCodec(bits=2, rank=1, outliers=0.02, window=32, sink=16) and p.page_size == 32
     assert Policy.from_config(p.to_config()) == p
     assert policies.get("kivi", bits=3).codec == GearCodec(bits=3, rank=0, outliers=0.0, v_group=32)
     with pytest.raises(ConfigError, match="bits must be 2, 3, 4 or 8"):
@@ -257,8 +257,9 @@ def test_generate_through_kvkit_cache_on_a_tiny_llama():
 
 
 def test_registered_gear_defaults_to_rank_0_which_holds_fewer_bytes():
-    default, ranked = policies.get("gear"), policies.get("gear", rank=2)
-    assert default.codec.rank == 0
+    assert policies.get("gear").codec.rank == 0
+    # without the full-precision pages, which would hide the factors' bytes in 256 tokens
+    default, ranked = policies.get("gear", window=0, sink=0), policies.get("gear", rank=2, window=0, sink=0)
     sizes = []
     for policy in (default, ranked):
         store = policy.make_store(1, 3, 64, dtype=torch.float32)

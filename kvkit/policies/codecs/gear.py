@@ -366,28 +366,33 @@ class GearCodec(Codec):
 
 @register("gear")
 def gear(bits: int = 4, rank: int = 0, outliers: float = 0.01, v_group: int | None = None,
-         buffer_dtype: str = "fp16", window: int = 0, sink: int = 0) -> Policy:
+         buffer_dtype: str = "fp16", window: int = 32, sink: int = 16, page_size: int = 32) -> Policy:
     """GEAR (arXiv:2403.05527): dense reads over `bits`-bit K/V pages repaired by a rank-`rank`
     residual and `outliers` exact entries per page; the open page and the pages holding the
     last `window` or the first `sink` positions of each KV head stay full precision
-    (`buffer_dtype`).
+    (`buffer_dtype`), as GEAR's streaming buffer does.
 
-    rank defaults to 0: on kvkit's pages (16 tokens) the fp16 low-rank factors cost more bytes
-    than they save error, so rank 0 both holds fewer bytes and measures better perplexity; give
-    rank >= 1 for GEAR's low-rank repair."""
+    The defaults are the best GEAR setting of `bench/results/gear_window_ppl.md`: rank 0 (on
+    small pages the fp16 low-rank factors cost more bytes than they save error; give rank >= 1
+    for GEAR's low-rank repair), a 32-token window and the 16 sink positions (each removes most
+    of 4-bit's perplexity cost for a few pages) and 32-token pages (the per-channel key groups
+    of a 16-token page cost half as much as its 4-bit codes)."""
     return Policy(codec=GearCodec(bits=bits, rank=rank, outliers=outliers, v_group=v_group,
-                                  buffer_dtype=buffer_dtype, window=window, sink=sink), name="gear")
+                                  buffer_dtype=buffer_dtype, window=window, sink=sink),
+                  page_size=page_size, name="gear")
 
 
 @register("kivi")
 def kivi(bits: int = 4, v_group: int | None = 32, buffer_dtype: str = "fp16", window: int = 0,
-         sink: int = 0) -> Policy:
+         sink: int = 0, page_size: int = 32) -> Policy:
     """Plain group quantization, GEAR's yardstick (KIVI, arXiv:2402.02750): keys per channel over
     a page's tokens, values per token in groups of `v_group` channels, no low-rank or outlier
     repair; the open page and the pages holding the last `window` (KIVI's residual) or the first
-    `sink` positions stay full precision."""
+    `sink` positions stay full precision. 32-token pages by default: the per-channel key groups
+    of a 16-token page cost half as much as its 4-bit codes."""
     return Policy(codec=GearCodec(bits=bits, rank=0, outliers=0.0, v_group=v_group,
-                                  buffer_dtype=buffer_dtype, window=window, sink=sink), name="kivi")
+                                  buffer_dtype=buffer_dtype, window=window, sink=sink),
+                  page_size=page_size, name="kivi")
 
 
 __all__ = ["GearCodec", "GearStorage", "pack_bits", "unpack_bits", "gear", "kivi"]
