@@ -36,8 +36,6 @@ from kvkit.tools.tune_alloc import Allocation  # noqa: E402
 from kvkit.tools.tune_measure import dense_bytes  # noqa: E402
 
 APACHE = Path(__file__).resolve().parents[1] / "kvkit" / "data" / "apache-2.0.txt"
-
-
 PPL_TEXTS = {"apache": "kvkit/data/apache-2.0.txt",
              "licenses": "the installed distributions' license texts (each paragraph once)"}
 
@@ -177,9 +175,10 @@ def write(args: argparse.Namespace, records: list[dict[str, Any]], kept: list[st
     note = (f"\n\nLong-context tasks kept (dense >= 0.5 at {args.longctx_ctx} tokens, {args.samples} samples each): "
             f"{', '.join(kept) or 'none'}; dropped: {', '.join(f'{t} ({w})' for t, w in dropped.items()) or 'none'}. "
             f"Perplexity: last {args.ppl_tokens} tokens of {PPL_TEXTS[args.ppl_text]} at {args.ppl_context} "
-            "tokens (not the tuning text). KV bytes: the store's real allocation after the passkey runs, against a bf16 "
-            "dense store of the same tokens; dense runs its fp32 pages (2x).")
-    payload = {"ctx": args.ctx, "ppl_text": args.ppl_text, "ppl_context": args.ppl_context, "budgets": args.budgets, "measure": m.info, "kept_tasks": kept, "dropped_tasks": dropped,
+            "tokens (not the tuning text). KV bytes: the store's real allocation after the passkey runs, against a "
+            "bf16 dense store of the same tokens; dense runs its fp32 pages (2x).")
+    payload = {"ctx": args.ctx, "ppl_text": args.ppl_text, "ppl_context": args.ppl_context, "budgets": args.budgets,
+               "measure": m.info, "kept_tasks": kept, "dropped_tasks": dropped,
                "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}
     write_results(args.name, json.loads(json.dumps(payload, default=str)),
                   f"tune frontier (passkey x{args.depths} @{args.ctx}, budgets vs bf16 dense)", markdown_table(header, rows) + note)
