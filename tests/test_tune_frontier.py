@@ -1,0 +1,38 @@
+"""bench/tune_frontier.py: its held-out perplexity text is long enough for the contexts it is
+used at, holds each paragraph once and is not the tuner's calibration text."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    sys.path.insert(0, str(BENCH))  # the script imports `common` and `longctx` from beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_tune_frontier", BENCH / "tune_frontier.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_the_licenses_text_is_long_unrepeated_and_not_the_calibration_text(frontier):
+    from kvkit.models import load_tokenizer, resolve_model
+    from kvkit.tools.tune import calibration_text
+
+    text = frontier.held_out_text("licenses")
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+    assert len(paragraphs) == len(set(paragraphs)) and all(paragraphs)
+    tok = load_tokenizer(resolve_model(None))
+    assert len(tok(text).input_ids) > 8192 + 128  # 7.2K contexts and more, plus the scored tokens
+    calib = calibration_text()
+    assert not any(len(p) > 200 and p in calib for p in paragraphs)
+    assert frontier.held_out_text("apache") == frontier.APACHE.read_text()
