@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=128)
     ap.add_argument("--ppl-context", type=int, default=2048)
-    ap.add_argument("--ppl-text", choices=["apache", "licenses"], default="apache",
+    ap.add_argument("--ppl-text", choices=list(PPL_TEXTS), default="apache",
                     help="held-out perplexity text (licenses: long enough for 4K-8K contexts)")
     ap.add_argument("--samples", type=int, default=2, help="long-context samples per task")
     ap.add_argument("--longctx-ctx", type=int, default=2048)

@@ -3,26 +3,12 @@ and are scored as they say."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def longctx():
-    sys.path.insert(0, str(BENCH))  # the script imports `common` from beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_longctx", BENCH / "longctx.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_longctx"] = module  # dataclasses look their module up while the class is made
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def longctx(bench_script):
+    return bench_script("longctx")
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,8 @@ def test_readme_policy_config_builds():
 @pytest.mark.parametrize("line", COMMANDS)
 def test_readme_commands_parse(line):
     args = cli.make_parser().parse_args(shlex.split(line)[1:]) if "--version" not in line else None
-    assert line == "kvkit --version" or args.command in {"demo", "passkey", "ppl", "tune", "policies", "doctor", *SERVERS}
+    known = {"demo", "passkey", "ppl", "tune", "policies", "doctor", *SERVERS}
+    assert line == "kvkit --version" or args.command in known
 
 
 @pytest.mark.parametrize("line", [c for c in COMMANDS if c.split()[1] in ("policies", "doctor")])

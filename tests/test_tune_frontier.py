@@ -3,25 +3,12 @@ used at, holds each paragraph once and is not the tuner's calibration text."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def frontier():
-    sys.path.insert(0, str(BENCH))  # the script imports `common` and `longctx` from beside it
-    try:
-        spec = importlib.util.spec_from_file_location("bench_tune_frontier", BENCH / "tune_frontier.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def frontier(bench_script):
+    return bench_script("tune_frontier")
 
 
 def test_the_licenses_text_is_long_unrepeated_and_not_the_calibration_text(frontier):

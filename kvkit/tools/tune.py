@@ -61,9 +61,8 @@ CODECS: dict[str, Codec] = {
     "int8": Int8Codec(),
     **{f"q{b}{suffix}": GearCodec(bits=b, rank=0, outliers=0.01, sink=sink, window=window)
        for suffix, (sink, window) in CODEC_FP_PAGES.items() for b in (4, 3, 2)},
-    # KIVI's: no outliers (GEAR's 1% cost ~0.08x of a bf16 store: an int16 index and an fp16 value
-    # each), values in groups of 32 channels (bench/results/gear_window_ppl.md: k4 loses about as
-    # little as q4sw128, in fewer bytes).
+    # KIVI's: no outliers (GEAR's cost an int16 index and an fp16 value each), values in groups of
+    # 32 channels (bench/results/gear_window_ppl.md compares them).
     **{f"k{b}{suffix}": GearCodec(bits=b, rank=0, outliers=0.0, v_group=32, sink=sink, window=window)
        for suffix, (sink, window) in CODEC_FP_PAGES.items() for b in (4, 3, 2)},
 }

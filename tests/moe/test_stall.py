@@ -4,9 +4,7 @@ agreeing with the model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from kvkit.moe.stall import measure_vs_model
 pytest.importorskip("transformers")
 
 LRU = SchedConfig(2, miss="load", keep="lru", background=False, hints=False)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +71,8 @@ def test_offload_config_takes_a_measured_profile(local):
         OffloadConfig(profile="local")
 
 
-def test_bench_writes_rows_with_the_machine(tmp_path):
-    spec = importlib.util.spec_from_file_location("moe_stall", ROOT / "bench" / "moe_stall.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_writes_rows_with_the_machine(tmp_path, bench_script):
+    bench = bench_script("moe_stall")
     out = tmp_path / "stall"
     assert bench.main(["--models", "olmoe", "--tokens", "6", "--warmup", "2", "--repeats", "1",
                        "--out", str(out)]) == 0
