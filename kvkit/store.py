@@ -7,8 +7,9 @@ tokens, so streaming heads can hold a few pages while retrieval heads hold all.
 
 Every slot records the position of the token it holds (`-1` when empty). RoPE is applied before
 caching, so attention does not care where a token sits; eviction frees single slots and the next
-append reuses them. Pages are reference counted: `fork` shares them (prefix sharing, beams) and
-a write to a shared page copies it first.
+append reuses them, except in a layer whose pages are encoded whole (`encodes_pages`): there a
+page is given back once all its tokens are evicted. Pages are reference counted: `fork` shares
+them (prefix sharing, beams) and a write to a shared page copies it first.
 
 How a page's bytes are laid out is the business of a *page format* (a Codec of
 `kvkit.policies`): it makes a `PageStorage` per layer. The store itself keeps plain tensors with
@@ -65,6 +66,9 @@ class PageStorage(Protocol):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this storage allocated, for byte accounting."""
+
+    # A storage whose class sets `encodes_pages = True` encodes a page as a whole (scales shared by
+    # its tokens): the store then never writes into a slot that eviction freed in such a layer.
 
 
 class PageFormat(Protocol):
@@ -758,7 +762,9 @@ class PagedKVStore:
             pool.refcount[list(remap)] -= 1
             table = [remap.get(p, p) for p in table]
             free = [remap.get(s // S, s // S) * S + s % S for s in free]
-        pool.holes[row] = free + idx.tolist()
+        # A slot freed in a page encoded whole is not refilled: re-encoding would quantize its
+        # other tokens again from their decoded values. The page returns when its last token goes.
+        pool.holes[row] = free if getattr(pool.storage, "encodes_pages", False) else free + idx.tolist()
         pool.set_pages(row, table)
         pool.resident[row] -= int(want.numel())
         self._release_empty(pool, row, {remap.get(p, p) for p in touched})

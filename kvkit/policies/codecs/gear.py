@@ -27,16 +27,18 @@ Reading a page dequantizes the codes, adds the low-rank term and scatters the ou
 corrections. Every tensor (codes, scales, factors, outliers, staging buffer, fill mask) is
 returned by `tensors()`, so `store.nbytes()` counts them.
 
-Limits: a write into a page that was already compressed (a slot refilled after eviction)
-decodes the page and updates it; the page is then staged whole (its older tokens as decoded)
-while the new token is inside the window, else re-encoded at once, so with `window=0` such
-tokens skip the full-precision buffer. A page back in the free pool forgets its compressed
-content, staging row and pin (`forget`, called by the store), so its next owner starts with an
-open page. The window's clock is the largest position the layer has seen, shared by every
-sequence of the store: a sequence shorter than the longest one has its pages compressed early
-(its exact window is shorter by the difference). Staging rows are allocated in
-`buffer_dtype` on top of every page's compressed tensors, so a window adds
-`4 * S * D` bytes (fp16) per staged page and KV head.
+Limits: the store does not refill slots that eviction freed in a GEAR layer (`encodes_pages`):
+a refill would re-encode the page's other tokens from their decoded values, adding a second
+quantization error each time (a streaming head refills its sink page at every step). A page
+comes back to the pool when its last token is evicted, so slot-level eviction (H2O, A2SF) frees
+memory only page by page. A caller that writes into a compressed page itself gets it decoded
+and updated: staged whole (older tokens as decoded) while the new token is inside the window,
+else re-encoded at once. A page back in the free pool forgets its compressed content, staging
+row and pin (`forget`, called by the store), so its next owner starts with an open page. The
+window's clock is the largest position the layer has seen, shared by every sequence of the
+store: a sequence shorter than the longest one has its pages compressed early (its exact window
+is shorter by the difference). Staging rows are allocated in `buffer_dtype` on top of every
+page's compressed tensors, so a window adds `4 * S * D` bytes (fp16) per staged page and KV head.
 Bytes per page (S=16, D=64, bits=4, rank=0, no outliers): 1024 B codes + 256 B key mins/steps
 + 4 * S * D / v_group B value mins/steps, against 4096 B in bf16: small pages pay for the
 per-channel key groups; `page_size=64` amortizes them (see bench/memory.py).
@@ -191,6 +193,7 @@ class GearStorage(StagingRows):
     """
 
     takes_positions = True  # the store passes the tokens' positions: they age the window
+    encodes_pages = True  # per-channel key groups span a page: the store does not refill evicted slots
 
     def __init__(self, page_size: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  codec: GearCodec):
