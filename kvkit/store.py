@@ -49,7 +49,9 @@ DEFAULT_PAGE_SIZE = 16  # tokens per page unless the caller or the policy says o
 class PageStorage(Protocol):
     """The bytes of one layer's page pool, as a page format lays them out. A storage that keeps
     per-page state (a codec's scales, staging rows) may define `forget(pages)`: the store calls
-    it when pages go back to the free pool, so their next owner does not inherit that state."""
+    it when pages go back to the free pool, so their next owner does not inherit that state. A
+    storage whose class sets `encodes_pages = True` encodes a page as a whole (scales shared by its
+    tokens): the store then never writes into a slot that eviction freed in such a layer."""
 
     def grow(self, num_pages: int) -> None:
         """Make room for `num_pages` pages in all; existing pages keep their content."""
@@ -66,9 +68,6 @@ class PageStorage(Protocol):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this storage allocated, for byte accounting."""
-
-    # A storage whose class sets `encodes_pages = True` encodes a page as a whole (scales shared by
-    # its tokens): the store then never writes into a slot that eviction freed in such a layer.
 
 
 class PageFormat(Protocol):

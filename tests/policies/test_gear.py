@@ -175,6 +175,24 @@ def test_grow_and_copy_page_keep_content():
     assert torch.equal(storage.read(torch.tensor([1]))[0][0, :5], before[0][1, :5])
 
 
+def test_write_into_a_compressed_page_updates_it():
+    # the store never does this (`encodes_pages`); a direct caller gets the page decoded, the slot
+    # written and the page re-encoded: the new token reads back, the others stay near their value
+    storage = GearCodec(bits=8, rank=0, outliers=0).make_storage(S, D, torch.float32, torch.device("cpu"))
+    storage.grow(1)
+    k, v = _kv(S, outlier_channels=False)
+    storage.write(torch.zeros(S, dtype=torch.int64), torch.arange(S), k[:, 0], v[:, 0])
+    before_k, before_v = storage.read(torch.tensor([0]))
+    k2, v2 = _kv(1, seed=5, outlier_channels=False)
+    storage.write(torch.tensor([0]), torch.tensor([3]), k2[:, 0], v2[:, 0])
+    after_k, after_v = storage.read(torch.tensor([0]))
+    torch.testing.assert_close(after_k[0, 3], k2[0, 0], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(after_v[0, 3], v2[0, 0], atol=0.1, rtol=0.05)
+    others = [i for i in range(S) if i != 3]
+    torch.testing.assert_close(after_k[0, others], before_k[0, others], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(after_v[0, others], before_v[0, others], atol=0.1, rtol=0.05)
+
+
 def test_fork_and_copy_on_write_through_the_store():
     store = PagedKVStore(1, H, D, page_size=S, dtype=torch.float32, page_format=GearCodec(bits=4))
     seq = store.add_sequence()
