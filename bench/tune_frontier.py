@@ -31,7 +31,7 @@ from longctx import haystack_text, kept_tasks, make_samples, run_policy  # noqa:
 from kvkit import evaluate  # noqa: E402
 from kvkit.policies import Policy  # noqa: E402
 from kvkit.policies.duo import shipped_pattern  # noqa: E402
-from kvkit.tools.tune import Measurement, build_policy, choose, costs, measure  # noqa: E402
+from kvkit.tools.tune import Measurement, build_policy, check, costs, measure  # noqa: E402
 from kvkit.tools.tune_alloc import Allocation  # noqa: E402
 from kvkit.tools.tune_measure import dense_bytes  # noqa: E402
 
@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     records.append({"budget": None, "method": "dense", "config": "dense (fp32 pages)", **dense})
     write(args, records, kept, dropped, m)
     for budget in args.budgets:
+        checked: dict[str, Any] = {}
         try:
-            tuned = choose(m, budget, args.ctx)
+            tuned = check(model, m, budget, args.ctx)
             runs = [("tuned", "tuned", tuned.policy, tuned.report["predicted_fraction"])]
+            checked = {"joint_check": tuned.report["joint_check"]}
         except ValueError as e:  # below the cheapest choice the tuner offers
             records.append({"budget": budget, "method": "tuned", "config": f"infeasible: {e}"})
             runs = []
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             res = evaluate_policy(model, tok, policy, args, samples)
             records.append({"budget": budget, "method": method, "config": label, "predicted_fraction": predicted,
-                            "policy": policy.to_config(), **res})
+                            "policy": policy.to_config(), **res, **(checked if method == "tuned" else {})})
             write(args, records, kept, dropped, m)
     write(args, records, kept, dropped, m)  # a last budget with nothing to run (infeasible) still shows
     return 0

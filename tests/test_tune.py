@@ -16,7 +16,7 @@ from kvkit.policies import Policy
 from kvkit.policies.codecs.gear import GearCodec
 from kvkit.policies.codecs.plain import PlainCodec
 from kvkit.tools import tune_measure
-from kvkit.tools.tune import CODECS, build_policy, choose, measure
+from kvkit.tools.tune import CODECS, build_policy, check, choose, measure
 from kvkit.tools.tune_alloc import Allocation, _layer_best, _totals, allocate
 
 
@@ -160,6 +160,61 @@ def test_layer_losses_are_zero_for_a_lossless_choice(tiny):
     assert loss.abs().max() < 1e-10  # fp32 pages, a window longer than the sequence
 
 
+CODEC_ROWS = {  # per layer of the tiny model
+    "exact": [PlainCodec("fp32")] * 3,
+    "mixed": [GearCodec(bits=2, rank=0, outliers=0.01), PlainCodec("bf16"),
+              GearCodec(bits=3, rank=0, outliers=0.0, v_group=16, sink=4, window=16)],
+}
+
+
+@pytest.mark.parametrize("codecs", CODEC_ROWS, ids=str)
+def test_joint_loss_is_the_kl_a_real_cache_decodes_with(tiny, codecs):
+    """`joint_loss` equals the KL from dense of teacher-forced decode steps through `KVKitCache`
+    running the same codecs and streaming windows (GEAR pages compressed as each step finds them:
+    open and window pages exact), and is zero for a lossless choice."""
+    from kvkit.integrations.hf import KVKitCache
+    from kvkit.policies.base import Rule
+    from kvkit.policies.evictors.sink_window import SinkWindowEvictor
+
+    model, tok = tiny
+    T, N, sink = 160, 12, 4
+    windows = [[None, 16], [24, None], [16, 40]]
+    ids = torch.randint(3, len(tok), (1, T), generator=torch.Generator().manual_seed(1))
+    seqs = [(ids, N, 0.5)]
+    dense = tune_measure.dense_logprobs(model, seqs)
+    fp32 = CODEC_ROWS["exact"]
+    assert abs(tune_measure.joint_loss(model, seqs, dense, fp32, [[None, 500]] * 3, sink, 16)) < 1e-5  # rounding
+    got = tune_measure.joint_loss(model, seqs, dense, CODEC_ROWS[codecs], windows, sink, page_size=16)
+
+    rules = tuple(Rule(layers=(i,), heads=(h,), evictor=SinkWindowEvictor(sink=sink, window=w))
+                  for i, row in enumerate(windows) for h, w in enumerate(row) if w is not None)
+    rules += tuple(Rule(layers=(i,), codec=c) for i, c in enumerate(CODEC_ROWS[codecs]))
+    cache = KVKitCache(model, Policy(codec=PlainCodec("fp32"), rules=rules, page_size=16))
+    with torch.inference_mode():
+        model(ids[:, :T - N], past_key_values=cache, use_cache=True)
+        logits = [model(ids[:, p:p + 1], past_key_values=cache, use_cache=True).logits[0, -1] for p in range(T - N, T)]
+    logp = torch.stack(logits).float().log_softmax(-1)
+    want = 0.5 * float((dense[0].exp() * (dense[0] - logp)).sum())
+    assert want > 1e-4  # the choices change what is read
+    assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_check_keeps_the_candidate_with_the_least_joint_loss(tiny, measured):
+    model, _ = tiny
+    result = check(model, measured, 0.3, ctx=600, window_weights=(0.25, 1.0, 8.0))
+    cands = result.report["joint_check"]
+    assert [c["window_weight"] for c in cands] == [0.25, 1.0, 8.0]
+    assert result.report["joint_loss"] == min(c["joint_loss"] for c in cands) > 0
+    assert result.report["predicted_fraction"] <= 0.3
+    plain = choose(measured, 0.3, ctx=600, window_weight=result.report["window_weight"])
+    assert plain.policy == result.policy  # the winner is that weight's allocation, as `choose` makes it
+    heavy = choose(measured, 0.3, ctx=600, window_weight=8.0).allocation.window
+    light = choose(measured, 0.3, ctx=600, window_weight=0.25).allocation.window
+    assert sum(w > 0 for row in heavy for w in row) <= sum(w > 0 for row in light for w in row)  # fewer streams
+    with pytest.raises(ValueError, match="at least one window weight"):
+        check(model, measured, 0.3, window_weights=())
+
+
 def test_tuned_policy_holds_its_budget_in_a_real_cache_and_loads_unchanged(tiny, measured, tmp_path):
     from kvkit.attention.paged import PagedAttention
     from kvkit.integrations.hf import KVKitCache
@@ -209,6 +264,7 @@ def test_a_policy_tuned_for_another_shape_is_refused(tiny, tmp_path):
     (["--budget-bytes", "0.1", "--codecs", "q5", "-o", "x.json"], "codecs are a comma-separated subset"),
     (["--budget-bytes", "0.1", "--windows", "64,-1", "-o", "x.json"], "expected integers >= 1"),
     (["--budget-bytes", "0.1"], "required: -o/--out"),
+    (["--budget-bytes", "0.1", "--window-weights", "1,0", "-o", "x.json"], "expected numbers > 0"),
 ])
 def test_bad_tune_arguments_are_one_line_before_any_model_loads(argv, match, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvkit.cli", "tune", *argv], capture_output=True, text=True,

@@ -20,14 +20,17 @@ scored positions of the calibration text and of synthetic passkey prompts, so he
 retrieval are seen), scaled per layer to the end-to-end KL one forward per layer measures, and
 what each choice costs a KV head in a real store; `tune_alloc` picks the
 least-loss combination under the budget (a multiple-choice knapsack by Lagrangian relaxation and
-a greedy fill). The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
+a greedy fill). The per-part losses are added, so `check` allocates once per weight on what the
+windows add (`WINDOW_WEIGHTS`) and keeps the allocation whose end-to-end KL on the calibration
+sequences, every layer compressed at once (`joint_loss`), is least. The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
 per-(layer, head) eviction rules, the page size) with `model_shape` set, so `Policy.from_file`
 plus `KVKitCache`, `PagedAttention` or `kvkit serve` load it as it is and refuse another model.
 
 Limits: selectors (quest, lserve, tidal) change what a step reads, not what stays resident, so they
 are not searched (add one to the written policy if decode speed matters); a codec's error is
-measured per layer and a window's per head, and the allocator adds losses across parts (no
-interactions); the per-part loss is a first-order proxy of perplexity, not perplexity itself.
+measured per layer and a window's per head, and the allocator adds losses across parts (the
+end-to-end check only chooses among a few allocations); KL on calibration text is not perplexity
+on another text.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from kvkit.cli import input_file, nonneg_float, output_file, positive_int
 from kvkit.policies.base import Policy, Rule
@@ -49,7 +53,8 @@ from kvkit.policies.codecs.quant import Int8Codec
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.roles import Codec
 from kvkit.tools.tune_alloc import Allocation, allocate
-from kvkit.tools.tune_measure import dense_bytes, head_bytes, layer_bytes, layer_gains, sensitivities
+from kvkit.tools.tune_measure import (dense_bytes, dense_logprobs, head_bytes, joint_loss, layer_bytes, layer_gains,
+                                     sensitivities)
 
 
 # Full-precision pages offered with each quantized codec: suffix -> (sink positions, recent window).
@@ -69,6 +74,10 @@ CODECS: dict[str, Codec] = {
 # Shorter windows measure cheap one layer at a time but compound when many heads take them at once
 # (the losses are added, not measured jointly): 32 and 64 are not offered by default.
 WINDOWS: tuple[int, ...] = (128, 256, 512, 1024)
+# The allocator adds per-part losses, so how parts compound across layers is unknown to it. `check`
+# allocates once per weight on what windows add to the losses and keeps the allocation that loses
+# least end to end.
+WINDOW_WEIGHTS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
 PASSKEY_DEPTHS: tuple[float, ...] = (0.1, 0.3)
 
 
@@ -108,6 +117,28 @@ def _passkey_sequence(tokenizer: Any, tokens: int, depth: float, key: str) -> tu
     return torch.cat([prompt, answer], 1), answer.shape[1] + 1  # the question's last token predicts the key
 
 
+def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, scored: int,
+                          passkey_weight: float = 1.0, passkey_depths: Sequence[float] = PASSKEY_DEPTHS
+                          ) -> list[tuple[torch.Tensor, int, float]]:
+    """(ids `[1, calib_tokens]`, scored positions, weight) of the text's last `calib_tokens` tokens
+    (its last `scored` positions weigh 1 in all) and of one passkey prompt per depth (their answer
+    tokens weigh `passkey_weight` in all).
+
+    Raises:
+        ValueError: a text shorter than `calib_tokens`.
+    """
+    from kvkit.evaluate import passkey_keys
+
+    ids = tokenizer(text if text is not None else calibration_text(), return_tensors="pt").input_ids
+    if ids.shape[1] < calib_tokens:
+        raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {calib_tokens} are needed")
+    seqs = [(ids[:, -calib_tokens:], scored, 1.0 / scored)]
+    for depth, key in zip(passkey_depths, passkey_keys(len(passkey_depths), seed=1)):
+        pk, n = _passkey_sequence(tokenizer, calib_tokens, depth, key)
+        seqs.append((pk, n, passkey_weight / (n * len(passkey_depths))))
+    return seqs
+
+
 @dataclass
 class Measurement:
     """What every choice loses on one model: loss `[L, C, W, H]`, and the choices measured."""
@@ -119,6 +150,7 @@ class Measurement:
     page_size: int
     sink: int
     info: dict[str, Any] = field(default_factory=dict)
+    sequences: list[tuple[torch.Tensor, int, float]] = field(default_factory=list)  # what was measured on
 
 
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
@@ -137,7 +169,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
         ValueError: an unknown codec, bad windows, a text shorter than `calib_tokens`, or
             `calib_tokens` beyond the model's context.
     """
-    from kvkit.evaluate import check_context, context_limit, passkey_keys
+    from kvkit.evaluate import check_context, context_limit
 
     if unknown := sorted(set(codecs) - set(CODECS)):
         raise ValueError(f"unknown codecs {unknown}; known: {', '.join(CODECS)}")
@@ -148,13 +180,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    ids = tokenizer(text if text is not None else calibration_text(), return_tensors="pt").input_ids
-    if ids.shape[1] < calib_tokens:
-        raise ValueError(f"the calibration text has {ids.shape[1]} tokens; {calib_tokens} are needed")
-    seqs = [(ids[:, -calib_tokens:], scored, 1.0 / scored)]
-    for depth, key in zip(passkey_depths, passkey_keys(len(passkey_depths), seed=1)):
-        pk, n = _passkey_sequence(tokenizer, calib_tokens, depth, key)
-        seqs.append((pk, n, passkey_weight / (n * len(passkey_depths))))
+    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_weight, passkey_depths)
     chosen = [CODECS[c] for c in codecs]
     wins: list[int | None] = [None, *sorted(set(windows))]
     loss = sensitivities(model, seqs, chosen, wins, sink, page_size, progress)  # [L, C, W, H]
@@ -166,7 +192,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
             "layer_gains": [round(g, 3) for g in gains.tolist()], "measure_seconds": round(time.perf_counter() - start, 1),
             "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
     return Measurement(loss=loss, codecs=list(codecs), windows=wins, shape=(L, H, D),
-                       page_size=page_size, sink=sink, info=info)
+                       page_size=page_size, sink=sink, info=info, sequences=seqs)
 
 
 def costs(m: Measurement, ctx: int, decode: int = 64) -> torch.Tensor:
@@ -177,9 +203,12 @@ def costs(m: Measurement, ctx: int, decode: int = 64) -> torch.Tensor:
                          for c in m.codecs], dtype=torch.float64)
 
 
-def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64) -> TuneResult:
+def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
+           window_weight: float = 1.0) -> TuneResult:
     """The least-loss policy of measurement `m` whose store holds at most `budget` x a bf16 dense
-    store after `ctx` prompt tokens and `decode` generated ones.
+    store after `ctx` prompt tokens and `decode` generated ones. `window_weight` multiplies what
+    each streaming window adds to a head's loss (over keeping every token) before allocating;
+    the report's losses are the measured ones.
 
     Raises:
         ValueError: a budget outside (0, 1] or below the cheapest choice.
@@ -189,9 +218,11 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64) -> 
     L, H, D = m.shape
     cost = costs(m, ctx, decode)  # [C, W]
     dense = dense_bytes(L, H, D, ctx + decode)
+    keep_all = m.loss[:, :, :1]
+    weighted = keep_all + window_weight * (m.loss - keep_all)
     target = budget * dense
     for _ in range(4):  # the cost table adds heads; a layer's pool is shared: check with real stores
-        alloc = allocate(m.loss, cost, target)
+        alloc = allocate(weighted, cost, target)
         real = sum(layer_bytes(CODECS[m.codecs[c]], [m.windows[w] for w in alloc.window[i]], m.sink, ctx, D,
                                m.page_size, decode) for i, c in enumerate(alloc.codec))
         if real <= budget * dense:
@@ -204,23 +235,55 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64) -> 
                "loss": float(sum(m.loss[i, alloc.codec[i], w, h] for h, w in enumerate(alloc.window[i])))}
               for i in range(L)]
     report = {"budget": budget, "ctx": ctx, "decode": decode, "dense_bf16_bytes": dense,
-              "predicted_bytes": real, "predicted_fraction": real / dense,
-              "predicted_loss": alloc.loss, "page_size": m.page_size, "sink": m.sink, "windows": m.windows,
+              "predicted_bytes": real, "predicted_fraction": real / dense, "window_weight": window_weight,
+              "predicted_loss": sum(r["loss"] for r in layers), "page_size": m.page_size, "sink": m.sink,
+              "windows": m.windows,
               "head_bytes": {c: dict(zip(map(str, m.windows), cost[i].tolist())) for i, c in enumerate(m.codecs)},
               **m.info, "layers": layers}
     return TuneResult(policy=policy, allocation=alloc, report=report)
 
 
-def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: bool = True,
-         **measure_args: Any) -> TuneResult:
-    """`measure` then `choose`: a policy for `model` within `budget` x bf16 dense at `ctx` tokens.
+def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
+          window_weights: Sequence[float] = WINDOW_WEIGHTS, progress: bool = True) -> TuneResult:
+    """`choose` once per window weight, each distinct allocation run end to end on the
+    calibration sequences `m` was measured on (`joint_loss`: every layer compressed at once);
+    the least joint loss wins. The report lists every candidate (`joint_check`).
 
     Raises:
-        ValueError: as `measure` and `choose` (the budget is checked first).
+        ValueError: as `choose`, or no window weight.
+    """
+    if not window_weights:
+        raise ValueError("give at least one window weight (1: the measured losses as they are)")
+    dense = dense_logprobs(model, m.sequences)
+    joint: dict[tuple, float] = {}  # (codecs, windows) -> joint loss: weights may agree
+    candidates = []
+    for weight in tqdm(window_weights, desc="tune: joint check", disable=not progress):
+        result = choose(m, budget, ctx, decode, window_weight=weight)
+        a = result.allocation
+        if (a.codec, a.window) not in joint:
+            codecs = [CODECS[m.codecs[c]] for c in a.codec]
+            windows = [[m.windows[w] for w in row] for row in a.window]
+            joint[a.codec, a.window] = joint_loss(model, m.sequences, dense, codecs, windows, m.sink, m.page_size)
+        candidates.append((joint[a.codec, a.window], result))
+    loss, best = min(candidates, key=lambda c: c[0])
+    best.report["joint_loss"] = loss
+    best.report["joint_check"] = [{"window_weight": r.report["window_weight"], "predicted_loss": r.report["predicted_loss"],
+                                   "joint_loss": j, "predicted_fraction": r.report["predicted_fraction"]}
+                                  for j, r in candidates]
+    return best
+
+
+def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: bool = True,
+         window_weights: Sequence[float] = WINDOW_WEIGHTS, **measure_args: Any) -> TuneResult:
+    """`measure` then `check`: a policy for `model` within `budget` x bf16 dense at `ctx` tokens.
+
+    Raises:
+        ValueError: as `measure` and `check` (the budget is checked first).
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction of bf16 dense in (0, 1], got {budget}")
-    return choose(measure(model, tokenizer, progress=progress, **measure_args), budget, ctx)
+    m = measure(model, tokenizer, progress=progress, **measure_args)
+    return check(model, m, budget, ctx, window_weights=window_weights, progress=progress)
 
 
 def build_policy(alloc: Allocation, codecs: Sequence[str], windows: Sequence[int | None], sink: int,
@@ -263,6 +326,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return values
+
+
 def _codecs(text: str) -> list[str]:
     names = [c for c in text.split(",") if c]
     if not names or (unknown := sorted(set(names) - set(CODECS))):
@@ -287,6 +360,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_ints, default=list(WINDOWS), help="streaming windows to consider")
     p.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"codecs to consider ({','.join(CODECS)})")
     p.add_argument("--passkey-weight", type=nonneg_float, default=1.0, help="weight of the passkey answers vs the text")
+    p.add_argument("--window-weights", type=_weights, default=list(WINDOW_WEIGHTS),
+                   help="weights on the windows' losses, one candidate allocation each, checked end to end")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--report", type=output_file, default=None, help="also write the tuning report (JSON)")
     p.add_argument("-o", "--out", type=output_file, required=True, help="policy JSON to write")
@@ -303,12 +378,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model, tok = evaluate.load(args.model)
     result = tune(model, tok, args.budget_bytes, ctx=args.ctx, text=text, calib_tokens=args.calib_tokens,
                   scored=args.scored, page_size=args.page_size, sink=args.sink, windows=args.windows,
-                  codecs=args.codecs, passkey_weight=args.passkey_weight)
+                  codecs=args.codecs, passkey_weight=args.passkey_weight, window_weights=args.window_weights)
     Path(args.out).write_text(json.dumps(result.policy.to_config(), indent=1) + "\n")
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n")
     r = result.report
     print(result.table())
+    print("\ncandidates (window weight: predicted / joint loss, nats):",
+          "; ".join(f"{c['window_weight']:g}: {c['predicted_loss']:.4f} / {c['joint_loss']:.4f}" for c in r["joint_check"]))
     print(f"\npredicted {r['predicted_bytes'] / 2**20:.1f} MiB = {r['predicted_fraction']:.3f}x of bf16 dense "
           f"({r['dense_bf16_bytes'] / 2**20:.1f} MiB at {r['ctx']} tokens); budget {r['budget']}x; "
           f"measured in {r['measure_seconds']:.0f} s. Wrote {args.out}")

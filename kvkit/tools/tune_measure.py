@@ -4,10 +4,9 @@ One dense forward per calibration sequence captures every layer's post-RoPE keys
 the queries of the last `scored` positions, and the residual stream entering each layer. Then,
 per layer, without another forward:
 
-- each **codec** round-trips the layer's K/V through a real `PagedKVStore` of that codec (what
-  decoding would read back: full pages compressed, the open page and a codec's recent window
-  as staged; the window is where it stands after the last token, so earlier scored queries see
-  fewer exact keys behind them than they would at their own decode step);
+- each **codec** round-trips the layer's K/V through a real `PagedKVStore` of that codec, and
+  each scored query reads what it would at its own decode step (`decode_view`: a GEAR page is
+  read compressed once it is full and out of the codec's recent window, else as staged);
 - each **window** masks, for every scored query, the keys a streaming head would have evicted
   (it keeps the first `sink` positions and the last `window` before the query);
 - the loss of a (layer, KV head, codec, window) choice is the energy of the change it makes to
@@ -66,10 +65,10 @@ def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     perturb = getattr(_local, "perturb", None)
-    if perturb is not None and perturb[0] == module.layer_idx:
-        keep, scale = perturb[1], scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+    if perturb is not None:
+        out = perturb(module.layer_idx, query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     sink = getattr(_local, "sink", None)
     if sink is not None:
         n = _local.scored
@@ -131,6 +130,25 @@ def streaming_mask(T: int, scored: int, sink: int, window: int) -> torch.Tensor:
     return keep
 
 
+@contextlib.contextmanager
+def _perturbing(model: Any, perturb: Any) -> Iterator[None]:
+    """Run `model`'s attention through `perturb(layer, q, k, v, scale)`; where it returns None, SDPA."""
+    _register()
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    _local.perturb = perturb
+    try:
+        yield
+    finally:
+        _local.perturb = None
+        model.set_attn_implementation(before)
+
+
+def _kl(dense: torch.Tensor, logp: torch.Tensor) -> float:
+    """Summed KL(dense || logp) of log-probabilities `[N, V]`."""
+    return float((dense.exp() * (dense - logp)).sum())
+
+
 @torch.inference_mode()
 def layer_gains(model: Any, ids: torch.Tensor, scored: int, sink: int, window: int,
                 progress: bool = True) -> torch.Tensor:
@@ -139,31 +157,68 @@ def layer_gains(model: Any, ids: torch.Tensor, scored: int, sink: int, window: i
     For each layer, every head of that layer alone streams (`sink`, `window`) at the last `scored`
     positions of `ids` `[1, T]`; the KL from dense of the next-token distributions there, summed
     over positions, is divided by the loss `layer_losses` gives the same change. One forward per
-    layer plus one dense: the only place the tuner looks past a layer's own output.
+    layer plus one dense.
     """
     from kvkit.policies.codecs.plain import PlainCodec
 
     T = ids.shape[1]
     caps = capture(model, ids, scored)
-    dense = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)  # [N, V]
+    dense = dense_logprobs(model, [(ids, scored, 1.0)])[0]
     layers = model.model.layers
     keep = streaming_mask(T, scored, sink, window)
     gains = torch.empty(len(layers))
-    before = model.config._attn_implementation
-    _register()
-    model.set_attn_implementation(ATTN_NAME)
-    try:
-        for i in tqdm(range(len(layers)), desc="tune: layer gains", disable=not progress):
-            _local.perturb = (i, keep)
+    for i in tqdm(range(len(layers)), desc="tune: layer gains", disable=not progress):
+        def perturb(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, i: int = i):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=True) \
+                if layer == i else None
+
+        with _perturbing(model, perturb):
             logp = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)
-            kl = float((dense.exp() * (dense - logp)).sum())
-            proxy = float(layer_losses(caps[i], layers[i].self_attn.o_proj.weight, [PlainCodec("fp32")],
-                                       [None, window], sink, page_size=16)[0, 1].sum())
-            gains[i] = kl / max(proxy, 1e-12)
-    finally:
-        _local.perturb = None
-        model.set_attn_implementation(before)
+        proxy = float(layer_losses(caps[i], layers[i].self_attn.o_proj.weight, [PlainCodec("fp32")],
+                                   [None, window], sink, page_size=16)[0, 1].sum())
+        gains[i] = _kl(dense, logp) / max(proxy, 1e-12)
     return gains
+
+
+@torch.inference_mode()
+def dense_logprobs(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]]) -> list[torch.Tensor]:
+    """Per (ids, scored, weight) sequence, the dense model's log-probabilities `[scored, V]` at its
+    last `scored` positions: the reference `joint_loss` compares with."""
+    return [model(ids, use_cache=False).logits[0, -n:].float().log_softmax(-1) for ids, n, _ in sequences]
+
+
+@torch.inference_mode()
+def joint_loss(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]], dense: Sequence[torch.Tensor],
+               codecs: Sequence[Codec], windows: Sequence[Sequence[int | None]], sink: int, page_size: int) -> float:
+    """Weighted end-to-end KL from dense with every layer compressed at once, in the unit the
+    measured losses are scaled to (nats).
+
+    Layer i's scored queries read its keys and values as a store of `codecs[i]` gives them at
+    their decode step (`decode_view`), and its KV head h answers each from the keys window
+    `windows[i][h]` keeps (None: all); positions before the scored ones attend densely, as
+    kvkit's prefill does. So it is the KL of teacher-forced decoding through `KVKitCache` with
+    that policy (a test compares), interactions across layers, heads and codecs included.
+    One forward per sequence.
+
+    sequences: (ids `[1, T]`, scored positions, weight) each; dense: their `dense_logprobs`.
+    """
+    total = 0.0
+    for (ids, scored, weight), ref in zip(sequences, dense):
+        masks = [window_masks(ids.shape[1], scored, sink, row) for row in windows]  # [Hkv, N, T] per layer
+
+        def perturb(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    n: int = scored, masks: list[torch.Tensor] = masks) -> torch.Tensor:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+            view = decode_view(codecs[layer], k[0].float(), v[0].float(), n, page_size)
+            tail = attend(q[0, :, -n:].float().reshape(Hkv, Hq // Hkv, n, D), view, masks[layer][:, None], scale)
+            out[0, :, -n:] = tail.reshape(Hq, n, D).to(out.dtype)
+            return out
+
+        with _perturbing(model, perturb):
+            logp = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)
+        total += weight * _kl(ref, logp)
+    return total
 
 
 def roundtrip(codec: Codec, k: torch.Tensor, v: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +229,56 @@ def roundtrip(codec: Codec, k: torch.Tensor, v: torch.Tensor, page_size: int) ->
     store.append(seq, 0, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())  # [T, H, D]
     ks, vs = zip(*(store.read(seq, 0, h)[1:] for h in range(H)))
     return torch.stack(ks).float(), torch.stack(vs).float()  # [H, T, D]
+
+
+@dataclass
+class DecodeView:
+    """What the last `scored` queries of a sequence read from a store of one codec, as decoding
+    reads it: `exact` K/V `[Hkv, T, D]` (as staged), `stored` K/V (as the store holds them after
+    the last token: compressed where the codec compresses), and `compressed` `[N, T]`: where
+    query n reads the stored copy (None: everywhere)."""
+
+    exact: tuple[torch.Tensor, torch.Tensor]
+    stored: tuple[torch.Tensor, torch.Tensor]
+    compressed: torch.Tensor | None
+
+
+def decode_view(codec: Codec, k: torch.Tensor, v: torch.Tensor, scored: int, page_size: int) -> DecodeView:
+    """K/V `[Hkv, T, D]` as each of the last `scored` queries reads them from a store of `codec`.
+
+    A GEAR page is compressed once it is full and its newest token is `window` positions old, so
+    the query at position p reads a key from its compressed copy iff the key's page ends at or
+    before p - window (sink pages stay exact, as the stored copy already has them); the rest
+    comes from the staging rows (`buffer_dtype`). A page's compressed content does not depend on
+    when it was written (the store never refills a GEAR page), so one round trip serves every
+    query. Other codecs are read as the store holds them after the last token.
+    """
+    from kvkit.policies.codecs.gear import BUFFER_DTYPES, GearCodec
+
+    stored = roundtrip(codec, k, v, page_size)
+    if not isinstance(codec, GearCodec):
+        return DecodeView(exact=stored, stored=stored, compressed=None)
+    T = k.shape[1]
+    dtype = BUFFER_DTYPES[codec.buffer_dtype]
+    page_end = (torch.arange(T) // page_size + 1) * page_size - 1  # [T]
+    p = torch.arange(T - scored, T)[:, None]  # [N, 1]
+    return DecodeView(exact=(k.to(dtype).float(), v.to(dtype).float()), stored=stored,
+                      compressed=page_end[None] <= p - codec.window)
+
+
+def attend(q: torch.Tensor, view: DecodeView, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of queries `q` `[Hkv, G, N, D]` over `view`, each query reading only the
+    keys `keep` marks (broadcast against `[Hkv, G, N, T]`, e.g. `[W, 1, 1, N, T]` for W windows
+    or `[Hkv, 1, N, T]` per head). Returns `[..., Hkv, G, N, D]`."""
+    (k, v), (ks, vs), where = view.exact, view.stored, view.compressed
+    logits = torch.einsum("hgnd,htd->hgnt", q, k) * scale
+    if where is not None:
+        logits = torch.where(where, torch.einsum("hgnd,htd->hgnt", q, ks) * scale, logits)
+    probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+    if where is None:
+        return torch.einsum("...hgnt,htd->...hgnd", probs, v)
+    return (torch.einsum("...hgnt,htd->...hgnd", probs * ~where, v)
+            + torch.einsum("...hgnt,htd->...hgnd", probs * where, vs))
 
 
 def window_masks(T: int, scored: int, sink: int, windows: Sequence[int | None]) -> torch.Tensor:
@@ -201,20 +306,14 @@ def layer_losses(cap: LayerCapture, o_proj: torch.Tensor, codecs: Sequence[Codec
     Hq, N, D = cap.q.shape
     Hkv, T, _ = cap.k.shape
     G = Hq // Hkv
-    masks = window_masks(T, N, sink, windows)  # [W, N, T]
+    keep = window_masks(T, N, sink, windows)[:, None, None]  # [W, 1, 1, N, T]
     qg = cap.q.view(Hkv, G, N, D)
-
-    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # -> [W, Hkv, G, N, D]
-        logits = torch.einsum("hgnd,htd->hgnt", qg, k) * cap.scaling  # [Hkv, G, N, T]
-        logits = logits[None].masked_fill(~masks[:, None, None], float("-inf"))  # [W, Hkv, G, N, T]
-        return torch.einsum("whgnt,htd->whgnd", logits.softmax(-1), v)
-
-    ref = attend(cap.k, cap.v)[0]  # [Hkv, G, N, D]: windows[0] must be None (all)
+    exact = DecodeView(exact=(cap.k, cap.v), stored=(cap.k, cap.v), compressed=None)
+    ref = attend(qg, exact, keep[:1], cap.scaling)[0]  # [Hkv, G, N, D]: windows[0] must be None (all)
     w_o = o_proj.float().view(o_proj.shape[0], Hkv, G * D)  # [E, Hkv, G*D]
     out = torch.empty(len(codecs), len(windows), Hkv)
     for c, codec in enumerate(codecs):
-        k, v = roundtrip(codec, cap.k, cap.v, page_size)
-        delta = attend(k, v) - ref  # [W, Hkv, G, N, D]
+        delta = attend(qg, decode_view(codec, cap.k, cap.v, N, page_size), keep, cap.scaling) - ref  # [W, Hkv, G, N, D]
         delta = delta.permute(0, 1, 3, 2, 4).reshape(len(windows), Hkv, N, G * D)
         moved = torch.einsum("whnc,ehc->whne", delta, w_o)  # [W, Hkv, N, E]
         out[c] = moved.pow(2).sum((-1, -2)) / cap.resid
