@@ -76,6 +76,31 @@ def test_window_masks_keep_sink_and_recent_keys():
     assert masks[1, 1].nonzero().flatten().tolist() == [0, 1, 6, 7, 8, 9]  # query at 9: sink + 9-3..9
 
 
+@pytest.mark.parametrize("T, N, S, window, G", [(100, 7, 16, 0, 1), (96, 40, 16, 32, 3), (64, 63, 8, 16, 2),
+                                                (32, 1, 32, 0, 4), (50, 20, 16, 200, 2)])
+def test_attend_reads_what_each_query_would_read(T, N, S, window, G):
+    """`attend`'s stored-then-corrected product against each query attending over its own keys
+    (compressed where its decode step finds the page compressed); ragged pages, all compressed
+    (32, 1, 32, 0) and none (window past the start)."""
+    from kvkit.tools.tune_measure import DecodeView, attend, window_masks
+
+    g = torch.Generator().manual_seed(T + N)
+    Hkv, D, scale = 2, 8, 0.3
+    k, v, ks, vs = (torch.randn(Hkv, T, D, generator=g) for _ in range(4))
+    q = torch.randn(Hkv, G, N, D, generator=g)
+    page_end = (torch.arange(T) // S + 1) * S - 1
+    where = page_end[None] <= torch.arange(T - N, T)[:, None] - window  # [N, T]
+    keep = window_masks(T, N, 2, [None, 5, 20])  # [W, N, T]
+    got = attend(q, DecodeView(exact=(k, v), stored=(ks, vs), compressed=where), keep[:, None, None], scale)
+    want = torch.empty(3, Hkv, G, N, D)
+    for n in range(N):
+        kn, vn = (torch.where(where[n, None, :, None], stored, x) for stored, x in ((ks, k), (vs, v)))
+        for w in range(3):
+            logits = torch.einsum("hgd,htd->hgt", q[:, :, n], kn) * scale
+            want[w, :, :, n] = logits.masked_fill(~keep[w, n], float("-inf")).softmax(-1) @ vn
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_head_bytes_come_from_a_real_store_and_order_as_expected():
     dense = tune_measure.dense_bytes(1, 3, 64, 2400 + 64) / 3
     full = {c: tune_measure.head_bytes(CODECS[c], None, 16, 2400, 3, 64, 32) for c in ("bf16", "q4", "q2")}

@@ -269,16 +269,24 @@ def decode_view(codec: Codec, k: torch.Tensor, v: torch.Tensor, scored: int, pag
 def attend(q: torch.Tensor, view: DecodeView, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention of queries `q` `[Hkv, G, N, D]` over `view`, each query reading only the
     keys `keep` marks (broadcast against `[Hkv, G, N, T]`, e.g. `[W, 1, 1, N, T]` for W windows
-    or `[Hkv, 1, N, T]` per head). Returns `[..., Hkv, G, N, D]`."""
+    or `[Hkv, 1, N, T]` per head). Returns `[..., Hkv, G, N, D]`.
+
+    Every query is scored against the stored copy, then corrected by the exact-minus-stored
+    difference where it reads the exact copy: that is only the last pages before the queries, so
+    the correction costs a fraction of the full product.
+    """
     (k, v), (ks, vs), where = view.exact, view.stored, view.compressed
-    logits = torch.einsum("hgnd,htd->hgnt", q, k) * scale
-    if where is not None:
-        logits = torch.where(where, torch.einsum("hgnd,htd->hgnt", q, ks) * scale, logits)
+    logits = torch.einsum("hgnd,htd->hgnt", q, ks) * scale
+    first = T = ks.shape[1]
+    if where is not None and not bool(where.all()):
+        first = int((~where).any(0).nonzero()[0])  # keys before it are read compressed by every query
+        exact = ~where[:, first:]  # [N, R]
+        logits[..., first:] += exact * (torch.einsum("hgnd,htd->hgnt", q, k[:, first:] - ks[:, first:]) * scale)
     probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
-    if where is None:
-        return torch.einsum("...hgnt,htd->...hgnd", probs, v)
-    return (torch.einsum("...hgnt,htd->...hgnd", probs * ~where, v)
-            + torch.einsum("...hgnt,htd->...hgnd", probs * where, vs))
+    out = torch.einsum("...hgnt,htd->...hgnd", probs, vs)
+    if first < T:
+        out = out + torch.einsum("...hgnt,htd->...hgnd", probs[..., first:] * exact, v[:, first:] - vs[:, first:])
+    return out
 
 
 def window_masks(T: int, scored: int, sink: int, windows: Sequence[int | None]) -> torch.Tensor:
