@@ -12,6 +12,7 @@ what a bf16 dense store would need), as `kvkit demo` and bench/summary.py quote 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 from pathlib import Path
@@ -26,10 +27,19 @@ from kvkit.cli import DEFAULT_TEXT, depths, parse_params  # noqa: E402
 
 
 def parse_policy(spec: str):
-    """`name`, `name:k=v,k=v` or a JSON policy file (`*.json`) -> Policy (labelled with the spec)."""
+    """`name`, `name:k=v,k=v`, a JSON policy file (`*.json`) or the tuned policy of a budget in a
+    tune_frontier result (`tune_frontier_4800.json:0.125`) -> Policy (labelled with the spec)."""
+    from kvkit.policies import Policy
+
     if spec.endswith(".json"):
-        from kvkit.policies import Policy
         return spec, Policy.from_file(spec)
+    path, _, budget = spec.rpartition(":")
+    if path.endswith(".json"):
+        rows = json.loads(Path(path).read_text())["rows"]
+        tuned = [r for r in rows if r["method"] == "tuned" and r["budget"] == float(budget) and "policy" in r]
+        if not tuned:
+            raise SystemExit(f"{path} has no tuned policy at budget {budget}")
+        return spec, Policy.from_config(tuned[0]["policy"])
     name, _, rest = spec.partition(":")
     params = parse_params([p for p in rest.split(",") if p])
     return spec, policies.get(name, **params)
@@ -38,9 +48,10 @@ def parse_policy(spec: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", nargs="+", default=["dense", "streaming:window=256", "int8"])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[2400])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[2400], help="passkey contexts (none: no passkey)")
     ap.add_argument("--depths", type=int, default=6)
-    ap.add_argument("--ppl-file", default=str(DEFAULT_TEXT))
+    ap.add_argument("--ppl-file", default=str(DEFAULT_TEXT),
+                    help="perplexity text file, or `licenses`: tune_frontier.py's held-out license texts")
     ap.add_argument("--ppl-tokens", type=int, default=256)
     ap.add_argument("--ppl-context", type=int, default=2048)
     ap.add_argument("--model", default=None)
@@ -50,7 +61,11 @@ def main(argv=None) -> int:
     if args.policies[0].split(":")[0] != "dense":
         args.policies.insert(0, "dense")  # ratios are against dense from the same run
     model, tok = evaluate.load(args.model, getattr(torch, args.dtype))
-    text = Path(args.ppl_file).read_text(errors="replace")
+    if args.ppl_file == "licenses":
+        from tune_frontier import held_out_text
+        text = held_out_text("licenses")
+    else:
+        text = Path(args.ppl_file).read_text(errors="replace")
     rows, records = [], []
     dense = {}
     for spec, policy in map(parse_policy, args.policies):

@@ -2,8 +2,10 @@
 composition at budgets given as fractions of a bf16 dense store, on passkey, perplexity of a text
 not used for tuning, and the long-context tasks of `longctx.py`.
 
-The tuner's measurement runs once; each budget is an allocation of it. The baselines are
-chosen per budget without the tuner's losses, as the configurations that fit and keep the most:
+The tuner's measurement runs once; each budget is `check`ed from it (one allocation per window
+weight, the least end-to-end KL on the calibration sequences kept; the JSON lists them). The
+baselines are chosen per budget without the tuner's losses, as the configurations that fit and
+keep the most:
 - single: one registered policy applied uniformly: `streaming` (bf16 pages) at the longest
   window that fits, and group quantization (`gear` rank 0 / int8) at the most bits that fit;
 - composition: the hand composition of `bench/compositions` (DuoAttention's shipped head
