@@ -23,3 +23,19 @@ def test_the_licenses_text_is_long_unrepeated_and_not_the_calibration_text(front
     calib = calibration_text()
     assert not any(len(p) > 200 and p in calib for p in paragraphs)
     assert frontier.held_out_text("apache") == frontier.APACHE.read_text()
+
+
+def test_quality_reads_the_tuned_policy_of_a_frontier_result(bench_script, tmp_path):
+    import json
+
+    from kvkit.policies import Policy
+
+    quality = bench_script("quality")
+    row = {"budget": 0.125, "method": "tuned", "config": "tuned",
+           "policy": Policy(name="tuned", page_size=32, model_shape=(30, 3)).to_config()}
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps({"rows": [{"budget": None, "method": "dense"}, row]}))
+    label, policy = quality.parse_policy(f"{path}:0.125")
+    assert label == f"{path}:0.125" and policy == Policy.from_config(row["policy"])
+    with pytest.raises(SystemExit, match="no tuned policy at budget 0.25"):
+        quality.parse_policy(f"{path}:0.25")
