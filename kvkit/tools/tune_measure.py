@@ -17,6 +17,9 @@ per layer, without another forward:
   measures the end-to-end KL from dense, divided by the residual-energy loss of the same change
   (layers differ by two orders of magnitude in how much of a change reaches the logits).
 
+`joint_loss` measures a whole policy instead: one forward per sequence with every layer's codec
+and every head's window applied at once, which is the KL of decoding through `KVKitCache`.
+
 Bytes come from real allocations: a one-layer store of each (codec, window) run through a
 prefill and decode steps as `KVKitCache` runs them gives what a KV head costs; a bf16 dense store
 of the model's shape gives the reference.
