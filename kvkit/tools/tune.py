@@ -118,11 +118,13 @@ def _passkey_sequence(tokenizer: Any, tokens: int, depth: float, key: str) -> tu
 
 
 def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, scored: int,
-                          passkey_weight: float = 1.0, passkey_depths: Sequence[float] = PASSKEY_DEPTHS
-                          ) -> list[tuple[torch.Tensor, int, float]]:
+                          passkey_weight: float = 1.0, passkey_depths: Sequence[float] = PASSKEY_DEPTHS,
+                          copy_weight: float = 0.0) -> list[tuple[torch.Tensor, int, float]]:
     """(ids `[1, calib_tokens]`, scored positions, weight) of the text's last `calib_tokens` tokens
-    (its last `scored` positions weigh 1 in all) and of one passkey prompt per depth (their answer
-    tokens weigh `passkey_weight` in all).
+    (its last `scored` positions weigh 1 in all), of one passkey prompt per depth (their answer
+    tokens weigh `passkey_weight` in all) and, if `copy_weight`, of the text ending in a copy of
+    `2 * scored` of its own tokens from a tenth of the way in (text quoted from far back, which a
+    streaming head cannot see; they weigh `copy_weight` in all).
 
     Raises:
         ValueError: a text shorter than `calib_tokens`.
@@ -136,6 +138,11 @@ def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, s
     for depth, key in zip(passkey_depths, passkey_keys(len(passkey_depths), seed=1)):
         pk, n = _passkey_sequence(tokenizer, calib_tokens, depth, key)
         seqs.append((pk, n, passkey_weight / (n * len(passkey_depths))))
+    if copy_weight:
+        n = 2 * scored
+        body = ids[:, -(calib_tokens - n):]
+        start = body.shape[1] // 10
+        seqs.append((torch.cat([body, body[:, start:start + n]], 1), n, copy_weight / n))
     return seqs
 
 
@@ -156,7 +163,7 @@ class Measurement:
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
             page_size: int = 32, sink: int = 16, windows: Sequence[int] = WINDOWS,
             codecs: Sequence[str] = tuple(CODECS), passkey_weight: float = 1.0,
-            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, gain_tokens: int = 512,
+            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, copy_weight: float = 0.0, gain_tokens: int = 512,
             progress: bool = True) -> Measurement:
     """Measure the loss of every (layer, codec, window, KV head) and each codec's bytes per page.
 
@@ -180,7 +187,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_weight, passkey_depths)
+    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_weight, passkey_depths, copy_weight)
     chosen = [CODECS[c] for c in codecs]
     wins: list[int | None] = [None, *sorted(set(windows))]
     loss = sensitivities(model, seqs, chosen, wins, sink, page_size, progress)  # [L, C, W, H]
@@ -188,7 +195,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     gains = layer_gains(model, gain_ids, min(64, gain_ids.shape[1] // 4), sink, wins[1], progress)  # [L]
     loss = loss * gains[:, None, None, None]  # residual energy -> nats of KL, per layer
     info = {"calib_tokens": calib_tokens, "scored": scored, "passkey_depths": list(passkey_depths),
-            "passkey_weight": passkey_weight, "gain_tokens": gain_tokens,
+            "passkey_weight": passkey_weight, "copy_weight": copy_weight, "gain_tokens": gain_tokens,
             "layer_gains": [round(g, 3) for g in gains.tolist()], "measure_seconds": round(time.perf_counter() - start, 1),
             "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
     return Measurement(loss=loss, codecs=list(codecs), windows=wins, shape=(L, H, D),
