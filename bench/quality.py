@@ -100,7 +100,8 @@ def write(args, rows: list, records: list) -> None:
     write_results(args.name, {"ppl_file": args.ppl_file, "ppl_tokens": args.ppl_tokens,
                               "ppl_context": args.ppl_context, "depths": args.depths, "dtype": args.dtype,
                               "rows": records},
-                  f"quality (passkey x{args.depths} depths, perplexity of {Path(args.ppl_file).name})",
+                  f"quality ({f'passkey x{args.depths} depths' if args.contexts else 'no passkey'}, "
+                  f"perplexity of {Path(args.ppl_file).name})",
                   table + note)
 
 
