@@ -261,6 +261,7 @@ def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: in
     """
     if not window_weights:
         raise ValueError("give at least one window weight (1: the measured losses as they are)")
+    start = time.perf_counter()
     dense = dense_logprobs(model, m.sequences)
     joint: dict[tuple, float] = {}  # (codecs, windows) -> joint loss: weights may agree
     candidates = []
@@ -274,6 +275,7 @@ def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: in
         candidates.append((joint[a.codec, a.window], result))
     loss, best = min(candidates, key=lambda c: c[0])
     best.report["joint_loss"] = loss
+    best.report["check_seconds"] = round(time.perf_counter() - start, 1)
     best.report["joint_check"] = [{"window_weight": r.report["window_weight"], "predicted_loss": r.report["predicted_loss"],
                                    "joint_loss": j, "predicted_fraction": r.report["predicted_fraction"]}
                                   for j, r in candidates]
@@ -395,5 +397,5 @@ def cmd_tune(args: argparse.Namespace) -> int:
           "; ".join(f"{c['window_weight']:g}: {c['predicted_loss']:.4f} / {c['joint_loss']:.4f}" for c in r["joint_check"]))
     print(f"\npredicted {r['predicted_bytes'] / 2**20:.1f} MiB = {r['predicted_fraction']:.3f}x of bf16 dense "
           f"({r['dense_bf16_bytes'] / 2**20:.1f} MiB at {r['ctx']} tokens); budget {r['budget']}x; "
-          f"measured in {r['measure_seconds']:.0f} s. Wrote {args.out}")
+          f"measured in {r['measure_seconds']:.0f} s, checked in {r['check_seconds']:.0f} s. Wrote {args.out}")
     return 0
