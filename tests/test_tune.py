@@ -298,6 +298,22 @@ def test_a_policy_tuned_for_another_shape_is_refused(tiny, tmp_path):
     assert policy.make_store(30, 3, 64).num_layers == 30
 
 
+def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path, capsys):
+    from kvkit.cli import main
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out, report = tmp_path / "tuned.json", tmp_path / "report.json"
+    assert main(["tune", "--model", str(tmp_path / "m"), "--budget-bytes", "0.3", "--ctx", "600",
+                 "--calib-tokens", "256", "--scored", "16", "--page-size", "16", "--sink", "4", "--windows", "16,64",
+                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "-o", str(out), "--report", str(report)]) == 0
+    assert Policy.from_file(out).model_shape == (3, 2)
+    r = json.loads(report.read_text())
+    assert [c["window_weight"] for c in r["joint_check"]] == [0.5, 2.0] and r["predicted_fraction"] <= 0.3
+    assert "candidates (window weight" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--budget-bytes", "0", "-o", "x.json"], "must be in (0, 1]"),
     (["--budget-bytes", "0.1", "--codecs", "q5", "-o", "x.json"], "codecs are a comma-separated subset"),
