@@ -307,10 +307,12 @@ def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path
     out, report = tmp_path / "tuned.json", tmp_path / "report.json"
     assert main(["tune", "--model", str(tmp_path / "m"), "--budget-bytes", "0.3", "--ctx", "600",
                  "--calib-tokens", "256", "--scored", "16", "--page-size", "16", "--sink", "4", "--windows", "16,64",
-                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "-o", str(out), "--report", str(report)]) == 0
+                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "--copy-weight", "0.5",
+                 "-o", str(out), "--report", str(report)]) == 0
     assert Policy.from_file(out).model_shape == (3, 2)
     r = json.loads(report.read_text())
     assert [c["window_weight"] for c in r["joint_check"]] == [0.5, 2.0] and r["predicted_fraction"] <= 0.3
+    assert r["copy_weight"] == 0.5
     assert "candidates (window weight" in capsys.readouterr().out
 
 

@@ -369,6 +369,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_ints, default=list(WINDOWS), help="streaming windows to consider")
     p.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"codecs to consider ({','.join(CODECS)})")
     p.add_argument("--passkey-weight", type=nonneg_float, default=1.0, help="weight of the passkey answers vs the text")
+    p.add_argument("--copy-weight", type=nonneg_float, default=0.0,
+                   help="weight of a calibration text ending in a quote of its own tokens from far back (0: none)")
     p.add_argument("--window-weights", type=_weights, default=list(WINDOW_WEIGHTS),
                    help="weights on the windows' losses, one candidate allocation each, checked end to end")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -387,7 +389,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model, tok = evaluate.load(args.model)
     result = tune(model, tok, args.budget_bytes, ctx=args.ctx, text=text, calib_tokens=args.calib_tokens,
                   scored=args.scored, page_size=args.page_size, sink=args.sink, windows=args.windows,
-                  codecs=args.codecs, passkey_weight=args.passkey_weight, window_weights=args.window_weights)
+                  codecs=args.codecs, passkey_weight=args.passkey_weight, copy_weight=args.copy_weight,
+                  window_weights=args.window_weights)
     Path(args.out).write_text(json.dumps(result.policy.to_config(), indent=1) + "\n")
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n")
