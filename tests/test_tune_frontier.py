@@ -39,3 +39,17 @@ def test_quality_reads_the_tuned_policy_of_a_frontier_result(bench_script, tmp_p
     assert label == f"{path}:0.125" and policy == Policy.from_config(row["policy"])
     with pytest.raises(SystemExit, match="no tuned policy at budget 0.25"):
         quality.parse_policy(f"{path}:0.25")
+
+
+def test_the_model_check_reads_back_a_tuned_policy_s_parts(bench_script):
+    from kvkit.tools.tune import CODECS, build_policy
+    from kvkit.tools.tune_alloc import Allocation
+
+    check = bench_script("tune_model_check")
+    alloc = Allocation(codec=(0, 2, 1), window=((0, 1), (2, 0), (1, 1)), loss=0.0, nbytes=0.0)
+    names, windows = ["bf16", "q4", "q3sw32"], [None, 128, 512]
+    policy = build_policy(alloc, names, windows, 16, 32, (3, 2))
+    codecs, got = check.parts(policy, 3, 2)
+    assert codecs == [CODECS["bf16"], CODECS["q3sw32"], CODECS["q4"]]
+    assert got == [[None, 128], [512, None], [128, 128]]
+    assert check.policy_sink(policy) == 16

@@ -1,0 +1,104 @@
+"""Does the tuner's model of decoding match decoding? For each tuned policy of a tune_frontier
+result, on the held-out text: the KL from dense per scored token as `tune_measure.joint_loss`
+computes it (one forward, every layer compressed at once) against teacher-forced decoding through
+`KVKitCache`, and which part loses it (the policy's codecs alone, its windows alone), with the
+change in log-loss of the text's own tokens.
+
+    python bench/tune_model_check.py bench/results/tune_frontier_4800_joint.json --ctx 4800 --scored 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_results  # noqa: E402
+from tune_frontier import PPL_TEXTS, held_out_text  # noqa: E402
+
+from kvkit import evaluate  # noqa: E402
+from kvkit.integrations.hf import KVKitCache  # noqa: E402
+from kvkit.policies import Policy  # noqa: E402
+from kvkit.policies.codecs.plain import PlainCodec  # noqa: E402
+from kvkit.tools.tune_measure import dense_logprobs, joint_loss  # noqa: E402
+
+
+def parts(policy: Policy, num_layers: int, num_kv_heads: int) -> tuple[list[Any], list[list[int | None]]]:
+    """Per layer the policy's codec, per (layer, KV head) its streaming window (None: keeps all)."""
+    windows = []
+    for layer in range(num_layers):
+        row: list[int | None] = [None] * num_kv_heads
+        for evictor, heads in policy.evictors(layer, num_kv_heads):
+            for h in heads:
+                row[h] = getattr(evictor, "window", None)
+        windows.append(row)
+    return [policy.codec_for(layer) for layer in range(num_layers)], windows
+
+
+@torch.inference_mode()
+def decoded(model: Any, policy: Policy, ids: torch.Tensor, scored: int) -> torch.Tensor:
+    """Log-probabilities `[scored, V]` of the last `scored` positions of `ids`, each a decode step
+    through a `KVKitCache` of `policy` after a prefill of the rest."""
+    cache = KVKitCache(model, policy)
+    T = ids.shape[1]
+    model(ids[:, :T - scored], past_key_values=cache, use_cache=True)
+    logits = [model(ids[:, p:p + 1], past_key_values=cache, use_cache=True).logits[0, -1] for p in range(T - scored, T)]
+    return torch.stack(logits).float().log_softmax(-1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("frontier", help="a tune_frontier result JSON (its tuned rows are checked)")
+    ap.add_argument("--ctx", type=int, default=4800, help="tokens of the held-out text read")
+    ap.add_argument("--scored", type=int, default=128, help="decode steps scored at the end")
+    ap.add_argument("--ppl-text", choices=list(PPL_TEXTS), default="licenses")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="tune_model_check")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = evaluate.load(None)
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    ids = tok(held_out_text(args.ppl_text), return_tensors="pt").input_ids[:, -args.ctx:]
+    seqs = [(ids, args.scored, 1.0 / args.scored)]
+    dense = dense_logprobs(model, seqs)
+    target = ids[0, -args.scored + 1:, None]  # the tokens the scored steps predict (the last has none here)
+    rows, records = [], []
+    for row in json.loads(Path(args.frontier).read_text())["rows"]:
+        if row.get("method") != "tuned" or "policy" not in row:
+            continue
+        policy = Policy.from_config(row["policy"])
+        codecs, windows = parts(policy, L, H)
+        bf16, keep_all = [PlainCodec("bf16")] * L, [[None] * H for _ in range(L)]
+        model_kl = {name: joint_loss(model, seqs, dense, c, w, policy_sink(policy), policy.page_size)
+                    for name, (c, w) in {"policy": (codecs, windows), "codecs alone": (codecs, keep_all),
+                                         "windows alone": (bf16, windows)}.items()}
+        logp = decoded(model, policy, ids, args.scored)
+        real_kl = float((dense[0].exp() * (dense[0] - logp)).sum()) / args.scored
+        dnll = float((dense[0][:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
+        rec = {"budget": row["budget"], "model_kl": model_kl, "decoded_kl": real_kl, "decoded_dnll": dnll}
+        records.append(rec)
+        rows.append([row["budget"], f"{model_kl['policy']:.4f}", f"{real_kl:.4f}", f"{model_kl['codecs alone']:.4f}",
+                     f"{model_kl['windows alone']:.4f}", f"{dnll:+.4f}"])
+        write_results(args.name, {"frontier": args.frontier, "ctx": args.ctx, "scored": args.scored,
+                                  "ppl_text": args.ppl_text, "rows": records},
+                      f"tuner's decode model against KVKitCache ({args.scored} decode steps at {args.ctx} tokens)",
+                      markdown_table(["budget", "KL/token, tuner's model", "KL/token, KVKitCache", "codecs alone",
+                                      "windows alone", "log-loss change/token (KVKitCache)"], rows)
+                      + f"\n\nText: {PPL_TEXTS[args.ppl_text]} (held out from tuning). KL in nats per scored "
+                      "token against dense; 'alone' columns are the tuner's model with only that part applied.")
+    return 0
+
+
+def policy_sink(policy: Policy) -> int:
+    """The sink its streaming evictors keep (the tuner writes one for all)."""
+    sinks = {getattr(e, "sink", 0) for r in policy.rules if (e := r.evictor) is not None}
+    return max(sinks, default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
