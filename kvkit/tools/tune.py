@@ -170,7 +170,8 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     text: calibration text (default `calibration_text()`); its last `calib_tokens` tokens are read
     and the last `scored` positions scored. Passkey prompts of `calib_tokens` tokens, one per
     depth, are scored on their answer and weigh `passkey_weight` against the text; a text ending
-    in a quote of itself weighs `copy_weight` (`calibration_sequences`). The losses are then scaled per layer to nats of KL (`layer_gains` on the text's last `gain_tokens` tokens).
+    in a quote of itself weighs `copy_weight` (`calibration_sequences`). The losses are then
+    scaled per layer to nats of KL (`layer_gains` on the text's last `gain_tokens` tokens).
 
     Raises:
         ValueError: an unknown codec, bad windows, a text shorter than `calib_tokens`, or
