@@ -120,15 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=None, help="long-context tasks (default: all, dropped per dense)")
     ap.add_argument("--methods", nargs="+", default=["tuned", "single", "composition"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--copy-weight", type=float, default=None, help="measure()'s copy_weight (default: its own)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="tune_frontier")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.held_out = held_out_text(args.ppl_text)
     model, tok = evaluate.load(None)
-    m = measure(model, tok, calib_tokens=args.calib_tokens,
-                **({} if args.copy_weight is None else {"copy_weight": args.copy_weight}))
+    m = measure(model, tok, calib_tokens=args.calib_tokens)
     from longctx import TASKS
     samples = make_samples(tok, args.longctx_ctx, args.samples, tuple(args.tasks or TASKS)) if args.samples else []
     records: list[dict[str, Any]] = []

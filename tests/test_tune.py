@@ -168,20 +168,6 @@ def measured(tiny):
                    codecs=("bf16", "q4", "q2"), passkey_depths=(0.2,), progress=False)
 
 
-def test_the_copy_sequence_ends_in_a_quote_from_far_back(tiny):
-    from kvkit.tools.tune import calibration_sequences
-
-    _, tok = tiny
-    plain = calibration_sequences(tok, None, 512, 16, passkey_depths=(0.2,))
-    seqs = calibration_sequences(tok, None, 512, 16, passkey_depths=(0.2,), copy_weight=0.5)
-    assert len(plain) == 2 and len(seqs) == 3
-    ids, scored, weight = seqs[-1]
-    assert ids.shape == (1, 512) and scored == 32 and weight == 0.5 / 32
-    start = (512 - 32) // 10
-    assert torch.equal(ids[:, -32:], ids[:, start:start + 32])
-    assert torch.equal(ids[:, :-32], plain[0][0][:, 32:])  # the same text, shifted to make room
-
-
 def test_measured_losses_grow_as_windows_shrink_and_bits_drop(measured):
     loss = measured.loss  # [L, C, W, H]: codecs bf16, q4, q2; windows all, 16, 64
     assert loss.shape == (3, 3, 3, 2) and (loss >= 0).all()
@@ -307,12 +293,11 @@ def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path
     out, report = tmp_path / "tuned.json", tmp_path / "report.json"
     assert main(["tune", "--model", str(tmp_path / "m"), "--budget-bytes", "0.3", "--ctx", "600",
                  "--calib-tokens", "256", "--scored", "16", "--page-size", "16", "--sink", "4", "--windows", "16,64",
-                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "--copy-weight", "0.5",
+                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2",
                  "-o", str(out), "--report", str(report)]) == 0
     assert Policy.from_file(out).model_shape == (3, 2)
     r = json.loads(report.read_text())
     assert [c["window_weight"] for c in r["joint_check"]] == [0.5, 2.0] and r["predicted_fraction"] <= 0.3
-    assert r["copy_weight"] == 0.5
     assert "candidates (window weight" in capsys.readouterr().out
 
 

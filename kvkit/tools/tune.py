@@ -118,13 +118,11 @@ def _passkey_sequence(tokenizer: Any, tokens: int, depth: float, key: str) -> tu
 
 
 def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, scored: int,
-                          passkey_weight: float = 1.0, passkey_depths: Sequence[float] = PASSKEY_DEPTHS,
-                          copy_weight: float = 0.0) -> list[tuple[torch.Tensor, int, float]]:
+                          passkey_weight: float = 1.0, passkey_depths: Sequence[float] = PASSKEY_DEPTHS
+                          ) -> list[tuple[torch.Tensor, int, float]]:
     """(ids `[1, calib_tokens]`, scored positions, weight) of the text's last `calib_tokens` tokens
-    (its last `scored` positions weigh 1 in all), of one passkey prompt per depth (their answer
-    tokens weigh `passkey_weight` in all) and, if `copy_weight`, of the text ending in a copy of
-    `2 * scored` of its own tokens from a tenth of the way in (text quoted from far back, which a
-    streaming head cannot see; they weigh `copy_weight` in all).
+    (its last `scored` positions weigh 1 in all) and of one passkey prompt per depth (their answer
+    tokens weigh `passkey_weight` in all).
 
     Raises:
         ValueError: a text shorter than `calib_tokens`.
@@ -138,11 +136,6 @@ def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, s
     for depth, key in zip(passkey_depths, passkey_keys(len(passkey_depths), seed=1)):
         pk, n = _passkey_sequence(tokenizer, calib_tokens, depth, key)
         seqs.append((pk, n, passkey_weight / (n * len(passkey_depths))))
-    if copy_weight:
-        n = 2 * scored
-        body = ids[:, -(calib_tokens - n):]
-        start = body.shape[1] // 10
-        seqs.append((torch.cat([body, body[:, start:start + n]], 1), n, copy_weight / n))
     return seqs
 
 
@@ -163,15 +156,14 @@ class Measurement:
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
             page_size: int = 32, sink: int = 16, windows: Sequence[int] = WINDOWS,
             codecs: Sequence[str] = tuple(CODECS), passkey_weight: float = 1.0,
-            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, copy_weight: float = 0.0, gain_tokens: int = 512,
+            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, gain_tokens: int = 512,
             progress: bool = True) -> Measurement:
     """Measure the loss of every (layer, codec, window, KV head) and each codec's bytes per page.
 
     text: calibration text (default `calibration_text()`); its last `calib_tokens` tokens are read
     and the last `scored` positions scored. Passkey prompts of `calib_tokens` tokens, one per
-    depth, are scored on their answer and weigh `passkey_weight` against the text; a text ending
-    in a quote of itself weighs `copy_weight` (`calibration_sequences`). The losses are then
-    scaled per layer to nats of KL (`layer_gains` on the text's last `gain_tokens` tokens).
+    depth, are scored on their answer and weigh `passkey_weight` against the text. The losses are
+    then scaled per layer to nats of KL (`layer_gains` on the text's last `gain_tokens` tokens).
 
     Raises:
         ValueError: an unknown codec, bad windows, a text shorter than `calib_tokens`, or
@@ -188,7 +180,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_weight, passkey_depths, copy_weight)
+    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_weight, passkey_depths)
     chosen = [CODECS[c] for c in codecs]
     wins: list[int | None] = [None, *sorted(set(windows))]
     loss = sensitivities(model, seqs, chosen, wins, sink, page_size, progress)  # [L, C, W, H]
@@ -196,7 +188,7 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     gains = layer_gains(model, gain_ids, min(64, gain_ids.shape[1] // 4), sink, wins[1], progress)  # [L]
     loss = loss * gains[:, None, None, None]  # residual energy -> nats of KL, per layer
     info = {"calib_tokens": calib_tokens, "scored": scored, "passkey_depths": list(passkey_depths),
-            "passkey_weight": passkey_weight, "copy_weight": copy_weight, "gain_tokens": gain_tokens,
+            "passkey_weight": passkey_weight, "gain_tokens": gain_tokens,
             "layer_gains": [round(g, 3) for g in gains.tolist()], "measure_seconds": round(time.perf_counter() - start, 1),
             "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
     return Measurement(loss=loss, codecs=list(codecs), windows=wins, shape=(L, H, D),
@@ -370,8 +362,6 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_ints, default=list(WINDOWS), help="streaming windows to consider")
     p.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"codecs to consider ({','.join(CODECS)})")
     p.add_argument("--passkey-weight", type=nonneg_float, default=1.0, help="weight of the passkey answers vs the text")
-    p.add_argument("--copy-weight", type=nonneg_float, default=0.0,
-                   help="weight of a calibration text ending in a quote of its own tokens from far back (0: none)")
     p.add_argument("--window-weights", type=_weights, default=list(WINDOW_WEIGHTS),
                    help="weights on the windows' losses, one candidate allocation each, checked end to end")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -390,7 +380,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model, tok = evaluate.load(args.model)
     result = tune(model, tok, args.budget_bytes, ctx=args.ctx, text=text, calib_tokens=args.calib_tokens,
                   scored=args.scored, page_size=args.page_size, sink=args.sink, windows=args.windows,
-                  codecs=args.codecs, passkey_weight=args.passkey_weight, copy_weight=args.copy_weight,
+                  codecs=args.codecs, passkey_weight=args.passkey_weight,
                   window_weights=args.window_weights)
     Path(args.out).write_text(json.dumps(result.policy.to_config(), indent=1) + "\n")
     if args.report:
