@@ -76,7 +76,7 @@ CODECS: dict[str, Codec] = {
 WINDOWS: tuple[int, ...] = (128, 256, 512, 1024)
 # The allocator adds per-part losses, so how parts compound across layers is unknown to it. `check`
 # allocates once per weight on what windows add to the losses and keeps the allocation that loses
-# least end to end (bench/results/NOTES.md: the lighter weights won at 4.8K).
+# least end to end (bench/results/NOTES.md says which weight won where).
 WINDOW_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
 PASSKEY_DEPTHS: tuple[float, ...] = (0.1, 0.3)
 
