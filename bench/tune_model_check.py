@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,13 @@ from kvkit.policies.codecs.plain import PlainCodec  # noqa: E402
 from kvkit.tools.tune_measure import dense_logprobs, joint_loss  # noqa: E402
 
 
-def parts(policy: Policy, num_layers: int, num_kv_heads: int) -> tuple[list[Any], list[list[int | None]]]:
-    """Per layer the policy's codec, per (layer, KV head) its streaming window (None: keeps all)."""
-    windows = []
-    for layer in range(num_layers):
-        row: list[int | None] = [None] * num_kv_heads
-        for evictor, heads in policy.evictors(layer, num_kv_heads):
-            for h in heads:
-                row[h] = getattr(evictor, "window", None)
-        windows.append(row)
-    return [policy.codec_for(layer) for layer in range(num_layers)], windows
+def parts(policy: Policy) -> dict[str, Policy]:
+    """The policy, its codec rules alone (every head keeps every token) and its eviction rules
+    alone (bf16 pages), as the tuner writes them: each rule sets a codec or an evictor."""
+    codecs = tuple(r for r in policy.rules if r.evictor is None)
+    evictions = tuple(r for r in policy.rules if r.evictor is not None)
+    return {"policy": policy, "codecs alone": replace(policy, rules=codecs),
+            "windows alone": replace(policy, codec=PlainCodec("bf16"), rules=evictions)}
 
 
 @torch.inference_mode()
@@ -62,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = evaluate.load(None)
-    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     ids = tok(held_out_text(args.ppl_text), return_tensors="pt").input_ids[:, -args.ctx:]
     seqs = [(ids, args.scored, 1.0 / args.scored)]
     dense = dense_logprobs(model, seqs)
@@ -72,11 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("method") != "tuned" or "policy" not in row:
             continue
         policy = Policy.from_config(row["policy"])
-        codecs, windows = parts(policy, L, H)
-        bf16, keep_all = [PlainCodec("bf16")] * L, [[None] * H for _ in range(L)]
-        model_kl = {name: joint_loss(model, seqs, dense, c, w, policy_sink(policy), policy.page_size)
-                    for name, (c, w) in {"policy": (codecs, windows), "codecs alone": (codecs, keep_all),
-                                         "windows alone": (bf16, windows)}.items()}
+        model_kl = {name: joint_loss(model, seqs, dense, part) for name, part in parts(policy).items()}
         logp = decoded(model, policy, ids, args.scored)
         real_kl = float((dense[0].exp() * (dense[0] - logp)).sum()) / args.scored
         dnll = float((dense[0][:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
@@ -92,12 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                       + f"\n\nText: {PPL_TEXTS[args.ppl_text]} (held out from tuning). KL in nats per scored "
                       "token against dense; 'alone' columns are the tuner's model with only that part applied.")
     return 0
-
-
-def policy_sink(policy: Policy) -> int:
-    """The sink its streaming evictors keep (the tuner writes one for all)."""
-    sinks = {getattr(e, "sink", 0) for r in policy.rules if (e := r.evictor) is not None}
-    return max(sinks, default=0)
 
 
 if __name__ == "__main__":

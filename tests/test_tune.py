@@ -192,29 +192,34 @@ CODEC_ROWS = {  # per layer of the tiny model
 }
 
 
-@pytest.mark.parametrize("codecs", CODEC_ROWS, ids=str)
-def test_joint_loss_is_the_kl_a_real_cache_decodes_with(tiny, codecs):
-    """`joint_loss` equals the KL from dense of teacher-forced decode steps through `KVKitCache`
-    running the same codecs and streaming windows (GEAR pages compressed as each step finds them:
-    open and window pages exact), and is zero for a lossless choice."""
-    from kvkit.integrations.hf import KVKitCache
+def _streaming_policy(codecs, windows, sink, page_size=16):
     from kvkit.policies.base import Rule
     from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 
+    rules = tuple(Rule(layers=(i,), heads=(h,), evictor=SinkWindowEvictor(sink=sink, window=w))
+                  for i, row in enumerate(windows) for h, w in enumerate(row) if w is not None)
+    rules += tuple(Rule(layers=(i,), codec=c) for i, c in enumerate(codecs))
+    return Policy(codec=PlainCodec("fp32"), rules=rules, page_size=page_size)
+
+
+@pytest.mark.parametrize("codecs", CODEC_ROWS, ids=str)
+def test_joint_loss_is_the_kl_a_real_cache_decodes_with(tiny, codecs):
+    """`joint_loss` equals the KL from dense of teacher-forced decode steps through `KVKitCache`
+    running the same policy (GEAR pages compressed as each step finds them: open and window pages
+    exact; streaming heads), and is zero for a lossless policy."""
+    from kvkit.integrations.hf import KVKitCache
+
     model, tok = tiny
     T, N, sink = 160, 12, 4
-    windows = [[None, 16], [24, None], [16, 40]]
     ids = torch.randint(3, len(tok), (1, T), generator=torch.Generator().manual_seed(1))
     seqs = [(ids, N, 0.5)]
     dense = tune_measure.dense_logprobs(model, seqs)
-    fp32 = CODEC_ROWS["exact"]
-    assert abs(tune_measure.joint_loss(model, seqs, dense, fp32, [[None, 500]] * 3, sink, 16)) < 1e-5  # rounding
-    got = tune_measure.joint_loss(model, seqs, dense, CODEC_ROWS[codecs], windows, sink, page_size=16)
+    lossless = _streaming_policy(CODEC_ROWS["exact"], [[None, 500]] * 3, sink)
+    assert abs(tune_measure.joint_loss(model, seqs, dense, lossless)) < 1e-5  # rounding
+    policy = _streaming_policy(CODEC_ROWS[codecs], [[None, 16], [24, None], [16, 40]], sink)
+    got = tune_measure.joint_loss(model, seqs, dense, policy)
 
-    rules = tuple(Rule(layers=(i,), heads=(h,), evictor=SinkWindowEvictor(sink=sink, window=w))
-                  for i, row in enumerate(windows) for h, w in enumerate(row) if w is not None)
-    rules += tuple(Rule(layers=(i,), codec=c) for i, c in enumerate(CODEC_ROWS[codecs]))
-    cache = KVKitCache(model, Policy(codec=PlainCodec("fp32"), rules=rules, page_size=16))
+    cache = KVKitCache(model, policy)
     with torch.inference_mode():
         model(ids[:, :T - N], past_key_values=cache, use_cache=True)
         logits = [model(ids[:, p:p + 1], past_key_values=cache, use_cache=True).logits[0, -1] for p in range(T - N, T)]
@@ -222,6 +227,20 @@ def test_joint_loss_is_the_kl_a_real_cache_decodes_with(tiny, codecs):
     want = 0.5 * float((dense[0].exp() * (dense[0] - logp)).sum())
     assert want > 1e-4  # the choices change what is read
     assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_joint_loss_reads_each_head_s_sink_and_refuses_evictors_it_cannot_model(tiny):
+    from kvkit.policies.base import Rule
+    from kvkit.policies.evictors.h2o import H2OEvictor
+    from kvkit.policies.evictors.sink_window import SinkWindowEvictor
+
+    policy = Policy(rules=(Rule(layers=(1,), heads=(0,), evictor=SinkWindowEvictor(sink=2, window=8)),
+                           Rule(layers=(2,), heads=(1,), evictor=SinkWindowEvictor(sink=6, window=32))))
+    assert tune_measure.streaming_reads(policy, 3, 2) == [[(0, None)] * 2, [(2, 8), (0, None)], [(0, None), (6, 32)]]
+    model, _ = tiny
+    h2o = Policy(rules=(Rule(layers=(1,), evictor=H2OEvictor()),))
+    with pytest.raises(ValueError, match="sink_window eviction only; layer 1 has h2o"):
+        tune_measure.joint_loss(model, [], [], h2o)
 
 
 def test_check_keeps_the_candidate_with_the_least_joint_loss(tiny, measured):

@@ -41,15 +41,19 @@ def test_quality_reads_the_tuned_policy_of_a_frontier_result(bench_script, tmp_p
         quality.parse_policy(f"{path}:0.25")
 
 
-def test_the_model_check_reads_back_a_tuned_policy_s_parts(bench_script):
+def test_the_model_check_splits_a_tuned_policy_into_codecs_and_windows(bench_script):
+    from kvkit.policies.codecs.plain import PlainCodec
     from kvkit.tools.tune import CODECS, build_policy
     from kvkit.tools.tune_alloc import Allocation
+    from kvkit.tools.tune_measure import streaming_reads
 
     check = bench_script("tune_model_check")
     alloc = Allocation(codec=(0, 2, 1), window=((0, 1), (2, 0), (1, 1)), loss=0.0, nbytes=0.0)
-    names, windows = ["bf16", "q4", "q3sw32"], [None, 128, 512]
-    policy = build_policy(alloc, names, windows, 16, 32, (3, 2))
-    codecs, got = check.parts(policy, 3, 2)
-    assert codecs == [CODECS["bf16"], CODECS["q3sw32"], CODECS["q4"]]
-    assert got == [[None, 128], [512, None], [128, 128]]
-    assert check.policy_sink(policy) == 16
+    policy = build_policy(alloc, ["bf16", "q4", "q3sw32"], [None, 128, 512], 16, 32, (3, 2))
+    parts = check.parts(policy)
+    assert parts["policy"] is policy
+    codecs, windows = parts["codecs alone"], parts["windows alone"]
+    assert [codecs.codec_for(i) for i in range(3)] == [CODECS["bf16"], CODECS["q3sw32"], CODECS["q4"]]
+    assert not codecs.evicts and codecs.page_size == 32 and codecs.model_shape == (3, 2)
+    assert [windows.codec_for(i) for i in range(3)] == [PlainCodec("bf16")] * 3
+    assert streaming_reads(windows, 3, 2) == [[(0, None), (16, 128)], [(16, 512), (0, None)], [(16, 128), (16, 128)]]

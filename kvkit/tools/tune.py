@@ -262,9 +262,7 @@ def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: in
         result = choose(m, budget, ctx, decode, window_weight=weight)
         a = result.allocation
         if (a.codec, a.window) not in joint:
-            codecs = [CODECS[m.codecs[c]] for c in a.codec]
-            windows = [[m.windows[w] for w in row] for row in a.window]
-            joint[a.codec, a.window] = joint_loss(model, m.sequences, dense, codecs, windows, m.sink, m.page_size)
+            joint[a.codec, a.window] = joint_loss(model, m.sequences, dense, result.policy)
         candidates.append((joint[a.codec, a.window], result))
     loss, best = min(candidates, key=lambda c: c[0])
     best.report["joint_loss"] = loss

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvkit.policies.base import Policy
 from kvkit.policies.roles import Codec
 from kvkit.store import PagedKVStore
 
@@ -190,24 +191,58 @@ def dense_logprobs(model: Any, sequences: Sequence[tuple[torch.Tensor, int, floa
     return [model(ids, use_cache=False).logits[0, -n:].float().log_softmax(-1) for ids, n, _ in sequences]
 
 
+def streaming_reads(policy: Policy, num_layers: int, num_kv_heads: int) -> list[list[tuple[int, int | None]]]:
+    """Per (layer, KV head), the (sink, window) a policy's streaming evictor keeps; (0, None) where
+    the head keeps every token.
+
+    Raises:
+        ValueError: an evictor other than `sink_window` (what it keeps depends on attention scores,
+            which the tuner's model does not follow).
+    """
+    from kvkit.policies.evictors.none import NoEvictor
+    from kvkit.policies.evictors.sink_window import SinkWindowEvictor
+
+    reads = []
+    for layer in range(num_layers):
+        row: list[tuple[int, int | None]] = [(0, None)] * num_kv_heads
+        for evictor, heads in policy.evictors(layer, num_kv_heads):
+            if isinstance(evictor, SinkWindowEvictor):
+                for h in heads:
+                    row[h] = (evictor.sink, evictor.window)
+            elif not isinstance(evictor, NoEvictor):
+                raise ValueError(f"joint_loss models sink_window eviction only; layer {layer} has "
+                                 f"{evictor.type_name}")
+        reads.append(row)
+    return reads
+
+
 @torch.inference_mode()
 def joint_loss(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]], dense: Sequence[torch.Tensor],
-               codecs: Sequence[Codec], windows: Sequence[Sequence[int | None]], sink: int, page_size: int) -> float:
-    """Weighted end-to-end KL from dense with every layer compressed at once, in the unit the
-    measured losses are scaled to (nats).
+               policy: Policy) -> float:
+    """Weighted end-to-end KL from dense of decoding with `policy`, in the unit the measured losses
+    are scaled to (nats).
 
-    Layer i's scored queries read its keys and values as a store of `codecs[i]` gives them at
-    their decode step (`decode_view`), and its KV head h answers each from the keys window
-    `windows[i][h]` keeps (None: all); positions before the scored ones attend densely, as
-    kvkit's prefill does. So it is the KL of teacher-forced decoding through `KVKitCache` with
-    that policy (a test compares), interactions across layers, heads and codecs included.
-    One forward per sequence.
+    Layer i's scored queries read its keys and values as a store of the policy's codec for that
+    layer gives them at their decode step (`decode_view`), and each KV head answers them from the
+    keys its streaming evictor keeps (`streaming_reads`); positions before the scored ones attend
+    densely, as kvkit's prefill does. So it is the KL of teacher-forced decoding through
+    `KVKitCache` with that policy (a test compares), interactions across layers, heads and codecs
+    included. One forward per sequence.
 
     sequences: (ids `[1, T]`, scored positions, weight) each; dense: their `dense_logprobs`.
+
+    Raises:
+        ValueError: as `streaming_reads`.
     """
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    codecs = [policy.codec_for(layer) for layer in range(L)]
+    reads = streaming_reads(policy, L, H)
+    page_size = policy.resolve_page_size()
     total = 0.0
     for (ids, scored, weight), ref in zip(sequences, dense):
-        masks = [window_masks(ids.shape[1], scored, sink, row) for row in windows]  # [Hkv, N, T] per layer
+        T = ids.shape[1]
+        masks = [torch.stack([window_masks(T, scored, sink, [window])[0] for sink, window in row])
+                 for row in reads]  # [Hkv, N, T] per layer
 
         def perturb(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     n: int = scored, masks: list[torch.Tensor] = masks) -> torch.Tensor:
@@ -365,7 +400,7 @@ def layer_bytes(codec: Codec, windows: Sequence[int | None], sink: int, ctx: int
     policy (chunks of `prefill_chunk`, eviction after each, then `compact`), then `decode` tokens
     one at a time with eviction after each. The store's own rules decide what that allocates:
     pool growth steps, pages a compressed layer cannot give back, staging rows."""
-    from kvkit.policies.base import Policy, Rule
+    from kvkit.policies.base import Rule
     from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 
     H = len(windows)
