@@ -33,7 +33,7 @@ from longctx import haystack_text, kept_tasks, make_samples, run_policy  # noqa:
 from kvkit import evaluate  # noqa: E402
 from kvkit.policies import Policy  # noqa: E402
 from kvkit.policies.duo import shipped_pattern  # noqa: E402
-from kvkit.tools.tune import Measurement, build_policy, check, costs, measure  # noqa: E402
+from kvkit.tools.tune import CHECK_SCORED, Measurement, build_policy, check, costs, measure  # noqa: E402
 from kvkit.tools.tune_alloc import Allocation  # noqa: E402
 from kvkit.tools.tune_measure import dense_bytes  # noqa: E402
 
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])
     ap.add_argument("--ctx", type=int, default=2400, help="passkey prompt tokens; the budgets hold at this length")
     ap.add_argument("--depths", type=int, default=3)
-    ap.add_argument("--ppl-tokens", type=int, default=128)
+    ap.add_argument("--ppl-tokens", type=int, default=512,
+                    help="decode steps scored (a long decode reads what streaming windows dropped)")
     ap.add_argument("--ppl-context", type=int, default=2048)
     ap.add_argument("--ppl-text", choices=list(PPL_TEXTS), default="apache",
                     help="held-out perplexity text (licenses: long enough for 4K-8K contexts)")
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=None, help="long-context tasks (default: all, dropped per dense)")
     ap.add_argument("--methods", nargs="+", default=["tuned", "single", "composition"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--check-scored", type=int, default=CHECK_SCORED, help="decode steps the joint check scores")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="tune_frontier")
     args = ap.parse_args(argv)
@@ -138,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         checked: dict[str, Any] = {}
         try:
-            tuned = check(model, m, budget, args.ctx)
+            tuned = check(model, m, budget, args.ctx, scored=args.check_scored)
             runs = [("tuned", "tuned", tuned.policy, tuned.report["predicted_fraction"])]
-            checked = {k: tuned.report[k] for k in ("joint_check", "check_seconds")}
+            checked = {k: tuned.report[k] for k in ("joint_check", "check_seconds", "check_scored")}
         except ValueError as e:  # below the cheapest choice the tuner offers
             records.append({"budget": budget, "method": "tuned", "config": f"infeasible: {e}"})
             runs = []

@@ -514,5 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args, where, args.func)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m kvkit.cli`: run the package's module, whose UsageError commands raise
+    from kvkit.cli import main as package_main
+
+    sys.exit(package_main())

@@ -16,7 +16,7 @@ from kvkit.policies import Policy
 from kvkit.policies.codecs.gear import GearCodec
 from kvkit.policies.codecs.plain import PlainCodec
 from kvkit.tools import tune_measure
-from kvkit.tools.tune import CODECS, build_policy, check, choose, measure
+from kvkit.tools.tune import CODECS, build_policy, check, check_sequences, choose, measure
 from kvkit.tools.tune_alloc import Allocation, _layer_best, _totals, allocate
 
 
@@ -245,10 +245,16 @@ def test_joint_loss_reads_each_head_s_sink_and_refuses_evictors_it_cannot_model(
 
 def test_check_keeps_the_candidate_with_the_least_joint_loss(tiny, measured):
     model, _ = tiny
-    result = check(model, measured, 0.3, ctx=600, window_weights=(0.25, 1.0, 8.0))
+    result = check(model, measured, 0.3, ctx=600, window_weights=(0.25, 1.0, 8.0), scored=64)
     cands = result.report["joint_check"]
     assert [c["window_weight"] for c in cands] == [0.25, 1.0, 8.0]
     assert result.report["joint_loss"] == min(c["joint_loss"] for c in cands) > 0
+    seqs = check_sequences(measured, 64)  # the text scored over 64 decode steps, not the 16 measured
+    assert [n for _, n, _ in seqs] == [64, measured.sequences[1][1]] and result.report["check_scored"] == 64
+    dense = tune_measure.dense_logprobs(model, seqs)
+    assert tune_measure.joint_loss(model, seqs, dense, result.policy) == pytest.approx(result.report["joint_loss"])
+    with pytest.raises(ValueError, match="scores 1 to 255 decode steps of the 256-token calibration text; got 256"):
+        check_sequences(measured, 256)
     assert result.report["predicted_fraction"] <= 0.3
     plain = choose(measured, 0.3, ctx=600, window_weight=result.report["window_weight"])
     assert plain.policy == result.policy  # the winner is that weight's allocation, as `choose` makes it
@@ -312,7 +318,7 @@ def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path
     out, report = tmp_path / "tuned.json", tmp_path / "report.json"
     assert main(["tune", "--model", str(tmp_path / "m"), "--budget-bytes", "0.3", "--ctx", "600",
                  "--calib-tokens", "256", "--scored", "16", "--page-size", "16", "--sink", "4", "--windows", "16,64",
-                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2",
+                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "--check-scored", "32",
                  "-o", str(out), "--report", str(report)]) == 0
     assert Policy.from_file(out).model_shape == (3, 2)
     r = json.loads(report.read_text())
@@ -326,6 +332,10 @@ def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path
     (["--budget-bytes", "0.1", "--windows", "64,-1", "-o", "x.json"], "expected integers >= 1"),
     (["--budget-bytes", "0.1"], "required: -o/--out"),
     (["--budget-bytes", "0.1", "--window-weights", "1,0", "-o", "x.json"], "expected numbers > 0"),
+    (["--budget-bytes", "0.1", "--check-scored", "2048", "-o", "x.json"],
+     "argument --check-scored: must be below --calib-tokens (2048), got 2048"),
+    (["--budget-bytes", "0.1", "--calib-tokens", "256", "--scored", "300", "-o", "x.json"],
+     "argument --scored: must be below --calib-tokens (256), got 300"),
 ])
 def test_bad_tune_arguments_are_one_line_before_any_model_loads(argv, match, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvkit.cli", "tune", *argv], capture_output=True, text=True,

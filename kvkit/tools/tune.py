@@ -21,8 +21,9 @@ retrieval are seen), scaled per layer to the end-to-end KL one forward per layer
 what each choice costs a KV head in a real store; `tune_alloc` picks the
 least-loss combination under the budget (a multiple-choice knapsack by Lagrangian relaxation and
 a greedy fill). The per-part losses are added, so `check` allocates once per weight on what the
-windows add (`WINDOW_WEIGHTS`) and keeps the allocation whose end-to-end KL on the calibration
-sequences, every layer compressed at once (`joint_loss`), is least. The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
+windows add (`WINDOW_WEIGHTS`) and keeps the allocation whose end-to-end KL over the calibration
+text's last `CHECK_SCORED` decode steps and the passkey answers, every layer compressed at once
+(`joint_loss`), is least. The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
 per-(layer, head) eviction rules, the page size) with `model_shape` set, so `Policy.from_file`
 plus `KVKitCache`, `PagedAttention` or `kvkit serve` load it as it is and refuse another model.
 
@@ -45,7 +46,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kvkit.cli import input_file, nonneg_float, output_file, positive_int
+from kvkit.cli import UsageError, input_file, nonneg_float, output_file, positive_int
 from kvkit.policies.base import Policy, Rule
 from kvkit.policies.codecs.gear import GearCodec
 from kvkit.policies.codecs.plain import PlainCodec
@@ -78,6 +79,9 @@ WINDOWS: tuple[int, ...] = (128, 256, 512, 1024)
 # allocates once per weight on what windows add to the losses and keeps the allocation that loses
 # least end to end (bench/results/NOTES.md says which weight won where).
 WINDOW_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+# Decode steps of the calibration text the joint check scores. One forward costs the same whatever
+# the number, and the longer a decode, the more it reads of what a streaming window dropped.
+CHECK_SCORED = 512
 PASSKEY_DEPTHS: tuple[float, ...] = (0.1, 0.3)
 
 
@@ -243,29 +247,47 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
     return TuneResult(policy=policy, allocation=alloc, report=report)
 
 
-def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
-          window_weights: Sequence[float] = WINDOW_WEIGHTS, progress: bool = True) -> TuneResult:
-    """`choose` once per window weight, each distinct allocation run end to end on the
-    calibration sequences `m` was measured on (`joint_loss`: every layer compressed at once);
-    the least joint loss wins. The report lists every candidate (`joint_check`).
+def check_sequences(m: Measurement, scored: int = CHECK_SCORED) -> list[tuple[torch.Tensor, int, float]]:
+    """The sequences `m` was measured on, with the calibration text's last `scored` positions
+    scored (weighing 1 in all, as when measured) and the passkey answers as they were.
 
     Raises:
-        ValueError: as `choose`, or no window weight.
+        ValueError: `scored` not below the text's length (a decode needs a prefill before it).
+    """
+    (ids, _, _), *passkeys = m.sequences
+    if not 0 < scored < ids.shape[1]:
+        raise ValueError(f"the joint check scores 1 to {ids.shape[1] - 1} decode steps of the "
+                         f"{ids.shape[1]}-token calibration text; got {scored}")
+    return [(ids, scored, 1.0 / scored), *passkeys]
+
+
+def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
+          window_weights: Sequence[float] = WINDOW_WEIGHTS, scored: int = CHECK_SCORED,
+          progress: bool = True) -> TuneResult:
+    """`choose` once per window weight, each distinct allocation run end to end (`joint_loss`:
+    every layer compressed at once) on `check_sequences(m, scored)`: the last `scored` decode
+    steps of the calibration text and the passkey answers. The least joint loss wins. The report
+    lists every candidate (`joint_check`).
+
+    Raises:
+        ValueError: as `choose` and `check_sequences`, or no window weight.
     """
     if not window_weights:
         raise ValueError("give at least one window weight (1: the measured losses as they are)")
     start = time.perf_counter()
-    dense = dense_logprobs(model, m.sequences)
+    sequences = check_sequences(m, scored)
+    dense = dense_logprobs(model, sequences)
     joint: dict[tuple, float] = {}  # (codecs, windows) -> joint loss: weights may agree
     candidates = []
     for weight in tqdm(window_weights, desc="tune: joint check", disable=not progress):
         result = choose(m, budget, ctx, decode, window_weight=weight)
         a = result.allocation
         if (a.codec, a.window) not in joint:
-            joint[a.codec, a.window] = joint_loss(model, m.sequences, dense, result.policy)
+            joint[a.codec, a.window] = joint_loss(model, sequences, dense, result.policy)
         candidates.append((joint[a.codec, a.window], result))
     loss, best = min(candidates, key=lambda c: c[0])
     best.report["joint_loss"] = loss
+    best.report["check_scored"] = scored
     best.report["check_seconds"] = round(time.perf_counter() - start, 1)
     best.report["joint_check"] = [{"window_weight": r.report["window_weight"], "predicted_loss": r.report["predicted_loss"],
                                    "joint_loss": j, "predicted_fraction": r.report["predicted_fraction"]}
@@ -274,7 +296,8 @@ def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: in
 
 
 def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: bool = True,
-         window_weights: Sequence[float] = WINDOW_WEIGHTS, **measure_args: Any) -> TuneResult:
+         window_weights: Sequence[float] = WINDOW_WEIGHTS, check_scored: int = CHECK_SCORED,
+         **measure_args: Any) -> TuneResult:
     """`measure` then `check`: a policy for `model` within `budget` x bf16 dense at `ctx` tokens.
 
     Raises:
@@ -282,8 +305,11 @@ def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: b
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction of bf16 dense in (0, 1], got {budget}")
+    calib_tokens = measure_args.get("calib_tokens", 2048)
+    if not 0 < check_scored < calib_tokens:  # before the minutes `measure` takes
+        raise ValueError(f"check_scored must be in [1, {calib_tokens - 1}] (below calib_tokens), got {check_scored}")
     m = measure(model, tokenizer, progress=progress, **measure_args)
-    return check(model, m, budget, ctx, window_weights=window_weights, progress=progress)
+    return check(model, m, budget, ctx, window_weights=window_weights, scored=check_scored, progress=progress)
 
 
 def build_policy(alloc: Allocation, codecs: Sequence[str], windows: Sequence[int | None], sink: int,
@@ -354,7 +380,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calib", type=input_file, default=None,
                    help="calibration text file (default: Python's language reference, pydoc_data)")
     p.add_argument("--calib-tokens", type=positive_int, default=2048, help="tokens per calibration sequence")
-    p.add_argument("--scored", type=positive_int, default=128, help="scored positions at the text's end")
+    p.add_argument("--scored", type=positive_int, default=128, help="scored positions at the text's end, measured")
+    p.add_argument("--check-scored", type=positive_int, default=CHECK_SCORED,
+                   help="decode steps at the text's end the joint check scores (below --calib-tokens)")
     p.add_argument("--page-size", type=positive_int, default=32)
     p.add_argument("--sink", type=positive_int, default=16, help="first tokens a streaming head keeps")
     p.add_argument("--windows", type=_ints, default=list(WINDOWS), help="streaming windows to consider")
@@ -365,8 +393,16 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--report", type=output_file, default=None, help="also write the tuning report (JSON)")
     p.add_argument("-o", "--out", type=output_file, required=True, help="policy JSON to write")
-    p.set_defaults(func=cmd_tune)
+    p.set_defaults(func=cmd_tune, check_args=_check_scored_positions)
     return p
+
+
+def _check_scored_positions(args: argparse.Namespace) -> None:
+    """Scored positions need a prefill before them: refuse, before the model loads, any not below
+    --calib-tokens."""
+    for flag, value in (("--scored", args.scored), ("--check-scored", args.check_scored)):
+        if value >= args.calib_tokens:
+            raise UsageError(f"argument {flag}: must be below --calib-tokens ({args.calib_tokens}), got {value}")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -379,7 +415,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tune(model, tok, args.budget_bytes, ctx=args.ctx, text=text, calib_tokens=args.calib_tokens,
                   scored=args.scored, page_size=args.page_size, sink=args.sink, windows=args.windows,
                   codecs=args.codecs, passkey_weight=args.passkey_weight,
-                  window_weights=args.window_weights)
+                  window_weights=args.window_weights, check_scored=args.check_scored)
     Path(args.out).write_text(json.dumps(result.policy.to_config(), indent=1) + "\n")
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n")
