@@ -240,7 +240,7 @@ def test_joint_loss_reads_each_head_s_sink_and_refuses_evictors_it_cannot_model(
     model, _ = tiny
     h2o = Policy(rules=(Rule(layers=(1,), evictor=H2OEvictor()),))
     with pytest.raises(ValueError, match="sink_window eviction only; layer 1 has h2o"):
-        tune_measure.joint_loss(model, [], [], h2o)
+        tune_measure.joint_loss(model, [(torch.zeros(1, 8, dtype=torch.long), 4, 1.0)], [None], h2o)
 
 
 def test_check_keeps_the_candidate_with_the_least_joint_loss(tiny, measured):

@@ -57,3 +57,22 @@ def test_the_model_check_splits_a_tuned_policy_into_codecs_and_windows(bench_scr
     assert not codecs.evicts and codecs.page_size == 32 and codecs.model_shape == (3, 2)
     assert [windows.codec_for(i) for i in range(3)] == [PlainCodec("bf16")] * 3
     assert streaming_reads(windows, 3, 2) == [[(0, None), (16, 128)], [(16, 512), (0, None)], [(16, 128), (16, 128)]]
+
+
+def test_the_check_scoring_bench_scores_held_out_tokens_as_perplexity_does(bench_script):
+    import math
+
+    import torch
+
+    scoring = bench_script("tune_check_scoring")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (1, 12))
+    dense = torch.randn(5, 7).log_softmax(-1)  # positions 7..11 (the prefill's last, then 4 decoded)
+    assert scoring.held_out_ratio(dense, dense[1:], ids) == pytest.approx(1.0)
+    target = ids[0, -4:]  # predicted by positions 7 (prefill, dense in both), 8, 9, 10
+    worse = dense[1:].clone()
+    worse[torch.arange(3), target[1:]] -= 0.3  # each decoded position but the last gives its token less
+    got = scoring.held_out_ratio(dense, worse.log_softmax(-1), ids)
+    nll = lambda lp, t: -float(lp.gather(1, t[:, None]).sum())  # noqa: E731
+    want = math.exp((nll(worse.log_softmax(-1)[:3], target[1:]) - nll(dense[1:4], target[1:])) / 4)
+    assert got == pytest.approx(want) and got > 1

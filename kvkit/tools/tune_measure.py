@@ -217,46 +217,50 @@ def streaming_reads(policy: Policy, num_layers: int, num_kv_heads: int) -> list[
 
 
 @torch.inference_mode()
-def joint_loss(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]], dense: Sequence[torch.Tensor],
-               policy: Policy) -> float:
-    """Weighted end-to-end KL from dense of decoding with `policy`, in the unit the measured losses
-    are scaled to (nats).
+def decoded_logprobs(model: Any, ids: torch.Tensor, scored: int, policy: Policy) -> torch.Tensor:
+    """Log-probabilities `[scored, V]` at the last `scored` positions of `ids` `[1, T]` when each is
+    a decode step with `policy`, all in one forward.
 
     Layer i's scored queries read its keys and values as a store of the policy's codec for that
     layer gives them at their decode step (`decode_view`), and each KV head answers them from the
     keys its streaming evictor keeps (`streaming_reads`); positions before the scored ones attend
-    densely, as kvkit's prefill does. So it is the KL of teacher-forced decoding through
-    `KVKitCache` with that policy (a test compares), interactions across layers, heads and codecs
-    included. One forward per sequence.
-
-    sequences: (ids `[1, T]`, scored positions, weight) each; dense: their `dense_logprobs`.
+    densely, as kvkit's prefill does. So it is teacher-forced decoding through `KVKitCache` with
+    that policy (a test compares), interactions across layers, heads and codecs included.
 
     Raises:
         ValueError: as `streaming_reads`.
     """
     L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     codecs = [policy.codec_for(layer) for layer in range(L)]
-    reads = streaming_reads(policy, L, H)
     page_size = policy.resolve_page_size()
-    total = 0.0
-    for (ids, scored, weight), ref in zip(sequences, dense):
-        T = ids.shape[1]
-        masks = [torch.stack([window_masks(T, scored, sink, [window])[0] for sink, window in row])
-                 for row in reads]  # [Hkv, N, T] per layer
+    T = ids.shape[1]
+    masks = [torch.stack([window_masks(T, scored, sink, [window])[0] for sink, window in row])
+             for row in streaming_reads(policy, L, H)]  # [Hkv, N, T] per layer
 
-        def perturb(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    n: int = scored, masks: list[torch.Tensor] = masks) -> torch.Tensor:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-            Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-            view = decode_view(codecs[layer], k[0].float(), v[0].float(), n, page_size)
-            tail = attend(q[0, :, -n:].float().reshape(Hkv, Hq // Hkv, n, D), view, masks[layer][:, None], scale)
-            out[0, :, -n:] = tail.reshape(Hq, n, D).to(out.dtype)
-            return out
+    def perturb(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
+        view = decode_view(codecs[layer], k[0].float(), v[0].float(), scored, page_size)
+        tail = attend(q[0, :, -scored:].float().reshape(Hkv, Hq // Hkv, scored, D), view, masks[layer][:, None], scale)
+        out[0, :, -scored:] = tail.reshape(Hq, scored, D).to(out.dtype)
+        return out
 
-        with _perturbing(model, perturb):
-            logp = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)
-        total += weight * _kl(ref, logp)
-    return total
+    with _perturbing(model, perturb):
+        return model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)
+
+
+def joint_loss(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]], dense: Sequence[torch.Tensor],
+               policy: Policy) -> float:
+    """Weighted end-to-end KL from dense of decoding with `policy` (`decoded_logprobs`), in the
+    unit the measured losses are scaled to (nats). One forward per sequence.
+
+    sequences: (ids `[1, T]`, scored positions, weight) each; dense: their `dense_logprobs`.
+
+    Raises:
+        ValueError: as `streaming_reads`.
+    """
+    return float(sum(weight * _kl(ref, decoded_logprobs(model, ids, scored, policy))
+               for (ids, scored, weight), ref in zip(sequences, dense)))
 
 
 def roundtrip(codec: Codec, k: torch.Tensor, v: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:

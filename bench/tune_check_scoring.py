@@ -1,0 +1,98 @@
+"""How many decode steps should the tuner's joint check score? For each budget and window weight,
+the tuner's allocation (`choose`) is decoded with the tuner's model (`decoded_logprobs`, equal to
+decoding through `KVKitCache`) on the calibration text, scored over its last 128, 512 and 1024
+decode steps plus the passkey answers (what `check` sums), and on the held-out text over its last
+512 decode steps (perplexity against dense). Each check length picks the allocation with the least
+score; the table marks which, and the held-out column says how well it chose.
+
+    python bench/tune_check_scoring.py --ctx 4800 --budgets 0.125 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_results  # noqa: E402
+from tune_frontier import PPL_TEXTS, held_out_text  # noqa: E402
+
+from kvkit import evaluate  # noqa: E402
+from kvkit.tools.tune import check_sequences, choose, measure  # noqa: E402
+from kvkit.tools.tune_measure import decoded_logprobs, dense_logprobs, joint_loss  # noqa: E402
+
+CHECK_LENGTHS = (128, 512, 1024)
+
+
+def held_out_ratio(dense: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor) -> float:
+    """Perplexity ratio to dense over the last `N` tokens of `ids`: `dense` `[N + 1, V]` holds the
+    dense log-probabilities at the positions before them, `logp` `[N, V]` those of the last `N`
+    positions decoded. The first token is predicted by the prefill's last position, dense in both
+    (as `evaluate.perplexity` scores it)."""
+    n = logp.shape[0]
+    target = ids[0, -n:, None]
+    d = -dense[:-1].gather(1, target).squeeze(1)
+    c = torch.cat([d[:1], -logp[:-1].gather(1, target[1:]).squeeze(1)])
+    return math.exp(float(c.mean() - d.mean()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ctx", type=int, default=4800, help="budget length and held-out tokens read")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25])
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16])
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--held-out-tokens", type=int, default=512, help="decode steps scored on the held-out text")
+    ap.add_argument("--ppl-text", choices=list(PPL_TEXTS), default="licenses")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="tune_check_scoring")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = evaluate.load(None)
+    m = measure(model, tok, calib_tokens=args.calib_tokens)
+    (calib, longest, _), *passkeys = check_sequences(m, max(CHECK_LENGTHS))
+    held = tok(held_out_text(args.ppl_text), return_tensors="pt").input_ids[:, -args.ctx:]
+    n_held = args.held_out_tokens
+    d_calib, d_held = dense_logprobs(model, [(calib, longest, 1.0), (held, n_held + 1, 1.0)])
+    d_pk = dense_logprobs(model, passkeys)
+    records = []
+    for budget in args.budgets:
+        seen: dict[tuple, dict] = {}
+        for weight in args.weights:
+            alloc = choose(m, budget, args.ctx, window_weight=weight)
+            key = (alloc.allocation.codec, alloc.allocation.window)
+            if key not in seen:
+                lp = decoded_logprobs(model, calib, longest, alloc.policy)
+                kl = (d_calib.exp() * (d_calib - lp)).sum(-1)  # per decode step
+                seen[key] = {
+                    "kl": {n: float(kl[-n:].mean()) for n in CHECK_LENGTHS},
+                    "passkey": joint_loss(model, passkeys, d_pk, alloc.policy),
+                    "held_out_ratio": held_out_ratio(d_held, decoded_logprobs(model, held, n_held, alloc.policy), held),
+                    "streaming_heads": sum(w is not None for r in alloc.report["layers"] for w in r["windows"]),
+                    "predicted_fraction": alloc.report["predicted_fraction"]}
+            records.append({"budget": budget, "weight": weight, **seen[key]})
+        rows = [r for r in records if r["budget"] == budget]
+        for n in CHECK_LENGTHS:
+            best = min(rows, key=lambda r: r["kl"][n] + r["passkey"])
+            best.setdefault("picked_by", []).append(n)
+    table = [[r["budget"], r["weight"], r["streaming_heads"], *(f"{r['kl'][n]:.4f}" for n in CHECK_LENGTHS),
+              f"{r['passkey']:.4f}", f"{r['held_out_ratio']:.3f}", ",".join(map(str, r.get("picked_by", [])))]
+             for r in records]
+    write_results(args.name, {"ctx": args.ctx, "calib_tokens": args.calib_tokens, "held_out_tokens": n_held,
+                              "ppl_text": args.ppl_text, "measure": m.info, "rows": records},
+                  f"joint check length against {n_held} held-out decode steps at {args.ctx} tokens",
+                  markdown_table(["budget", "window weight", "streaming KV heads",
+                                  *(f"KL/step, last {n} calib steps" for n in CHECK_LENGTHS), "passkey KL",
+                                  f"held-out ppl vs dense ({n_held} steps)", "picked by a check of"], table)
+                  + f"\n\nHeld-out text: {PPL_TEXTS[args.ppl_text]}. A check of N steps picks the least "
+                  "KL/step over the last N calibration steps plus passkey KL; weights that give the same "
+                  "allocation share one measurement.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
