@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="tune_frontier")
     args = ap.parse_args(argv)
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.axvline(b, color="grey", lw=0.5, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=10)  # a point far off (a budget below every good choice) keeps the rest readable
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([-5, -2, 0, 1, 2, 5, 10, 20, 50, 100, 200]))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:+g}"))
     ax.set_xlabel("resident KV bytes / bf16 dense store (log2)")
     ax.set_ylabel("perplexity vs dense (%), held-out text")
     ax.set_title(f"kvkit tune frontier, passkey @{doc['ctx']} beside each point")

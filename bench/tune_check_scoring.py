@@ -1,9 +1,9 @@
 """How many decode steps should the tuner's joint check score? For each budget and window weight,
-the tuner's allocation (`choose`) is decoded with the tuner's model (`decoded_logprobs`, equal to
-decoding through `KVKitCache`) on the calibration text, scored over its last 128, 512 and 1024
-decode steps plus the passkey answers (what `check` sums), and on the held-out text over its last
-512 decode steps (perplexity against dense). Each check length picks the allocation with the least
-score; the table marks which, and the held-out column says how well it chose.
+the tuner's allocation (`choose`) is scored as `check` scores it with each check length N (the
+calibration text's last N positions decoded after a dense prefill of the rest, `decoded_logprobs`,
+plus the passkey answers) and on the held-out text over its last 512 decode steps (perplexity
+against dense). Each check length picks the allocation with the least score; the table marks
+which, and the held-out column says how well it chose.
 
     python bench/tune_check_scoring.py --ctx 4800 --budgets 0.125 0.25
 """
@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tok = evaluate.load(None)
     m = measure(model, tok, calib_tokens=args.calib_tokens)
-    (calib, longest, _), *passkeys = check_sequences(m, max(CHECK_LENGTHS))
+    checks = {n: check_sequences(m, n) for n in CHECK_LENGTHS}
+    passkeys = checks[CHECK_LENGTHS[0]][1:]
     held = tok(held_out_text(args.ppl_text), return_tensors="pt").input_ids[:, -args.ctx:]
     n_held = args.held_out_tokens
-    d_calib, d_held = dense_logprobs(model, [(calib, longest, 1.0), (held, n_held + 1, 1.0)])
+    d_text, d_held = dense_logprobs(model, [checks[max(CHECK_LENGTHS)][0], (held, n_held + 1, 1.0)])
+    d_checks = {n: [d_text[-n:]] for n in CHECK_LENGTHS}  # dense reads the same whatever is scored
     d_pk = dense_logprobs(model, passkeys)
     records = []
     for budget in args.budgets:
@@ -66,10 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             alloc = choose(m, budget, args.ctx, window_weight=weight)
             key = (alloc.allocation.codec, alloc.allocation.window)
             if key not in seen:
-                lp = decoded_logprobs(model, calib, longest, alloc.policy)
-                kl = (d_calib.exp() * (d_calib - lp)).sum(-1)  # per decode step
                 seen[key] = {
-                    "kl": {n: float(kl[-n:].mean()) for n in CHECK_LENGTHS},
+                    "kl": {n: joint_loss(model, checks[n][:1], d_checks[n], alloc.policy) for n in CHECK_LENGTHS},
                     "passkey": joint_loss(model, passkeys, d_pk, alloc.policy),
                     "held_out_ratio": held_out_ratio(d_held, decoded_logprobs(model, held, n_held, alloc.policy), held),
                     "streaming_heads": sum(w is not None for r in alloc.report["layers"] for w in r["windows"]),
@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                               "ppl_text": args.ppl_text, "measure": m.info, "rows": records},
                   f"joint check length against {n_held} held-out decode steps at {args.ctx} tokens",
                   markdown_table(["budget", "window weight", "streaming KV heads",
-                                  *(f"KL/step, last {n} calib steps" for n in CHECK_LENGTHS), "passkey KL",
+                                  *(f"KL/step, check of {n} calib steps" for n in CHECK_LENGTHS), "passkey KL",
                                   f"held-out ppl vs dense ({n_held} steps)", "picked by a check of"], table)
-                  + f"\n\nHeld-out text: {PPL_TEXTS[args.ppl_text]}. A check of N steps picks the least "
-                  "KL/step over the last N calibration steps plus passkey KL; weights that give the same "
-                  "allocation share one measurement.")
+                  + f"\n\nHeld-out text: {PPL_TEXTS[args.ppl_text]}. A check of N steps decodes the "
+                  "calibration text's last N positions after a dense prefill and picks the least KL/step "
+                  "plus passkey KL; weights that give the same allocation share one measurement.")
     return 0
 
 

@@ -16,7 +16,7 @@ from kvkit.policies import Policy
 from kvkit.policies.codecs.gear import GearCodec
 from kvkit.policies.codecs.plain import PlainCodec
 from kvkit.tools import tune_measure
-from kvkit.tools.tune import CODECS, build_policy, check, check_sequences, choose, measure
+from kvkit.tools.tune import CODECS, build_policy, check, check_sequences, choose, measure, tune
 from kvkit.tools.tune_alloc import Allocation, _layer_best, _totals, allocate
 
 
@@ -255,6 +255,8 @@ def test_check_keeps_the_candidate_with_the_least_joint_loss(tiny, measured):
     assert tune_measure.joint_loss(model, seqs, dense, result.policy) == pytest.approx(result.report["joint_loss"])
     with pytest.raises(ValueError, match="scores 1 to 255 decode steps of the 256-token calibration text; got 256"):
         check_sequences(measured, 256)
+    with pytest.raises(ValueError, match=r"check_scored must be in \[1, 255\]"):  # before measuring
+        tune(model, tiny[1], 0.3, calib_tokens=256, check_scored=256)
     assert result.report["predicted_fraction"] <= 0.3
     plain = choose(measured, 0.3, ctx=600, window_weight=result.report["window_weight"])
     assert plain.policy == result.policy  # the winner is that weight's allocation, as `choose` makes it

@@ -154,7 +154,7 @@ class Measurement:
     page_size: int
     sink: int
     info: dict[str, Any] = field(default_factory=dict)
-    sequences: list[tuple[torch.Tensor, int, float]] = field(default_factory=list)  # what was measured on
+    sequences: list[tuple[torch.Tensor, int, float]] = field(default_factory=list)  # the text, then passkeys
 
 
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,

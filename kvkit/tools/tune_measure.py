@@ -260,7 +260,7 @@ def joint_loss(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]],
         ValueError: as `streaming_reads`.
     """
     return float(sum(weight * _kl(ref, decoded_logprobs(model, ids, scored, policy))
-               for (ids, scored, weight), ref in zip(sequences, dense)))
+                     for (ids, scored, weight), ref in zip(sequences, dense)))
 
 
 def roundtrip(codec: Codec, k: torch.Tensor, v: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
