@@ -65,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         seen: dict[tuple, dict] = {}
         for weight in args.weights:
-            alloc = choose(m, budget, args.ctx, window_weight=weight)
-            key = (alloc.allocation.codec, alloc.allocation.window)
+            tuned = choose(m, budget, args.ctx, window_weight=weight)
+            key = (tuned.allocation.codec, tuned.allocation.window)
             if key not in seen:
                 seen[key] = {
-                    "kl": {n: joint_loss(model, checks[n][:1], d_checks[n], alloc.policy) for n in CHECK_LENGTHS},
-                    "passkey": joint_loss(model, passkeys, d_pk, alloc.policy),
-                    "held_out_ratio": held_out_ratio(d_held, decoded_logprobs(model, held, n_held, alloc.policy), held),
-                    "streaming_heads": sum(w is not None for r in alloc.report["layers"] for w in r["windows"]),
-                    "predicted_fraction": alloc.report["predicted_fraction"]}
+                    "kl": {n: joint_loss(model, checks[n][:1], d_checks[n], tuned.policy) for n in CHECK_LENGTHS},
+                    "passkey": joint_loss(model, passkeys, d_pk, tuned.policy),
+                    "held_out_ratio": held_out_ratio(d_held, decoded_logprobs(model, held, n_held, tuned.policy), held),
+                    "streaming_heads": sum(w is not None for r in tuned.report["layers"] for w in r["windows"]),
+                    "predicted_fraction": tuned.report["predicted_fraction"]}
             records.append({"budget": budget, "weight": weight, **seen[key]})
         rows = [r for r in records if r["budget"] == budget]
         for n in CHECK_LENGTHS:
