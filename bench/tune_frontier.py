@@ -122,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["tuned", "single", "composition"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--check-scored", type=int, default=CHECK_SCORED, help="decode steps the joint check scores")
+    ap.add_argument("--passkey-weight", type=float, default=1.0, help="the tuner's weight on the passkey answers")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="tune_frontier")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.held_out = held_out_text(args.ppl_text)
     model, tok = evaluate.load(None)
-    m = measure(model, tok, calib_tokens=args.calib_tokens)
+    m = measure(model, tok, calib_tokens=args.calib_tokens, passkey_weight=args.passkey_weight)
     from longctx import TASKS
     samples = make_samples(tok, args.longctx_ctx, args.samples, tuple(args.tasks or TASKS)) if args.samples else []
     records: list[dict[str, Any]] = []
