@@ -33,7 +33,7 @@ from longctx import haystack_text, kept_tasks, make_samples, run_policy  # noqa:
 from kvkit import evaluate  # noqa: E402
 from kvkit.policies import Policy  # noqa: E402
 from kvkit.policies.duo import shipped_pattern  # noqa: E402
-from kvkit.tools.tune import CHECK_SCORED, Measurement, build_policy, check, costs, measure  # noqa: E402
+from kvkit.tools.tune import CHECK_SCORED, PASSKEY_WEIGHTS, Measurement, build_policy, check, costs, measure  # noqa: E402
 from kvkit.tools.tune_alloc import Allocation  # noqa: E402
 from kvkit.tools.tune_measure import dense_bytes  # noqa: E402
 
@@ -61,7 +61,7 @@ def held_out_text(name: str) -> str:
 
 def _uniform(m: Measurement, cost: torch.Tensor, codec: int, windows: list[list[int]]) -> Allocation:
     L, H, _ = m.shape
-    loss = sum(float(m.loss[i, codec, windows[i][h], h]) for i in range(L) for h in range(H))
+    loss = sum(float(m.loss()[i, codec, windows[i][h], h]) for i in range(L) for h in range(H))
     nbytes = sum(float(cost[codec, windows[i][h]]) for i in range(L) for h in range(H))
     return Allocation(codec=(codec,) * L, window=tuple(tuple(r) for r in windows), loss=loss, nbytes=nbytes)
 
@@ -122,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["tuned", "single", "composition"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--check-scored", type=int, default=CHECK_SCORED, help="decode steps the joint check scores")
-    ap.add_argument("--passkey-weight", type=float, default=1.0, help="the tuner's weight on the passkey answers")
+    ap.add_argument("--passkey-weights", type=float, nargs="+", default=list(PASSKEY_WEIGHTS),
+                    help="the tuner's passkey weights, one candidate allocation each")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="tune_frontier")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.held_out = held_out_text(args.ppl_text)
     model, tok = evaluate.load(None)
-    m = measure(model, tok, calib_tokens=args.calib_tokens, passkey_weight=args.passkey_weight)
+    m = measure(model, tok, calib_tokens=args.calib_tokens)
     from longctx import TASKS
     samples = make_samples(tok, args.longctx_ctx, args.samples, tuple(args.tasks or TASKS)) if args.samples else []
     records: list[dict[str, Any]] = []
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:
         checked: dict[str, Any] = {}
         try:
-            tuned = check(model, m, budget, args.ctx, scored=args.check_scored)
+            tuned = check(model, m, budget, args.ctx, passkey_weights=args.passkey_weights, scored=args.check_scored)
             runs = [("tuned", "tuned", tuned.policy, tuned.report["predicted_fraction"])]
             checked = {k: tuned.report[k] for k in ("joint_check", "check_seconds", "check_scored")}
         except ValueError as e:  # below the cheapest choice the tuner offers

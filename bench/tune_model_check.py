@@ -26,7 +26,7 @@ from kvkit import evaluate  # noqa: E402
 from kvkit.integrations.hf import KVKitCache  # noqa: E402
 from kvkit.policies import Policy  # noqa: E402
 from kvkit.policies.codecs.plain import PlainCodec  # noqa: E402
-from kvkit.tools.tune_measure import dense_logprobs, joint_loss  # noqa: E402
+from kvkit.tools.tune_measure import dense_logprobs, joint_loss, kl_sum  # noqa: E402
 
 
 def parts(policy: Policy) -> dict[str, Policy]:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = Policy.from_config(row["policy"])
         model_kl = {name: joint_loss(model, seqs, dense, part) for name, part in parts(policy).items()}
         logp = decoded(model, policy, ids, args.scored)
-        real_kl = float((dense[0].exp() * (dense[0] - logp)).sum()) / args.scored
+        real_kl = kl_sum(dense[0], logp) / args.scored
         dnll = float((dense[0][:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
         rec = {"budget": row["budget"], "model_kl": model_kl, "decoded_kl": real_kl, "decoded_dnll": dnll}
         records.append(rec)

@@ -16,7 +16,7 @@ from kvkit.policies import Policy
 from kvkit.policies.codecs.gear import GearCodec
 from kvkit.policies.codecs.plain import PlainCodec
 from kvkit.tools import tune_measure
-from kvkit.tools.tune import CODECS, build_policy, check, check_sequences, choose, measure, tune
+from kvkit.tools.tune import CODECS, Measurement, build_policy, check, check_sequences, choose, decode_check, measure, tune
 from kvkit.tools.tune_alloc import Allocation, _layer_best, _totals, allocate
 
 
@@ -124,14 +124,13 @@ def test_windowed_codecs_are_choices_whose_window_costs_real_staging_rows():
 
 def _synthetic(codecs, L=2, H=3):
     """A measurement without a model: windowed q4 loses least, q4 more; streaming costs a lot."""
-    from kvkit.tools.tune import Measurement
-
     loss = torch.zeros(L, len(codecs), 2, H, dtype=torch.float64)
     for c, name in enumerate(codecs):
         loss[:, c, 0] = {"bf16": 0.0, "q4": 1.0}.get(name, 0.1)
     loss[1:, codecs.index("q4"), 0] = 3.0  # the window saves more in the later layers
     loss[:, :, 1] = 100.0  # streaming window 128: never worth it here
-    return Measurement(loss=loss, codecs=list(codecs), windows=[None, 128], shape=(L, H, 64), page_size=32, sink=16)
+    return Measurement(text_loss=loss, passkey_loss=torch.zeros_like(loss), codecs=list(codecs), windows=[None, 128],
+                       shape=(L, H, 64), page_size=32, sink=16)
 
 
 def test_a_windowed_codec_is_picked_and_its_bytes_count_in_the_budget():
@@ -169,7 +168,7 @@ def measured(tiny):
 
 
 def test_measured_losses_grow_as_windows_shrink_and_bits_drop(measured):
-    loss = measured.loss  # [L, C, W, H]: codecs bf16, q4, q2; windows all, 16, 64
+    loss = measured.loss()  # [L, C, W, H]: codecs bf16, q4, q2; windows all, 16, 64
     assert loss.shape == (3, 3, 3, 2) and (loss >= 0).all()
     assert (loss[:, :, 1] >= loss[:, :, 2] - 1e-9).all()  # window 16 loses at least what 64 does
     assert (loss[:, :, 2] >= loss[:, :, 0] - 1e-9).all()  # and 64 at least what keeping all does
@@ -243,28 +242,68 @@ def test_joint_loss_reads_each_head_s_sink_and_refuses_evictors_it_cannot_model(
         tune_measure.joint_loss(model, [(torch.zeros(1, 8, dtype=torch.long), 4, 1.0)], [None], h2o)
 
 
-def test_check_keeps_the_candidate_with_the_least_joint_loss(tiny, measured):
+def test_choose_weighs_the_passkey_answers_by_passkey_weight():
+    """Room for one whole head: the text wants head (1, 2) whole, the passkey answers head (0, 0)."""
+    text = torch.ones(2, 1, 2, 3, dtype=torch.float64)
+    text[:, :, 0] = 0.0
+    text[1, 0, 1, 2] = 5.0
+    passkey = torch.zeros_like(text)
+    passkey[0, 0, 1, 0] = 10.0
+    m = Measurement(text_loss=text, passkey_loss=passkey, codecs=["bf16"], windows=[None, 128], shape=(2, 3, 64),
+                    page_size=32, sink=16)
+    whole = {w: [(r["layer"], h) for r in choose(m, 0.25, ctx=2400, passkey_weight=w).report["layers"]
+                 for h, win in enumerate(r["windows"]) if win is None] for w in (1.0, 0.25)}
+    assert whole == {1.0: [(0, 0)], 0.25: [(1, 2)]}
+    assert choose(m, 0.25, ctx=2400, passkey_weight=0.25).report["predicted_loss"] == pytest.approx(5 + 0.25 * 10)
+
+
+def test_check_keeps_the_passkey_answers_then_the_least_text_kl(tiny, measured):
     model, _ = tiny
-    result = check(model, measured, 0.3, ctx=600, window_weights=(0.25, 1.0, 8.0), scored=64)
+    result = check(model, measured, 0.3, ctx=600, window_weights=(0.25, 1.0, 8.0), passkey_weights=(1.0, 0.25),
+                   scored=64)
     cands = result.report["joint_check"]
-    assert [c["window_weight"] for c in cands] == [0.25, 1.0, 8.0]
-    assert result.report["joint_loss"] == min(c["joint_loss"] for c in cands) > 0
+    assert [(c["passkey_weight"], c["window_weight"]) for c in cands] == [(p, w) for p in (1.0, 0.25)
+                                                                            for w in (0.25, 1.0, 8.0)]
+    most = max(c["passkey_kept"] for c in cands)
+    assert result.report["passkey_kept"] == most and result.report["passkey_of"] == 1
+    assert result.report["text_kl"] == min(c["text_kl"] for c in cands if c["passkey_kept"] == most) > 0
     seqs = check_sequences(measured, 64)  # the text scored over 64 decode steps, not the 16 measured
     assert [n for _, n, _ in seqs] == [64, measured.sequences[1][1]] and result.report["check_scored"] == 64
     dense = tune_measure.dense_logprobs(model, seqs)
-    assert tune_measure.joint_loss(model, seqs, dense, result.policy) == pytest.approx(result.report["joint_loss"])
+    got = decode_check(model, seqs, dense, result.policy)
+    assert got.text_kl == pytest.approx(result.report["text_kl"])
+    assert got.text_kl == pytest.approx(tune_measure.joint_loss(model, seqs[:1], dense[:1], result.policy))
     with pytest.raises(ValueError, match="scores 1 to 255 decode steps of the 256-token calibration text; got 256"):
         check_sequences(measured, 256)
     with pytest.raises(ValueError, match=r"check_scored must be in \[1, 255\]"):  # before measuring
         tune(model, tiny[1], 0.3, calib_tokens=256, check_scored=256)
     assert result.report["predicted_fraction"] <= 0.3
-    plain = choose(measured, 0.3, ctx=600, window_weight=result.report["window_weight"])
+    plain = choose(measured, 0.3, ctx=600, window_weight=result.report["window_weight"],
+                   passkey_weight=result.report["passkey_weight"])
     assert plain.policy == result.policy  # the winner is that weight's allocation, as `choose` makes it
     heavy = choose(measured, 0.3, ctx=600, window_weight=8.0).allocation.window
     light = choose(measured, 0.3, ctx=600, window_weight=0.25).allocation.window
     assert sum(w > 0 for row in heavy for w in row) <= sum(w > 0 for row in light for w in row)  # fewer streams
     with pytest.raises(ValueError, match="at least one window weight"):
         check(model, measured, 0.3, window_weights=())
+    with pytest.raises(ValueError, match="one passkey weight"):
+        check(model, measured, 0.3, passkey_weights=())
+
+
+def test_a_passkey_answer_is_kept_when_every_answer_token_is_dense_s_greedy_one(tiny, measured):
+    model, _ = tiny
+    seqs = check_sequences(measured, 32)
+    dense = tune_measure.dense_logprobs(model, seqs)
+    exact = Policy(codec=PlainCodec("fp32"))
+    assert decode_check(model, seqs, dense, exact).passkey_kept == 1
+    assert abs(decode_check(model, seqs, dense, exact).text_kl) < 1e-5
+    answer = dense[1]
+    other = answer.argmax(-1) + 1  # a different greedy token at every position
+    flipped = torch.full_like(answer, -30.0).scatter(-1, other[:, None], 0.0)
+    last_only = answer.clone()
+    last_only[-1] = flipped[-1]  # what follows the answer is not part of it
+    assert decode_check(model, seqs, [dense[0], flipped], exact).passkey_kept == 0
+    assert decode_check(model, seqs, [dense[0], last_only], exact).passkey_kept == 1
 
 
 def test_tuned_policy_holds_its_budget_in_a_real_cache_and_loads_unchanged(tiny, measured, tmp_path):
@@ -320,12 +359,14 @@ def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path
     out, report = tmp_path / "tuned.json", tmp_path / "report.json"
     assert main(["tune", "--model", str(tmp_path / "m"), "--budget-bytes", "0.3", "--ctx", "600",
                  "--calib-tokens", "256", "--scored", "16", "--page-size", "16", "--sink", "4", "--windows", "16,64",
-                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "--check-scored", "32",
+                 "--codecs", "bf16,q4,q2", "--window-weights", "0.5,2", "--passkey-weights", "0.25",
+                 "--check-scored", "32",
                  "-o", str(out), "--report", str(report)]) == 0
     assert Policy.from_file(out).model_shape == (3, 2)
     r = json.loads(report.read_text())
-    assert [c["window_weight"] for c in r["joint_check"]] == [0.5, 2.0] and r["predicted_fraction"] <= 0.3
-    assert "candidates (window weight" in capsys.readouterr().out
+    assert [(c["passkey_weight"], c["window_weight"]) for c in r["joint_check"]] == [(0.25, 0.5), (0.25, 2.0)]
+    assert r["predicted_fraction"] <= 0.3
+    assert "candidates (passkey weight, window weight" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -334,6 +375,7 @@ def test_the_tune_command_writes_a_loadable_policy_and_its_report(tiny, tmp_path
     (["--budget-bytes", "0.1", "--windows", "64,-1", "-o", "x.json"], "expected integers >= 1"),
     (["--budget-bytes", "0.1"], "required: -o/--out"),
     (["--budget-bytes", "0.1", "--window-weights", "1,0", "-o", "x.json"], "expected numbers > 0"),
+    (["--budget-bytes", "0.1", "--passkey-weights", "1,x", "-o", "x.json"], "expected comma-separated numbers"),
     (["--budget-bytes", "0.1", "--check-scored", "2048", "-o", "x.json"],
      "argument --check-scored: must be below --calib-tokens (2048), got 2048"),
     (["--budget-bytes", "0.1", "--calib-tokens", "256", "--scored", "300", "-o", "x.json"],

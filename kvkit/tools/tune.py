@@ -20,10 +20,12 @@ scored positions of the calibration text and of synthetic passkey prompts, so he
 retrieval are seen), scaled per layer to the end-to-end KL one forward per layer measures, and
 what each choice costs a KV head in a real store; `tune_alloc` picks the
 least-loss combination under the budget (a multiple-choice knapsack by Lagrangian relaxation and
-a greedy fill). The per-part losses are added, so `check` allocates once per weight on what the
-windows add (`WINDOW_WEIGHTS`) and keeps the allocation whose end-to-end KL over the calibration
-text's last `CHECK_SCORED` decode steps and the passkey answers, every layer compressed at once
-(`joint_loss`), is least. The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
+a greedy fill). The per-part losses are added, and how much the passkey answers should weigh
+against the text is not known in advance, so `check` allocates once per pair of weights (on what
+the windows add, `WINDOW_WEIGHTS`, and on the passkey answers' losses, `PASSKEY_WEIGHTS`), decodes
+each allocation end to end (every layer compressed at once), and keeps, among those that give
+every passkey answer the dense model gives, the one with the least KL over the calibration text's
+last `CHECK_SCORED` decode steps. The result is a plain `Policy` config (bf16 pages by default, per-layer codec and
 per-(layer, head) eviction rules, the page size) with `model_shape` set, so `Policy.from_file`
 plus `KVKitCache`, `PagedAttention` or `kvkit serve` load it as it is and refuse another model.
 
@@ -46,7 +48,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kvkit.cli import UsageError, input_file, nonneg_float, output_file, positive_int
+from kvkit.cli import UsageError, input_file, output_file, positive_int
 from kvkit.policies.base import Policy, Rule
 from kvkit.policies.codecs.gear import GearCodec
 from kvkit.policies.codecs.plain import PlainCodec
@@ -54,8 +56,8 @@ from kvkit.policies.codecs.quant import Int8Codec
 from kvkit.policies.evictors.sink_window import SinkWindowEvictor
 from kvkit.policies.roles import Codec
 from kvkit.tools.tune_alloc import Allocation, allocate
-from kvkit.tools.tune_measure import (dense_bytes, dense_logprobs, head_bytes, joint_loss, layer_bytes, layer_gains,
-                                     sensitivities)
+from kvkit.tools.tune_measure import (decoded_logprobs, dense_bytes, dense_logprobs, head_bytes, kl_sum, layer_bytes,
+                                     layer_gains, sensitivities)
 
 
 # Full-precision pages offered with each quantized codec: suffix -> (sink positions, recent window).
@@ -79,6 +81,10 @@ WINDOWS: tuple[int, ...] = (128, 256, 512, 1024)
 # allocates once per weight on what windows add to the losses and keeps the allocation that loses
 # least end to end (bench/results/NOTES.md says which weight won where).
 WINDOW_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+# Weights of the passkey answers' losses against the text's, one candidate each: a heavy weight
+# keeps heads whole that the text needs less than it needs longer windows elsewhere; the check's
+# passkey condition, not the weight, is what keeps retrieval.
+PASSKEY_WEIGHTS: tuple[float, ...] = (1.0, 0.25)
 # Decode steps of the calibration text the joint check scores. One forward costs the same whatever
 # the number, and the longer a decode, the more it reads of what a streaming window dropped.
 CHECK_SCORED = 512
@@ -122,11 +128,10 @@ def _passkey_sequence(tokenizer: Any, tokens: int, depth: float, key: str) -> tu
 
 
 def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, scored: int,
-                          passkey_weight: float = 1.0, passkey_depths: Sequence[float] = PASSKEY_DEPTHS
-                          ) -> list[tuple[torch.Tensor, int, float]]:
+                          passkey_depths: Sequence[float] = PASSKEY_DEPTHS) -> list[tuple[torch.Tensor, int, float]]:
     """(ids `[1, calib_tokens]`, scored positions, weight) of the text's last `calib_tokens` tokens
     (its last `scored` positions weigh 1 in all) and of one passkey prompt per depth (their answer
-    tokens weigh `passkey_weight` in all).
+    tokens weigh 1 in all).
 
     Raises:
         ValueError: a text shorter than `calib_tokens`.
@@ -139,15 +144,17 @@ def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, s
     seqs = [(ids[:, -calib_tokens:], scored, 1.0 / scored)]
     for depth, key in zip(passkey_depths, passkey_keys(len(passkey_depths), seed=1)):
         pk, n = _passkey_sequence(tokenizer, calib_tokens, depth, key)
-        seqs.append((pk, n, passkey_weight / (n * len(passkey_depths))))
+        seqs.append((pk, n, 1.0 / (n * len(passkey_depths))))
     return seqs
 
 
 @dataclass
 class Measurement:
-    """What every choice loses on one model: loss `[L, C, W, H]`, and the choices measured."""
+    """What every choice loses on one model, `[L, C, W, H]` each: on the calibration text's scored
+    positions (weighing 1 in all) and on the passkey answers (weighing 1 in all); the choices measured."""
 
-    loss: torch.Tensor
+    text_loss: torch.Tensor
+    passkey_loss: torch.Tensor
     codecs: list[str]
     windows: list[int | None]  # windows[0] is None: keep everything
     shape: tuple[int, int, int]  # num_layers, num_kv_heads, head_dim
@@ -156,17 +163,20 @@ class Measurement:
     info: dict[str, Any] = field(default_factory=dict)
     sequences: list[tuple[torch.Tensor, int, float]] = field(default_factory=list)  # the text, then passkeys
 
+    def loss(self, passkey_weight: float = 1.0) -> torch.Tensor:
+        """`[L, C, W, H]`: the text's loss plus `passkey_weight` x the passkey answers'."""
+        return self.text_loss + passkey_weight * self.passkey_loss
+
 
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
             page_size: int = 32, sink: int = 16, windows: Sequence[int] = WINDOWS,
-            codecs: Sequence[str] = tuple(CODECS), passkey_weight: float = 1.0,
-            passkey_depths: Sequence[float] = PASSKEY_DEPTHS, gain_tokens: int = 512,
+            codecs: Sequence[str] = tuple(CODECS), passkey_depths: Sequence[float] = PASSKEY_DEPTHS, gain_tokens: int = 512,
             progress: bool = True) -> Measurement:
     """Measure the loss of every (layer, codec, window, KV head) and each codec's bytes per page.
 
     text: calibration text (default `calibration_text()`); its last `calib_tokens` tokens are read
     and the last `scored` positions scored. Passkey prompts of `calib_tokens` tokens, one per
-    depth, are scored on their answer and weigh `passkey_weight` against the text. The losses are
+    depth, are scored on their answer; their losses are kept apart from the text's. The losses are
     then scaled per layer to nats of KL (`layer_gains` on the text's last `gain_tokens` tokens).
 
     Raises:
@@ -184,18 +194,21 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_weight, passkey_depths)
+    seqs = calibration_sequences(tokenizer, text, calib_tokens, scored, passkey_depths)
     chosen = [CODECS[c] for c in codecs]
     wins: list[int | None] = [None, *sorted(set(windows))]
-    loss = sensitivities(model, seqs, chosen, wins, sink, page_size, progress)  # [L, C, W, H]
+    text_loss = sensitivities(model, seqs[:1], chosen, wins, sink, page_size, progress)  # [L, C, W, H]
+    passkey_loss = (sensitivities(model, seqs[1:], chosen, wins, sink, page_size, progress) if seqs[1:]
+                    else torch.zeros_like(text_loss))
     gain_ids = seqs[0][0][:, -min(gain_tokens, calib_tokens):]
     gains = layer_gains(model, gain_ids, min(64, gain_ids.shape[1] // 4), sink, wins[1], progress)  # [L]
-    loss = loss * gains[:, None, None, None]  # residual energy -> nats of KL, per layer
     info = {"calib_tokens": calib_tokens, "scored": scored, "passkey_depths": list(passkey_depths),
-            "passkey_weight": passkey_weight, "gain_tokens": gain_tokens,
+            "gain_tokens": gain_tokens,
             "layer_gains": [round(g, 3) for g in gains.tolist()], "measure_seconds": round(time.perf_counter() - start, 1),
             "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
-    return Measurement(loss=loss, codecs=list(codecs), windows=wins, shape=(L, H, D),
+    gains = gains[:, None, None, None]  # residual energy -> nats of KL, per layer
+    return Measurement(text_loss=text_loss * gains, passkey_loss=passkey_loss * gains, codecs=list(codecs),
+                       windows=wins, shape=(L, H, D),
                        page_size=page_size, sink=sink, info=info, sequences=seqs)
 
 
@@ -208,11 +221,12 @@ def costs(m: Measurement, ctx: int, decode: int = 64) -> torch.Tensor:
 
 
 def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
-           window_weight: float = 1.0) -> TuneResult:
+           window_weight: float = 1.0, passkey_weight: float = 1.0) -> TuneResult:
     """The least-loss policy of measurement `m` whose store holds at most `budget` x a bf16 dense
-    store after `ctx` prompt tokens and `decode` generated ones. `window_weight` multiplies what
-    each streaming window adds to a head's loss (over keeping every token) before allocating;
-    the report's losses are the measured ones.
+    store after `ctx` prompt tokens and `decode` generated ones. The loss is the text's plus
+    `passkey_weight` x the passkey answers' (`m.loss`); `window_weight` multiplies what each
+    streaming window adds to a head's loss (over keeping every token) before allocating. The
+    report's losses are `m.loss(passkey_weight)`, unscaled by `window_weight`.
 
     Raises:
         ValueError: a budget outside (0, 1] or below the cheapest choice.
@@ -222,8 +236,9 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
     L, H, D = m.shape
     cost = costs(m, ctx, decode)  # [C, W]
     dense = dense_bytes(L, H, D, ctx + decode)
-    keep_all = m.loss[:, :, :1]
-    weighted = keep_all + window_weight * (m.loss - keep_all)
+    loss = m.loss(passkey_weight)
+    keep_all = loss[:, :, :1]
+    weighted = keep_all + window_weight * (loss - keep_all)
     target = budget * dense
     for _ in range(4):  # the cost table adds heads; a layer's pool is shared: check with real stores
         alloc = allocate(weighted, cost, target)
@@ -236,10 +251,11 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
     layers = [{"layer": i, "codec": m.codecs[alloc.codec[i]],
                "windows": [m.windows[w] for w in alloc.window[i]],
                "bytes": float(sum(cost[alloc.codec[i], w] for w in alloc.window[i])),
-               "loss": float(sum(m.loss[i, alloc.codec[i], w, h] for h, w in enumerate(alloc.window[i])))}
+               "loss": float(sum(loss[i, alloc.codec[i], w, h] for h, w in enumerate(alloc.window[i])))}
               for i in range(L)]
     report = {"budget": budget, "ctx": ctx, "decode": decode, "dense_bf16_bytes": dense,
               "predicted_bytes": real, "predicted_fraction": real / dense, "window_weight": window_weight,
+              "passkey_weight": passkey_weight,
               "predicted_loss": sum(r["loss"] for r in layers), "page_size": m.page_size, "sink": m.sink,
               "windows": m.windows,
               "head_bytes": {c: dict(zip(map(str, m.windows), cost[i].tolist())) for i, c in enumerate(m.codecs)},
@@ -249,7 +265,8 @@ def choose(m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
 
 def check_sequences(m: Measurement, scored: int = CHECK_SCORED) -> list[tuple[torch.Tensor, int, float]]:
     """The sequences `m` was measured on, with the calibration text's last `scored` positions
-    scored (weighing 1 in all, as when measured) and the passkey answers as they were.
+    scored (weighing 1 in all, as when measured) and the passkey answers as they were (weighing 1
+    in all).
 
     Raises:
         ValueError: `scored` not below the text's length (a decode needs a prefill before it).
@@ -261,43 +278,65 @@ def check_sequences(m: Measurement, scored: int = CHECK_SCORED) -> list[tuple[to
     return [(ids, scored, 1.0 / scored), *passkeys]
 
 
+@dataclass
+class Decoded:
+    """An allocation decoded end to end on the check's sequences (`decoded_logprobs`)."""
+
+    text_kl: float      # KL from dense per scored decode step of the calibration text, nats
+    passkey_kl: float   # KL from dense over the passkey answers (weighing 1 in all), nats
+    passkey_kept: int   # passkey prompts whose every answer token is the dense model's greedy one
+
+
+def decode_check(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]], dense: Sequence[torch.Tensor],
+                 policy: Policy) -> Decoded:
+    """`policy` decoded on `check_sequences` (the text first, then the passkey prompts), against
+    their `dense_logprobs`. A passkey answer is kept when the greedy token at each position that
+    predicts one of its tokens is the dense model's (the last scored position predicts what
+    follows the answer and is not compared)."""
+    logps = [decoded_logprobs(model, ids, n, policy) for ids, n, _ in sequences]
+    kls = [w * kl_sum(d, lp) for (_, _, w), d, lp in zip(sequences, dense, logps)]
+    kept = sum(bool((lp[:-1].argmax(-1) == d[:-1].argmax(-1)).all()) for d, lp in zip(dense[1:], logps[1:]))
+    return Decoded(text_kl=kls[0], passkey_kl=sum(kls[1:]), passkey_kept=kept)
+
+
 def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: int = 64,
-          window_weights: Sequence[float] = WINDOW_WEIGHTS, scored: int = CHECK_SCORED,
-          progress: bool = True) -> TuneResult:
-    """`choose` once per window weight, each distinct allocation run end to end (`joint_loss`:
-    every layer compressed at once) on `check_sequences(m, scored)`: the last `scored` decode
-    steps of the calibration text and the passkey answers. The least joint loss wins. The report
-    lists every candidate (`joint_check`).
+          window_weights: Sequence[float] = WINDOW_WEIGHTS, passkey_weights: Sequence[float] = PASSKEY_WEIGHTS,
+          scored: int = CHECK_SCORED, progress: bool = True) -> TuneResult:
+    """`choose` once per (passkey weight, window weight), each distinct allocation decoded end to
+    end (`decode_check`: every layer compressed at once) on `check_sequences(m, scored)`: the
+    last `scored` decode steps of the calibration text and the passkey prompts. The winner keeps
+    the most passkey answers (all, when any candidate does) and, among those, loses the least on
+    the text. The report lists every candidate (`joint_check`).
 
     Raises:
-        ValueError: as `choose` and `check_sequences`, or no window weight.
+        ValueError: as `choose` and `check_sequences`, or no window or passkey weight.
     """
-    if not window_weights:
-        raise ValueError("give at least one window weight (1: the measured losses as they are)")
+    if not window_weights or not passkey_weights:
+        raise ValueError("give at least one window weight and one passkey weight (1, 1: the measured losses as they are)")
     start = time.perf_counter()
     sequences = check_sequences(m, scored)
     dense = dense_logprobs(model, sequences)
-    joint: dict[tuple, float] = {}  # (codecs, windows) -> joint loss: weights may agree
+    decoded: dict[tuple, Decoded] = {}  # (codecs, windows) -> its decode: weights may agree
     candidates = []
-    for weight in tqdm(window_weights, desc="tune: joint check", disable=not progress):
-        result = choose(m, budget, ctx, decode, window_weight=weight)
+    pairs = [(p, w) for p in passkey_weights for w in window_weights]
+    for passkey_weight, window_weight in tqdm(pairs, desc="tune: joint check", disable=not progress):
+        result = choose(m, budget, ctx, decode, window_weight=window_weight, passkey_weight=passkey_weight)
         a = result.allocation
-        if (a.codec, a.window) not in joint:
-            joint[a.codec, a.window] = joint_loss(model, sequences, dense, result.policy)
-        candidates.append((joint[a.codec, a.window], result))
-    loss, best = min(candidates, key=lambda c: c[0])
-    best.report["joint_loss"] = loss
-    best.report["check_scored"] = scored
-    best.report["check_seconds"] = round(time.perf_counter() - start, 1)
-    best.report["joint_check"] = [{"window_weight": r.report["window_weight"], "predicted_loss": r.report["predicted_loss"],
-                                   "joint_loss": j, "predicted_fraction": r.report["predicted_fraction"]}
-                                  for j, r in candidates]
+        if (a.codec, a.window) not in decoded:
+            decoded[a.codec, a.window] = decode_check(model, sequences, dense, result.policy)
+        candidates.append((decoded[a.codec, a.window], result))
+    got, best = min(candidates, key=lambda c: (-c[0].passkey_kept, c[0].text_kl))
+    best.report.update(asdict(got), passkey_of=len(sequences) - 1, check_scored=scored,
+                       check_seconds=round(time.perf_counter() - start, 1))
+    best.report["joint_check"] = [{"window_weight": r.report["window_weight"], "passkey_weight": r.report["passkey_weight"],
+                                   "predicted_loss": r.report["predicted_loss"], **asdict(d),
+                                   "predicted_fraction": r.report["predicted_fraction"]} for d, r in candidates]
     return best
 
 
 def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: bool = True,
-         window_weights: Sequence[float] = WINDOW_WEIGHTS, check_scored: int = CHECK_SCORED,
-         **measure_args: Any) -> TuneResult:
+         window_weights: Sequence[float] = WINDOW_WEIGHTS, passkey_weights: Sequence[float] = PASSKEY_WEIGHTS,
+         check_scored: int = CHECK_SCORED, **measure_args: Any) -> TuneResult:
     """`measure` then `check`: a policy for `model` within `budget` x bf16 dense at `ctx` tokens.
 
     Raises:
@@ -309,7 +348,8 @@ def tune(model: Any, tokenizer: Any, budget: float, ctx: int = 4800, progress: b
     if not 0 < check_scored < calib_tokens:  # before the minutes `measure` takes
         raise ValueError(f"check_scored must be in [1, {calib_tokens - 1}] (below calib_tokens), got {check_scored}")
     m = measure(model, tokenizer, progress=progress, **measure_args)
-    return check(model, m, budget, ctx, window_weights=window_weights, scored=check_scored, progress=progress)
+    return check(model, m, budget, ctx, window_weights=window_weights, passkey_weights=passkey_weights,
+                 scored=check_scored, progress=progress)
 
 
 def build_policy(alloc: Allocation, codecs: Sequence[str], windows: Sequence[int | None], sink: int,
@@ -387,7 +427,8 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sink", type=positive_int, default=16, help="first tokens a streaming head keeps")
     p.add_argument("--windows", type=_ints, default=list(WINDOWS), help="streaming windows to consider")
     p.add_argument("--codecs", type=_codecs, default=list(CODECS), help=f"codecs to consider ({','.join(CODECS)})")
-    p.add_argument("--passkey-weight", type=nonneg_float, default=1.0, help="weight of the passkey answers vs the text")
+    p.add_argument("--passkey-weights", type=_weights, default=list(PASSKEY_WEIGHTS),
+                   help="weights of the passkey answers' losses against the text's, one candidate allocation each")
     p.add_argument("--window-weights", type=_weights, default=list(WINDOW_WEIGHTS),
                    help="weights on the windows' losses, one candidate allocation each, checked end to end")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -414,15 +455,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model, tok = evaluate.load(args.model)
     result = tune(model, tok, args.budget_bytes, ctx=args.ctx, text=text, calib_tokens=args.calib_tokens,
                   scored=args.scored, page_size=args.page_size, sink=args.sink, windows=args.windows,
-                  codecs=args.codecs, passkey_weight=args.passkey_weight,
-                  window_weights=args.window_weights, check_scored=args.check_scored)
+                  codecs=args.codecs, window_weights=args.window_weights, passkey_weights=args.passkey_weights,
+                  check_scored=args.check_scored)
     Path(args.out).write_text(json.dumps(result.policy.to_config(), indent=1) + "\n")
     if args.report:
         Path(args.report).write_text(json.dumps(result.report, indent=1) + "\n")
     r = result.report
     print(result.table())
-    print("\ncandidates (window weight: predicted / joint loss, nats):",
-          "; ".join(f"{c['window_weight']:g}: {c['predicted_loss']:.4f} / {c['joint_loss']:.4f}" for c in r["joint_check"]))
+    print(f"\ncandidates (passkey weight, window weight: text KL per step, nats; passkey answers kept of {r['passkey_of']}):",
+          "; ".join(f"{c['passkey_weight']:g}, {c['window_weight']:g}: {c['text_kl']:.4f}, {c['passkey_kept']}"
+                    for c in r["joint_check"]))
     print(f"\npredicted {r['predicted_bytes'] / 2**20:.1f} MiB = {r['predicted_fraction']:.3f}x of bf16 dense "
           f"({r['dense_bf16_bytes'] / 2**20:.1f} MiB at {r['ctx']} tokens); budget {r['budget']}x; "
           f"measured in {r['measure_seconds']:.0f} s, checked in {r['check_seconds']:.0f} s. Wrote {args.out}")

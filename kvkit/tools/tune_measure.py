@@ -148,7 +148,7 @@ def _perturbing(model: Any, perturb: Any) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
-def _kl(dense: torch.Tensor, logp: torch.Tensor) -> float:
+def kl_sum(dense: torch.Tensor, logp: torch.Tensor) -> float:
     """Summed KL(dense || logp) of log-probabilities `[N, V]`."""
     return float((dense.exp() * (dense - logp)).sum())
 
@@ -180,7 +180,7 @@ def layer_gains(model: Any, ids: torch.Tensor, scored: int, sink: int, window: i
             logp = model(ids, use_cache=False).logits[0, -scored:].float().log_softmax(-1)
         proxy = float(layer_losses(caps[i], layers[i].self_attn.o_proj.weight, [PlainCodec("fp32")],
                                    [None, window], sink, page_size=16)[0, 1].sum())
-        gains[i] = _kl(dense, logp) / max(proxy, 1e-12)
+        gains[i] = kl_sum(dense, logp) / max(proxy, 1e-12)
     return gains
 
 
@@ -259,7 +259,7 @@ def joint_loss(model: Any, sequences: Sequence[tuple[torch.Tensor, int, float]],
     Raises:
         ValueError: as `streaming_reads`.
     """
-    return float(sum(weight * _kl(ref, decoded_logprobs(model, ids, scored, policy))
+    return float(sum(weight * kl_sum(ref, decoded_logprobs(model, ids, scored, policy))
                      for (ids, scored, weight), ref in zip(sequences, dense)))
 
 
