@@ -78,8 +78,8 @@ CODECS: dict[str, Codec] = {
 # (the losses are added, not measured jointly): 32 and 64 are not offered by default.
 WINDOWS: tuple[int, ...] = (128, 256, 512, 1024)
 # The allocator adds per-part losses, so how parts compound across layers is unknown to it. `check`
-# allocates once per weight on what windows add to the losses and keeps the allocation that loses
-# least end to end (bench/results/NOTES.md says which weight won where).
+# allocates once per weight on what windows add to the losses and keeps the allocation that does
+# best end to end (bench/results/NOTES.md says which weight won where).
 WINDOW_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
 # Weights of the passkey answers' losses against the text's, one candidate each: a heavy weight
 # keeps heads whole that the text needs less than it needs longer windows elsewhere; the check's
@@ -151,7 +151,7 @@ def calibration_sequences(tokenizer: Any, text: str | None, calib_tokens: int, s
 @dataclass
 class Measurement:
     """What every choice loses on one model, `[L, C, W, H]` each: on the calibration text's scored
-    positions (weighing 1 in all) and on the passkey answers (weighing 1 in all); the choices measured."""
+    positions and on the passkey answers (each weighing 1 in all); the choices measured."""
 
     text_loss: torch.Tensor
     passkey_loss: torch.Tensor
@@ -170,8 +170,8 @@ class Measurement:
 
 def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: int = 2048, scored: int = 128,
             page_size: int = 32, sink: int = 16, windows: Sequence[int] = WINDOWS,
-            codecs: Sequence[str] = tuple(CODECS), passkey_depths: Sequence[float] = PASSKEY_DEPTHS, gain_tokens: int = 512,
-            progress: bool = True) -> Measurement:
+            codecs: Sequence[str] = tuple(CODECS), passkey_depths: Sequence[float] = PASSKEY_DEPTHS,
+            gain_tokens: int = 512, progress: bool = True) -> Measurement:
     """Measure the loss of every (layer, codec, window, KV head) and each codec's bytes per page.
 
     text: calibration text (default `calibration_text()`); its last `calib_tokens` tokens are read
@@ -203,13 +203,12 @@ def measure(model: Any, tokenizer: Any, text: str | None = None, calib_tokens: i
     gain_ids = seqs[0][0][:, -min(gain_tokens, calib_tokens):]
     gains = layer_gains(model, gain_ids, min(64, gain_ids.shape[1] // 4), sink, wins[1], progress)  # [L]
     info = {"calib_tokens": calib_tokens, "scored": scored, "passkey_depths": list(passkey_depths),
-            "gain_tokens": gain_tokens,
-            "layer_gains": [round(g, 3) for g in gains.tolist()], "measure_seconds": round(time.perf_counter() - start, 1),
+            "gain_tokens": gain_tokens, "layer_gains": [round(g, 3) for g in gains.tolist()],
+            "measure_seconds": round(time.perf_counter() - start, 1),
             "codecs": {c: {"type": CODECS[c].type_name, **asdict(CODECS[c])} for c in codecs}}
     gains = gains[:, None, None, None]  # residual energy -> nats of KL, per layer
     return Measurement(text_loss=text_loss * gains, passkey_loss=passkey_loss * gains, codecs=list(codecs),
-                       windows=wins, shape=(L, H, D),
-                       page_size=page_size, sink=sink, info=info, sequences=seqs)
+                       windows=wins, shape=(L, H, D), page_size=page_size, sink=sink, info=info, sequences=seqs)
 
 
 def costs(m: Measurement, ctx: int, decode: int = 64) -> torch.Tensor:
@@ -312,7 +311,7 @@ def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: in
         ValueError: as `choose` and `check_sequences`, or no window or passkey weight.
     """
     if not window_weights or not passkey_weights:
-        raise ValueError("give at least one window weight and one passkey weight (1, 1: the measured losses as they are)")
+        raise ValueError("give at least one window weight and one passkey weight (1 and 1: the losses as measured)")
     start = time.perf_counter()
     sequences = check_sequences(m, scored)
     dense = dense_logprobs(model, sequences)
@@ -328,9 +327,8 @@ def check(model: Any, m: Measurement, budget: float, ctx: int = 4800, decode: in
     got, best = min(candidates, key=lambda c: (-c[0].passkey_kept, c[0].text_kl))
     best.report.update(asdict(got), passkey_of=len(sequences) - 1, check_scored=scored,
                        check_seconds=round(time.perf_counter() - start, 1))
-    best.report["joint_check"] = [{"window_weight": r.report["window_weight"], "passkey_weight": r.report["passkey_weight"],
-                                   "predicted_loss": r.report["predicted_loss"], **asdict(d),
-                                   "predicted_fraction": r.report["predicted_fraction"]} for d, r in candidates]
+    best.report["joint_check"] = [{k: r.report[k] for k in ("window_weight", "passkey_weight", "predicted_loss",
+                                                             "predicted_fraction")} | asdict(d) for d, r in candidates]
     return best
 
 
