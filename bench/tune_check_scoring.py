@@ -1,9 +1,10 @@
 """How many decode steps should the tuner's joint check score? For each budget and window weight,
-the tuner's allocation (`choose`) is scored as `check` scores it with each check length N (the
+the tuner's allocation (`choose`, passkey weight 1) is scored with each check length N (the
 calibration text's last N positions decoded after a dense prefill of the rest, `decoded_logprobs`,
-plus the passkey answers) and on the held-out text over its last 512 decode steps (perplexity
-against dense). Each check length picks the allocation with the least score; the table marks
-which, and the held-out column says how well it chose.
+plus the passkey answers' KL: the score `check` minimized before it also chose the passkey weight)
+and on the held-out text over its last 512 decode steps (perplexity against dense). Each check
+length picks the allocation with the least score; the table marks which, and the held-out column
+says how well it chose.
 
     python bench/tune_check_scoring.py --ctx 4800 --budgets 0.125 0.25
 """

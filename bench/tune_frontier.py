@@ -61,7 +61,8 @@ def held_out_text(name: str) -> str:
 
 def _uniform(m: Measurement, cost: torch.Tensor, codec: int, windows: list[list[int]]) -> Allocation:
     L, H, _ = m.shape
-    loss = sum(float(m.loss()[i, codec, windows[i][h], h]) for i in range(L) for h in range(H))
+    measured = m.loss()
+    loss = sum(float(measured[i, codec, windows[i][h], h]) for i in range(L) for h in range(H))
     nbytes = sum(float(cost[codec, windows[i][h]]) for i in range(L) for h in range(H))
     return Allocation(codec=(codec,) * L, window=tuple(tuple(r) for r in windows), loss=loss, nbytes=nbytes)
 
