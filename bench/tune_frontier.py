@@ -2,8 +2,8 @@
 composition at budgets given as fractions of a bf16 dense store, on passkey, perplexity of a text
 not used for tuning, and the long-context tasks of `longctx.py`.
 
-The tuner's measurement runs once; each budget is `check`ed from it (one allocation per window
-weight, the least end-to-end KL on the calibration sequences kept; the JSON lists them). The
+The tuner's measurement runs once; each budget is `check`ed from it (one allocation per passkey
+and window weight, checked end to end on the calibration sequences; the JSON lists them). The
 baselines are chosen per budget without the tuner's losses, as the configurations that fit and
 keep the most:
 - single: one registered policy applied uniformly: `streaming` (bf16 pages) at the longest
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=None, help="long-context tasks (default: all, dropped per dense)")
     ap.add_argument("--methods", nargs="+", default=["tuned", "single", "composition"])
     ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--page-size", type=int, default=32, help="the tuner's page size (its codecs' key groups span a page)")
     ap.add_argument("--check-scored", type=int, default=CHECK_SCORED, help="decode steps the joint check scores")
     ap.add_argument("--passkey-weights", type=float, nargs="+", default=list(PASSKEY_WEIGHTS),
                     help="the tuner's passkey weights, one candidate allocation each")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.held_out = held_out_text(args.ppl_text)
     model, tok = evaluate.load(None)
-    m = measure(model, tok, calib_tokens=args.calib_tokens)
+    m = measure(model, tok, calib_tokens=args.calib_tokens, page_size=args.page_size)
     from longctx import TASKS
     samples = make_samples(tok, args.longctx_ctx, args.samples, tuple(args.tasks or TASKS)) if args.samples else []
     records: list[dict[str, Any]] = []
