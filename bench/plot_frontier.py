@@ -42,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     for b in doc["budgets"]:
         ax.axvline(b, color="grey", lw=0.5, ls=":")
     ax.set_xscale("log", base=2)
+    xs_all = [r["kv_bytes"] / r["dense_bf16_bytes"] for r in rows if r["method"] != "dense"] + list(doc["budgets"])
+    ax.set_xlim(min(xs_all) / 1.5, max(xs_all) * 1.5)  # one budget alone would fill the axis with a sliver
+    ax.axhline(0, color="grey", lw=0.5)  # dense
     ax.set_yscale("symlog", linthresh=10)  # a point far off (a budget below every good choice) keeps the rest readable
-    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([-5, -2, 0, 1, 2, 5, 10, 20, 50, 100, 200]))
+    ticks = [-5, -2, 0, 1, 2, 5, 10, 20, 50, 100, 200]
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, next((t for t in ticks if t >= hi), hi))  # a labelled tick above the highest point
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:+g}"))
     ax.set_xlabel("resident KV bytes / bf16 dense store (log2)")
     ax.set_ylabel("perplexity vs dense (%), held-out text")
