@@ -321,9 +321,15 @@ class Policy:
 
 
 def _head_groups(policy: Policy, role: str, layer: int, num_kv_heads: int) -> list[tuple[Any, list[int]]]:
-    """The components of `role` in `layer` and the KV heads each serves (see `Policy._groups`)."""
-    groups: dict[int, tuple[Any, list[int]]] = {}
+    """The components of `role` in `layer` and the KV heads each serves (see `Policy._groups`).
+    Equal components are one group, whichever rules they come from: a tuned policy writes one rule
+    per (KV head, window), and a layer whose heads all stream alike is then one streaming layer."""
+    groups: list[tuple[Any, list[int]]] = []
     for head in range(num_kv_heads):
         comp = policy._resolve(role, layer, head)
-        groups.setdefault(id(comp), (comp, []))[1].append(head)
-    return list(groups.values())
+        same = next((heads for c, heads in groups if c is comp or c == comp), None)
+        if same is None:
+            groups.append((comp, [head]))
+        else:
+            same.append(head)
+    return groups

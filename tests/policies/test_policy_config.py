@@ -92,6 +92,16 @@ def test_rules_resolve_per_layer_and_head():
     assert p.evictors(2, 3) == [(stream, [0, 1, 2])]
 
 
+def test_equal_components_of_separate_rules_serve_their_heads_as_one_group(tmp_path):
+    # the tuner writes a rule per (KV head, window); a JSON round trip makes each rule's evictor its own object
+    rules = tuple(Rule(layers=(0, 1), heads=(h,), evictor=SinkWindowEvictor(4, 32 if h < 2 else 64)) for h in range(3))
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(Policy(rules=rules).to_config()))
+    p = Policy.from_file(path)
+    assert p.evictors(0, 3) == [(SinkWindowEvictor(4, 32), [0, 1]), (SinkWindowEvictor(4, 64), [2])]
+    assert p.evictors(2, 3) == [(NoEvictor(), [0, 1, 2])]
+
+
 def test_streaming_bounds_resident_tokens_per_head():
     p = policies.get("streaming", sink=4, window=32)
     store = p.make_store(1, 2, 8, page_size=8, dtype=torch.float32)

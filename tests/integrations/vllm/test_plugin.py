@@ -152,6 +152,18 @@ def test_load_policy_rejects_bad_or_unsupported(value, err, match):
         plugin.load_policy(value)
 
 
+def test_a_tuned_policy_with_quantized_layers_is_refused_by_name(tmp_path):
+    # kvkit's codecs do not run in vLLM yet: a tuned file that quantizes says so before any engine starts
+    from kvkit.tools.tune import build_policy
+    from kvkit.tools.tune_alloc import Allocation
+
+    alloc = Allocation(codec=(1,) + (0,) * 29, window=((0, 1, 0),) * 30, loss=0.0, nbytes=0.0)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(build_policy(alloc, ["bf16", "q4"], [None, 128], 16, 32, (30, 3)).to_config()))
+    with pytest.raises(NotImplementedError, match="does not run GearCodec .policy 'tuned'"):
+        plugin.load_policy(str(path))
+
+
 def test_layer_index_from_vllm_layer_names():
     assert layer_index("model.layers.17.self_attn.attn") == 17
     with pytest.raises(ValueError, match="layer index"):

@@ -10,6 +10,7 @@ kvkit's KV cache manager, and vLLM's own accounting shows the saving.
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment; "
                     "run `make test-vllm`")
 
+from kvkit.integrations.vllm import plugin  # noqa: E402
 from kvkit.integrations.vllm.layers import layer_index  # noqa: E402
 from kvkit.integrations.vllm.streaming import streaming_evictor, trim_blocks  # noqa: E402
 from kvkit.policies import get  # noqa: E402
@@ -98,6 +100,29 @@ def test_duo_frees_only_layers_whose_heads_all_stream(engine):
     assert streaming_layers(report["kv"]) == layers
     assert report["usage"]["streaming_calls"] > 0 and report["usage"]["dense_calls"] > 0
     assert_checked(report, layers)
+
+
+def test_a_tuned_policy_file_serves_as_written(engine, tmp_path):
+    """A `kvkit tune --codecs bf16` file (per-(layer, KV head) windows, SmolLM2's shape pinned)
+    goes the way `kvkit serve` takes it: read, validated and handed to the engine as it is. The
+    layers whose heads all stream free blocks and read sink and window; the others stay whole."""
+    from kvkit.integrations.vllm.serve import server_command
+    from kvkit.policies import Policy
+    from kvkit.tools.tune import build_policy
+    from kvkit.tools.tune_alloc import Allocation
+
+    streams = list(range(0, 30, 3))  # every head streams here; one head keeps all elsewhere
+    window = tuple((1, 1, 1) if layer in streams else (1, 0, 1) for layer in range(30))
+    tuned = build_policy(Allocation(codec=(0,) * 30, window=window, loss=0.0, nbytes=0.0), ["bf16"], [None, 64],
+                         16, 32, (30, 3))
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(tuned.to_config()))
+    _, env = server_command(Policy.from_file(path), "SmolLM2", vllm_args=["--block-size", "32"])
+    report = engine.run(**BASE, policy=json.loads(env[plugin.ENV]), check=True)
+    assert report["attention"] == [KVKIT]
+    assert streaming_layers(report["kv"]) == streams
+    assert report["usage"]["streaming_calls"] > 0 and report["usage"]["dense_calls"] > 0
+    assert_checked(report, streams)
 
 
 def test_more_requests_fit_in_the_same_pool(engine):
