@@ -1,8 +1,8 @@
 """Does the tuner's model of decoding match decoding? For each tuned policy of a tune_frontier
-result, on the held-out text: the KL from dense per scored token as `tune_measure.joint_loss`
-computes it (one forward, every layer compressed at once) against teacher-forced decoding through
-`KVKitCache`, and which part loses it (the policy's codecs alone, its windows alone), with the
-change in log-loss of the text's own tokens.
+result, on the held-out text, and for each part of it (the whole policy, its codecs alone, its
+windows alone): the KL from dense per scored token as `tune_measure.joint_loss` computes it (one
+forward, every layer compressed at once) against teacher-forced decoding through `KVKitCache`,
+with the change in log-loss of the text's own tokens there.
 
     python bench/tune_model_check.py bench/results/tune_frontier_4800_joint.json --ctx 4800 --scored 128
 """
@@ -68,22 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     for row in json.loads(Path(args.frontier).read_text())["rows"]:
         if row.get("method") != "tuned" or "policy" not in row:
             continue
-        policy = Policy.from_config(row["policy"])
-        model_kl = {name: joint_loss(model, seqs, dense, part) for name, part in parts(policy).items()}
-        logp = decoded(model, policy, ids, args.scored)
-        real_kl = kl_sum(dense[0], logp) / args.scored
-        dnll = float((dense[0][:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
-        rec = {"budget": row["budget"], "model_kl": model_kl, "decoded_kl": real_kl, "decoded_dnll": dnll}
-        records.append(rec)
-        rows.append([row["budget"], f"{model_kl['policy']:.4f}", f"{real_kl:.4f}", f"{model_kl['codecs alone']:.4f}",
-                     f"{model_kl['windows alone']:.4f}", f"{dnll:+.4f}"])
-        write_results(args.name, {"frontier": args.frontier, "ctx": args.ctx, "scored": args.scored,
-                                  "ppl_text": args.ppl_text, "rows": records},
-                      f"tuner's decode model against KVKitCache ({args.scored} decode steps at {args.ctx} tokens)",
-                      markdown_table(["budget", "KL/token, tuner's model", "KL/token, KVKitCache", "codecs alone",
-                                      "windows alone", "log-loss change/token (KVKitCache)"], rows)
-                      + f"\n\nText: {PPL_TEXTS[args.ppl_text]} (held out from tuning). KL in nats per scored "
-                      "token against dense; 'alone' columns are the tuner's model with only that part applied.")
+        for name, part in parts(Policy.from_config(row["policy"])).items():
+            model_kl = joint_loss(model, seqs, dense, part)
+            logp = decoded(model, part, ids, args.scored)
+            real_kl = kl_sum(dense[0], logp) / args.scored
+            dnll = float((dense[0][:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
+            records.append({"budget": row["budget"], "part": name, "model_kl": model_kl, "decoded_kl": real_kl,
+                            "decoded_dnll": dnll})
+            rows.append([row["budget"], name, f"{model_kl:.4f}", f"{real_kl:.4f}", f"{dnll:+.4f}"])
+            write_results(args.name, {"frontier": args.frontier, "ctx": args.ctx, "scored": args.scored,
+                                      "ppl_text": args.ppl_text, "rows": records},
+                          f"tuner's decode model against KVKitCache ({args.scored} decode steps at {args.ctx} tokens)",
+                          markdown_table(["budget", "part", "KL/token, tuner's model", "KL/token, KVKitCache",
+                                          "log-loss change/token (KVKitCache)"], rows)
+                          + f"\n\nText: {PPL_TEXTS[args.ppl_text]} (held out from tuning). KL in nats per scored "
+                          "token against dense; 'alone': only that part of the policy applied.")
     return 0
 
 
