@@ -84,8 +84,8 @@ WINDOWS: tuple[int, ...] = (128, 256, 512, 1024)
 WINDOW_WEIGHTS: tuple[float, ...] = (0.5, 1.0)
 # Weights of the passkey answers' losses against the text's, one candidate each: a heavy weight
 # keeps heads whole that the text needs less than it needs longer windows elsewhere; the check's
-# passkey condition, not the weight, is what keeps retrieval.
-# 0.0625 fit the calibration text better still but did worse on held-out text at 4.8K (NOTES.md).
+# passkey condition, not the weight, is what keeps retrieval. 0.0625 fit the calibration text
+# better still and did worse on held-out text (bench/results/NOTES.md).
 PASSKEY_WEIGHTS: tuple[float, ...] = (1.0, 0.25)
 # Decode steps of the calibration text the joint check scores. One forward costs the same whatever
 # the number, and the longer a decode, the more it reads of what a streaming window dropped.
