@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_results  # noqa: E402
+from tune_check_scoring import logloss_change  # noqa: E402
 from tune_frontier import PPL_TEXTS, held_out_text  # noqa: E402
 
 from kvkit import evaluate  # noqa: E402
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok(held_out_text(args.ppl_text), return_tensors="pt").input_ids[:, -args.ctx:]
     seqs = [(ids, args.scored, 1.0 / args.scored)]
     dense = dense_logprobs(model, seqs)
-    target = ids[0, -args.scored + 1:, None]  # the tokens the scored steps predict (the last has none here)
     rows, records = [], []
     for row in json.loads(Path(args.frontier).read_text())["rows"]:
         if row.get("method") != "tuned" or "policy" not in row:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             model_kl = joint_loss(model, seqs, dense, part)
             logp = decoded(model, part, ids, args.scored)
             real_kl = kl_sum(dense[0], logp) / args.scored
-            dnll = float((dense[0][:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
+            dnll = logloss_change(dense[0], logp, ids)
             records.append({"budget": row["budget"], "part": name, "model_kl": model_kl, "decoded_kl": real_kl,
                             "decoded_dnll": dnll})
             rows.append([row["budget"], name, f"{model_kl:.4f}", f"{real_kl:.4f}", f"{dnll:+.4f}"])

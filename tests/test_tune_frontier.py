@@ -76,3 +76,17 @@ def test_the_check_scoring_bench_scores_held_out_tokens_as_perplexity_does(bench
     nll = lambda lp, t: -float(lp.gather(1, t[:, None]).sum())  # noqa: E731
     want = math.exp((nll(worse.log_softmax(-1)[:3], target[1:]) - nll(dense[1:4], target[1:])) / 4)
     assert got == pytest.approx(want) and got > 1
+
+
+def test_the_log_loss_change_scores_the_tokens_the_decoded_positions_predict(bench_script):
+    import torch
+
+    scoring = bench_script("tune_check_scoring")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (1, 12))
+    dense = torch.randn(4, 7).log_softmax(-1)  # positions 8..11; 8, 9, 10 predict ids 9, 10, 11
+    assert scoring.logloss_change(dense, dense, ids) == 0.0
+    worse = dense.clone()
+    worse[torch.arange(3), ids[0, -3:]] -= 0.3  # each position but the last gives its token less
+    worse[3] = worse[3].roll(1)  # the last predicts no token here: ignored
+    assert scoring.logloss_change(dense, worse, ids) == pytest.approx(0.3, abs=1e-6)
