@@ -30,23 +30,20 @@ from kvkit.tools.tune_measure import decoded_logprobs, dense_logprobs, joint_los
 CHECK_LENGTHS = (128, 512, 1024)
 
 
+def logloss_change(dense: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean change in log-loss (nats) of the tokens of `ids` that the last `N` positions predict
+    (`dense`, `logp` `[N, V]`; the last position predicts none here, so N = 1 changes nothing)."""
+    target = ids[0, ids.shape[1] - logp.shape[0] + 1:, None]
+    return float((dense[:-1].gather(1, target) - logp[:-1].gather(1, target)).sum()) / max(len(target), 1)
+
+
 def held_out_ratio(dense: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor) -> float:
     """Perplexity ratio to dense over the last `N` tokens of `ids`: `dense` `[N + 1, V]` holds the
     dense log-probabilities at the positions before them, `logp` `[N, V]` those of the last `N`
     positions decoded. The first token is predicted by the prefill's last position, dense in both
-    (as `evaluate.perplexity` scores it)."""
+    (as `evaluate.perplexity` scores it), so it adds nothing but a count to the mean."""
     n = logp.shape[0]
-    target = ids[0, -n:, None]
-    d = -dense[:-1].gather(1, target).squeeze(1)
-    c = torch.cat([d[:1], -logp[:-1].gather(1, target[1:]).squeeze(1)])
-    return math.exp(float(c.mean() - d.mean()))
-
-
-def logloss_change(dense: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor) -> float:
-    """Mean change in log-loss (nats) of the tokens of `ids` that the last `N` positions predict
-    (`dense`, `logp` `[N, V]`; the last position predicts none here)."""
-    target = ids[0, -logp.shape[0] + 1:, None]
-    return float((dense[:-1].gather(1, target) - logp[:-1].gather(1, target)).mean())
+    return math.exp(logloss_change(dense[1:], logp, ids) * (n - 1) / n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     passkeys = checks[CHECK_LENGTHS[0]][1:]
     held = tok(held_out_text(args.ppl_text), return_tensors="pt").input_ids[:, -args.ctx:]
     n_held = args.held_out_tokens
-    d_text, d_held = dense_logprobs(model, [checks[max(CHECK_LENGTHS)][0], (held, n_held + 1, 1.0)])
+    n_long = max(CHECK_LENGTHS)
+    d_text, d_held = dense_logprobs(model, [checks[n_long][0], (held, n_held + 1, 1.0)])
     d_checks = {n: [d_text[-n:]] for n in CHECK_LENGTHS}  # dense reads the same whatever is scored
     d_pk = dense_logprobs(model, passkeys)
-    n_long = max(CHECK_LENGTHS)
     records = []
     for budget in args.budgets:
         seen: dict[tuple, dict] = {}

@@ -90,3 +90,5 @@ def test_the_log_loss_change_scores_the_tokens_the_decoded_positions_predict(ben
     worse[torch.arange(3), ids[0, -3:]] -= 0.3  # each position but the last gives its token less
     worse[3] = worse[3].roll(1)  # the last predicts no token here: ignored
     assert scoring.logloss_change(dense, worse, ids) == pytest.approx(0.3, abs=1e-6)
+    assert scoring.logloss_change(dense[3:], worse[3:], ids) == 0.0  # one position predicts nothing here
+    assert scoring.held_out_ratio(dense[2:], worse[3:], ids) == 1.0  # one token, predicted densely in both
